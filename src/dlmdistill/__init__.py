@@ -1,0 +1,2 @@
+"""dlmdistill: post-training diffusion language models with self-distillation."""
+__version__ = "0.1.0"

@@ -1,0 +1,318 @@
+"""Configuration as dataclasses: help text on every field, YAML files, command-line overrides.
+
+Every configurable object in dlmdistill is a dataclass whose fields carry ``metadata={"help": ...}``.
+A run's configuration is a tree of such dataclasses (for example ``SFTRunConfig`` with sections
+``model``, ``data``, ``training``, ``method``). This module turns YAML files and ``--key value``
+arguments into that tree, strictly:
+
+* an unknown key is an error that names the file (or the command line), the section and the key,
+  with the closest valid names as suggestions;
+* values are converted to the field's declared type (``int``, ``float``, ``bool``, ``str``,
+  ``list[...]``, ``Literal[...]`` choices, ``X | None``) and a bad value names the field;
+* command-line keys are either dotted (``--training.learning_rate 1e-4``) or a leaf name that is
+  unique across sections (``--learning_rate 1e-4``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names where it came from."""
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
+    """``dataclasses.field`` with mandatory help text."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# type conversion
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: cannot interpret {value!r} as {tp}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                value = yaml.safe_load(s)
+            else:
+                value = [v for v in s.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        out = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where=where)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a (possibly nested) mapping; unknown keys are errors."""
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} for {cls.__name__}.{_suggest(key, names)} "
+                f"Valid keys: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The dataclass tree as plain YAML/JSON-serialisable data."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def leaf_paths(cls: type, prefix: str = "") -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map dotted path -> (path, field) for every leaf of a dataclass tree."""
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if _is_dataclass_type(hints[f.name]):
+            out.update(leaf_paths(hints[f.name], prefix=f"{path}."))
+        else:
+            out[path] = (path, f)
+    return out
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
+    """Turn ``["--training.lr", "1e-4", "--steps=8", "--flag"]`` into a nested mapping.
+
+    A key may be dotted or a leaf name that is unique in the tree. A key with no value is ``true``.
+    """
+    paths = leaf_paths(cls)
+    by_leaf: dict[str, list[str]] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        value: Any
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            vals = []
+            j = i + 1
+            while j < len(args) and not (args[j].startswith("--") and len(args[j]) > 2 and not _is_number(args[j])):
+                vals.append(args[j])
+                j += 1
+            value = True if not vals else (vals[0] if len(vals) == 1 else vals)
+            i = j
+        key = key.replace("-", "_")
+        if key in paths:
+            path = key
+        elif key in by_leaf and len(by_leaf[key]) == 1:
+            path = by_leaf[key][0]
+        elif key in by_leaf:
+            raise ConfigError(f"command line: --{key} is ambiguous; use one of {', '.join('--' + p for p in by_leaf[key])}")
+        else:
+            raise ConfigError(f"command line: unknown option --{key}.{_suggest(key, list(paths) + list(by_leaf))}")
+        _set_path(out, path, value)
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load ``cls`` from an optional YAML file, then apply command-line overrides."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        data = load_yaml(path)
+        where = str(path)
+    if overrides:
+        # validate the YAML alone first so that its errors name the file
+        from_dict(cls, data, where=where)
+        data = deep_merge(data, parse_overrides(cls, overrides))
+        where = f"{where} + command line" if path else "command line"
+    return from_dict(cls, data, where=where)
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def format_help(cls: type) -> str:
+    """One line per option: dotted path, type, default, help."""
+    lines = []
+    hints_cache: dict[type, dict[str, Any]] = {}
+
+    def walk(c: type, prefix: str) -> None:
+        hints = hints_cache.setdefault(c, _type_hints(c))
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if _is_dataclass_type(tp):
+                lines.append(f"\n[{prefix}{f.name}]  {f.metadata.get('help', '')}")
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+            )
+            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            lines.append(f"  --{prefix}{f.name} ({tname}, default {default!r})\n      {f.metadata.get('help', '')}")
+
+    walk(cls, "")
+    return "\n".join(lines)
