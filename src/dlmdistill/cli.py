@@ -1,0 +1,261 @@
+"""The ``dlmdistill`` command line.
+
+    dlmdistill train METHOD [--config FILE.yaml] [--key value ...]   train / post-train a DLM
+    dlmdistill generate --model M --prompt "..." [--steps 32 ...]    sample with the diffusion sampler
+    dlmdistill evaluate --model M --task T --steps 8 16 32 --seeds 10 20 30
+    dlmdistill report RUN_DIR ... [--out report.md]                  tables and plots from runs
+    dlmdistill convert llada|dream|smdm SRC DST                      published checkpoints -> native
+    dlmdistill demo                                                  the whole thing, small, on CPU
+
+Options after the sub-command are configuration keys: dotted (``--training.learning_rate 1e-4``)
+or a unique leaf name (``--learning_rate 1e-4``). ``dlmdistill train sft --help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, field, format_help, load_config
+from .models.loading import ModelConfig
+from .sampling import GenerationConfig
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _split_config_arg(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """Pull ``--config FILE`` and ``--help`` out of a sub-command's arguments."""
+    config, rest, want_help = None, [], False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file name")
+            config = argv[i + 1]
+            i += 1
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return config, rest, want_help
+
+
+def _aliases(argv: list[str], table: dict[str, str]) -> list[str]:
+    out = []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        if key in table:
+            a = table[key] + a[len(key):]
+        out.append(a)
+    return out
+
+
+# ------------------------------------------------------------------------------------ train
+def cmd_train(argv: list[str]) -> int:
+    from .methods import METHODS, get_method
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: dlmdistill train METHOD [--config FILE] [--key value ...]\n\nmethods:")
+        for name, (_, _, desc) in METHODS.items():
+            print(f"  {name:12s} {desc}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    method, argv = argv[0], argv[1:]
+    cfg_cls, run = get_method(method)
+    config, rest, want_help = _split_config_arg(argv)
+    if want_help:
+        print(f"dlmdistill train {method} [--config FILE] [--key value ...]\n")
+        print(format_help(cfg_cls))
+        return 0
+    cfg = load_config(cfg_cls, config, rest)
+    metrics = run(cfg)
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ generate
+@dataclass
+class GenerateRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, help="the model (run folder, local folder or hub id)")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
+                                         help="sampler settings")
+    prompt: list[str] = field(default_factory=list, help="prompt text(s)")
+    prompts_file: str | None = field(None, help="JSONL file with a 'prompt' field per line, or a text file (one per line)")
+    prompt_format: str = field("plain", help="'plain' or 'chat' (apply the tokenizer's chat template)")
+    seed: int = field(0, help="sampling seed")
+    output: str | None = field(None, help="write {prompt, completion} JSONL here (default: print)")
+    trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
+    device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _read_prompts(path: str) -> list[str]:
+    from .tasks.io import read_records, require
+
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        return [require(rec, "prompt", src) for rec, src in read_records(path)]
+    return [line.rstrip("\n") for line in open(path) if line.strip()]
+
+
+def cmd_generate(argv: list[str]) -> int:
+    import torch
+
+    from .data import format_prompt
+    from .evaluate import resolve_model_path
+    from .models.loading import build_model
+    from .sampling import decode_responses, generate
+
+    config, rest, want_help = _split_config_arg(_aliases(argv, {"--model": "--model.name_or_path"}))
+    if want_help:
+        print("dlmdistill generate --model M --prompt TEXT [--key value ...]\n")
+        print(format_help(GenerateRunConfig))
+        return 0
+    cfg = load_config(GenerateRunConfig, config, rest)
+    prompts = list(cfg.prompt) + (_read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
+    if not prompts:
+        raise ConfigError("give at least one --prompt or a --prompts_file")
+    cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
+    model, tok = build_model(cfg.model)
+    model.to(_device(cfg.device))
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    out = open(cfg.output, "w") if cfg.output else None
+    bs = cfg.generation.batch_size
+    for start in range(0, len(prompts), bs):
+        chunk = prompts[start:start + bs]
+        ids = [tok(format_prompt(tok, p, cfg.prompt_format), add_special_tokens=False).input_ids for p in chunk]
+        res = generate(model, ids, cfg.generation, generator=gen, return_trajectory=bool(cfg.trajectory) and start == 0)
+        if res.trajectory is not None:
+            from safetensors.torch import save_file
+
+            t = res.trajectory
+            save_file({"states": t.states.cpu().contiguous(), "committed": t.committed.cpu().contiguous(),
+                       "block": t.block.cpu(), "sequences": res.sequences.cpu()}, cfg.trajectory)
+        for p, c in zip(chunk, decode_responses(tok, res.responses)):
+            if out:
+                out.write(json.dumps({"prompt": p, "completion": c}) + "\n")
+            else:
+                print(f"### prompt\n{p}\n### completion\n{c}\n")
+    if out:
+        out.close()
+        print(f"wrote {len(prompts)} completions to {cfg.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ evaluate
+def cmd_evaluate(argv: list[str]) -> int:
+    from .data import load_examples
+    from .evaluate import EvalRunConfig, evaluate_model, format_table, resolve_model_path
+    from .models.loading import build_model
+    from .tasks.registry import get_task
+
+    argv = _aliases(argv, {"--model": "--model.name_or_path", "--task": "--data.task",
+                           "--source": "--data.eval_source", "--split": "--data.eval_split",
+                           "--limit": "--data.eval_limit"})
+    config, rest, want_help = _split_config_arg(argv)
+    if want_help:
+        print("dlmdistill evaluate --model M --task T [--steps 8 16 32] [--seeds 10 20 30] [--key value ...]\n")
+        print(format_help(EvalRunConfig))
+        return 0
+    cfg = load_config(EvalRunConfig, config, rest)
+    run_dir = Path(cfg.model.name_or_path)
+    cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
+    model, tok = build_model(cfg.model)
+    model.to(_device(cfg.device))
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs)
+    examples = load_examples(cfg.data, "eval")
+    out_dir = cfg.output_dir or (str(run_dir / "eval" / task.name) if (run_dir / "final").exists()
+                                 else str(Path("eval") / task.name))
+    report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
+                            prompt_format=cfg.data.prompt_format, progress=cfg.progress_bar,
+                            model_name=str(run_dir))
+    print(format_table(report))
+    print(f"\ngenerations: {out_dir}/generations.jsonl\nmetrics:     {out_dir}/metrics.json")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ others
+def cmd_demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from .report import main as report_main
+
+    return report_main(argv)
+
+
+def cmd_convert(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dlmdistill convert", description="convert a published checkpoint into a "
+                                "native transformers DLM folder")
+    p.add_argument("family", choices=["llada", "dream", "smdm"])
+    p.add_argument("src", help="source checkpoint folder (llada, dream) or .pth file (smdm)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--smdm-config", default="Diff_LLaMA_472M", help="SMDM model name (smdm only)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder/id to save alongside (smdm only)")
+    a = p.parse_args(argv)
+    from . import convert
+
+    if a.family == "llada":
+        convert.convert_llada(a.src, a.dst)
+    elif a.family == "dream":
+        convert.convert_dream(a.src, a.dst)
+    else:
+        convert.convert_smdm(a.src, a.dst, config_name=a.smdm_config, tokenizer=a.tokenizer)
+    print(f"wrote {a.dst}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "report": cmd_report, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        return COMMANDS[cmd](argv[1:])
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # data and input errors carry the file/line/field in their message
+        if type(e).__name__ in ("DataError", "ConversionError"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

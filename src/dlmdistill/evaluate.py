@@ -1,0 +1,192 @@
+"""Evaluation harness: generate with several step counts and seeds, score with the task's metric.
+
+``evaluate_model`` writes every generation to ``generations.jsonl`` (prompt, completion, score,
+references, task details) and the metrics to ``metrics.json``; ``format_table`` renders the
+mean (and spread over seeds) per step count. ``TaskEvaluator`` is the same thing at a single
+setting, used during training (``eval_steps``); under multi-process training it shards the items
+over ranks and gathers the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import field
+from .data import DataConfig, format_prompt
+from .models.backbone import DiffusionModel
+from .models.loading import ModelConfig
+from .sampling import GenerationConfig, decode_responses, generate
+from .tasks.base import Example, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRunConfig:
+    """``dlmdistill evaluate``: one model, one task, several step counts and seeds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, help="the model to evaluate (a run folder, its "
+                               "final/ export, a local folder or a hub id)")
+    data: DataConfig = field(default_factory=DataConfig, help="task and evaluation data (data.eval_*)")
+    generation: GenerationConfig = field(default_factory=GenerationConfig, help="sampler settings (steps are "
+                                         "taken from 'steps')")
+    steps: list[int] = field(default_factory=lambda: [8, 16, 32], help="denoising step counts to evaluate")
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30], help="sampling seeds (SelfFusion uses 10 20 30)")
+    output_dir: str | None = field(None, help="where to write generations.jsonl and metrics.json (default: "
+                                   "<run>/eval/<task> for a run folder, else eval/<task>)")
+    device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
+    progress_bar: bool = field(True, help="show progress bars")
+
+
+def resolve_model_path(path: str) -> str:
+    """A run folder resolves to its exported ``final/`` model."""
+    p = Path(path)
+    if (p / "final" / "config.json").exists() or (p / "final" / "adapter_config.json").exists():
+        return str(p / "final")
+    return path
+
+
+def score_completions(task: Task, examples: Sequence[Example], completions: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for ex, c in zip(examples, completions):
+        s = float(task.score(ex, c))
+        rows.append({"score": s, "correct": task.is_correct(s) if task.metric == "accuracy" else None,
+                     **task.details(ex, c)})
+    return rows
+
+
+def _generate_all(model: DiffusionModel, tokenizer, prompts: list[list[int]], gen: GenerationConfig, seed: int,
+                  progress: bool, desc: str) -> list[str]:
+    from tqdm.auto import tqdm
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    torch.manual_seed(seed)
+    out: list[str] = []
+    # sort by prompt length so batches waste little padding; restore the order afterwards
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts: dict[int, str] = {}
+    bs = gen.batch_size
+    for start in tqdm(range(0, len(order), bs), desc=desc, disable=not progress, unit="batch", leave=False):
+        idx = order[start:start + bs]
+        res = generate(model, [prompts[i] for i in idx], gen, generator=g)
+        for i, t in zip(idx, decode_responses(tokenizer, res.responses)):
+            texts[i] = t
+    out = [texts[i] for i in range(len(prompts))]
+    return out
+
+
+def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: GenerationConfig, limit: int | None
+                   ) -> list[list[int]]:
+    ids = []
+    for i, ex in enumerate(examples):
+        x = tokenizer(format_prompt(tokenizer, ex.prompt, fmt), add_special_tokens=False).input_ids
+        if limit is not None and len(x) + gen.gen_length > limit:
+            raise ValueError(f"{ex.source or f'example {i}'}: prompt of {len(x)} tokens + gen_length {gen.gen_length} "
+                             f"exceeds the model's {limit} positions")
+        ids.append(x)
+    return ids
+
+
+def evaluate_model(model: DiffusionModel, tokenizer, task: Task, examples: Sequence[Example], gen: GenerationConfig,
+                   steps: Sequence[int], seeds: Sequence[int], *, output_dir: str | Path | None = None,
+                   prompt_format: str = "plain", progress: bool = True, model_name: str = "") -> dict[str, Any]:
+    """Evaluate at every (steps, seed); returns and (optionally) writes the metrics."""
+    if not examples:
+        raise ValueError("no evaluation examples")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    prompts = encode_prompts(tokenizer, examples, prompt_format, gen, limit)
+    results: dict[str, dict[str, Any]] = {}
+    out_dir = Path(output_dir) if output_dir else None
+    gen_file = None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gen_file = open(out_dir / "generations.jsonl", "w")
+    if gen.temperature == 0 and gen.remasking == "low_confidence" and len(seeds) > 1:
+        log.info("greedy low-confidence decoding is deterministic: all seeds give the same result")
+    try:
+        for s in steps:
+            cfg = replace(gen, steps=s)
+            cfg.validate()
+            per_seed = {}
+            for seed in seeds:
+                t0 = time.time()
+                completions = _generate_all(model, tokenizer, prompts, cfg, seed, progress, f"steps={s} seed={seed}")
+                elapsed = time.time() - t0
+                rows = score_completions(task, examples, completions)
+                metrics = task.aggregate([r["score"] for r in rows], rows)
+                metrics["seconds_per_sample"] = elapsed / len(examples)
+                per_seed[str(seed)] = metrics
+                if gen_file:
+                    for i, (ex, c, r) in enumerate(zip(examples, completions, rows)):
+                        gen_file.write(json.dumps({"steps": s, "seed": seed, "index": i, "prompt": ex.prompt,
+                                                   "completion": c, "references": ex.references, **r}) + "\n")
+            results[str(s)] = {"seeds": per_seed, "summary": summarize(per_seed)}
+    finally:
+        if gen_file:
+            gen_file.close()
+    report = {"task": task.name, "metric": task.metric, "model": model_name, "n": len(examples),
+              "generation": {k: v for k, v in gen.__dict__.items() if k != "steps"}, "results": results}
+    if out_dir:
+        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summarize(per_seed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation of every metric over seeds."""
+    keys = next(iter(per_seed.values())).keys()
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in per_seed.values()]
+        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def primary_metric(report: dict[str, Any]) -> str:
+    return "accuracy" if report["metric"] == "accuracy" else report["metric"]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table: one row per step count, mean +- std over seeds of the task's metric."""
+    key = primary_metric(report)
+    lines = [f"{report['task']} ({report['n']} items, {report.get('model') or 'model'})", "",
+             f"| steps | {key} (mean ± std over {len(next(iter(report['results'].values()))['seeds'])} seeds) | s/sample |",
+             "|---:|---:|---:|"]
+    for s, r in report["results"].items():
+        m = r["summary"][key]
+        lines.append(f"| {s} | {m['mean']:.2f} ± {m['std']:.2f} | {r['summary']['seconds_per_sample']['mean']:.4f} |")
+    return "\n".join(lines)
+
+
+class TaskEvaluator:
+    """Evaluation during training at one generation setting; shards items across processes."""
+
+    def __init__(self, task: Task, examples: Sequence[Example], gen: GenerationConfig, *, prompt_format: str = "plain",
+                 seed: int = 0, tokenizer=None):
+        self.task, self.examples, self.gen, self.fmt, self.seed = task, list(examples), gen, prompt_format, seed
+
+    def __call__(self, trainer) -> dict[str, float]:
+        acc = trainer.accelerator
+        model = trainer.unwrapped
+        n = len(self.examples)
+        world, rank = acc.num_processes, acc.process_index
+        per = math.ceil(n / world)
+        idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]  # pad so every rank does equal work
+        exs = [self.examples[i] for i in idx]
+        prompts = encode_prompts(trainer.tokenizer, exs, self.fmt, self.gen, None)
+        completions = _generate_all(model, trainer.tokenizer, prompts, self.gen, self.seed + rank, False, "eval")
+        scores = torch.tensor([float(self.task.score(e, c)) for e, c in zip(exs, completions)], device=acc.device)
+        ids = torch.tensor(idx, device=acc.device)
+        scores, ids = acc.gather(scores), acc.gather(ids)
+        seen: dict[int, float] = {}
+        for i, s in zip(ids.tolist(), scores.tolist()):
+            seen.setdefault(i, s)
+        return self.task.aggregate([seen[i] for i in range(n)])

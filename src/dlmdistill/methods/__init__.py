@@ -1,0 +1,24 @@
+"""Training recipes, one module per method (a ``*Config``, a ``*Trainer`` and ``run(cfg)`` each).
+
+``METHODS`` maps the name used on the command line (``dlmdistill train NAME``) to the module and its
+run-configuration class; modules are imported lazily so that ``dlmdistill --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+#: method name -> (module, run-config class name, one-line description)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "sft": ("dlmdistill.methods.sft", "SFTRunConfig", "masked-diffusion supervised fine-tuning"),
+}
+
+
+def get_method(name: str) -> tuple[type, Callable[[Any], dict[str, float]]]:
+    """(run-config class, run function) of method ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    module, cls, _ = METHODS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), mod.run

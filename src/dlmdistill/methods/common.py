@@ -1,0 +1,133 @@
+"""What every training recipe does before its own loop: data, tokenizer, model, evaluator, run folder.
+
+A recipe's configuration is a tree with the sections ``model``, ``data``, ``training``, ``eval``
+and ``method`` (its own ``*Config``); ``run_config_class`` builds that tree for a method so each
+recipe declares only what is its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import field, save_yaml
+from ..data import DataConfig, DiffusionCollator, load_examples, tokenize_examples
+from ..evaluate import TaskEvaluator
+from ..models.loading import ModelConfig, build_model, is_preset
+from ..models.tokenizer import char_tokenizer, train_bpe_tokenizer
+from ..sampling import GenerationConfig
+from ..tasks.base import Example
+from ..training.trainer import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class TrainEvalConfig:
+    enabled: bool = field(True, help="evaluate the task metric during/after training")
+    limit: int | None = field(200, help="evaluation items (a subset of data.eval_*)")
+    seed: int = field(0, help="sampling seed for evaluation")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
+                                         help="sampler settings used for evaluation during training")
+
+
+def run_config_class(name: str, method_cls: type, doc: str = "") -> type:
+    """The configuration tree of a recipe: model, data, training, eval and the method's own section."""
+    cls = dataclasses.make_dataclass(name, [
+        ("model", ModelConfig, field(default_factory=ModelConfig, help="backbone and how to load it")),
+        ("data", DataConfig, field(default_factory=DataConfig, help="task and data")),
+        ("training", TrainingConfig, field(default_factory=TrainingConfig, help="optimisation, logging, checkpoints")),
+        ("eval", TrainEvalConfig, field(default_factory=TrainEvalConfig, help="evaluation during training")),
+        ("method", method_cls, field(default_factory=method_cls, help=f"{method_cls.__name__} options")),
+    ])
+    cls.__doc__ = doc or f"Configuration of a {name} run."
+    return cls
+
+
+@dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    train_examples: list[Example]
+    train_items: list[dict[str, Any]]
+    eval_examples: list[Example]
+    collator: DiffusionCollator
+    evaluator: TaskEvaluator | None
+
+
+def build_tokenizer(model_cfg: ModelConfig, texts: list[str], output_dir: Path):
+    """For a preset model: the run's saved tokenizer (on resume), or one built from ``texts``."""
+    from transformers import AutoTokenizer
+
+    saved = output_dir / TOKENIZER_DIR
+    if (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
+    spec = model_cfg.tokenizer or "char"
+    if spec == "char":
+        return char_tokenizer(texts)
+    if spec.startswith("bpe:"):
+        return train_bpe_tokenizer(texts, vocab_size=int(spec[4:]))
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def example_texts(*groups: list[Example]) -> list[str]:
+    out = []
+    for g in groups:
+        for ex in g:
+            out.append(ex.prompt)
+            if ex.target:
+                out.append(ex.target)
+            out.extend(r for r in ex.references if isinstance(r, str))
+    return out
+
+
+def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True) -> Prepared:
+    """Load data, build or load the tokenizer and model, tokenize, and set up the evaluator."""
+    from ..tasks.registry import get_task
+
+    out = Path(cfg.training.output_dir)
+    train_examples = load_examples(cfg.data, "train")
+    eval_examples: list[Example] = []
+    if cfg.eval.enabled:
+        data = dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit)
+        eval_examples = load_examples(data, "eval")
+    if model is None:
+        if is_preset(cfg.model) and tokenizer is None:
+            tokenizer = build_tokenizer(cfg.model, example_texts(train_examples, eval_examples), out)
+        model, tokenizer = build_model(cfg.model, tokenizer)
+    items = tokenize_examples(train_examples, tokenizer, max_length=cfg.data.max_length,
+                              prompt_format=cfg.data.prompt_format, require_target=need_targets)
+    collator = DiffusionCollator(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                 response_length=cfg.data.response_length,
+                                 pad_response_with_eos=cfg.data.pad_response_with_eos)
+    evaluator = None
+    if eval_examples:
+        task = get_task(cfg.data.task, **cfg.data.task_kwargs)
+        evaluator = TaskEvaluator(task, eval_examples, cfg.eval.generation, prompt_format=cfg.data.prompt_format,
+                                  seed=cfg.eval.seed)
+    return Prepared(model, tokenizer, train_examples, items, eval_examples, collator, evaluator)
+
+
+def write_run_metadata(cfg: Any, tokenizer, method: str, accelerator=None) -> None:
+    """Save the resolved config and the tokenizer in the run folder (main process only)."""
+    if accelerator is not None and not accelerator.is_main_process:
+        return
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    (out / "run.json").write_text(json.dumps({"method": method}))
+    if not (out / TOKENIZER_DIR / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+
+
+def finish(trainer, metrics: dict[str, float]) -> dict[str, float]:
+    """Write final metrics next to the run and return them."""
+    if trainer.accelerator.is_main_process and metrics:
+        (Path(trainer.config.output_dir) / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

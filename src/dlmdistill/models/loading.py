@@ -1,0 +1,215 @@
+"""Build or load a ``DiffusionModel`` and its tokenizer from a ``ModelConfig``.
+
+Sources, by ``ModelConfig.name_or_path``:
+
+* ``preset:NAME`` - a new, randomly initialised built-in backbone (see ``presets.PRESETS``); its
+  tokenizer comes from ``ModelConfig.tokenizer`` (a path/id) or is built from the training texts
+  (``char`` / ``bpe:N``) by the caller and passed in;
+* a dlmdistill/transformers DLM folder or hub id (``config.mask_token_id`` set, ``is_causal=False``);
+* any transformers **decoder** (Llama, Qwen2/3, Mistral, SmolLM, ...): made bidirectional
+  (``is_causal=False``), given a mask token (added and embeddings resized if needed): this is the
+  AR-to-DLM adaptation; ``shift_logits=true`` keeps the AR alignment like Dream does;
+* a **masked LM** (BERT, RoBERTa, ModernBERT, ...): already bidirectional, uses its own mask token;
+* LLaDA and Dream remote code, only with ``trust_remote_code=true`` (on transformers 5 prefer
+  ``dlmdistill convert llada|dream``, which gives native classes);
+* a GGUF file inside a folder or hub repo (``gguf_file=``), e.g. SmolLM2-135M-Instruct.
+
+LoRA (peft) is applied when ``lora_r > 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import field
+from .backbone import DiffusionModel
+from .presets import PRESETS, preset_config
+from .tokenizer import ensure_mask_token, ensure_pad_token
+
+log = logging.getLogger(__name__)
+
+#: remote-code model types and their known mask ids / logit shift
+REMOTE_CODE_FAMILIES = {"llada": dict(mask_id=126336, shift=False), "dream": dict(mask_id=151666, shift=True)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field("preset:tiny", help="'preset:NAME' (tiny, mini, small, base, smdm-113m, smdm-472m, "
+                              "smdm-1028m, smdm-1476m), a local folder, a run folder, or a Hugging Face id")
+    tokenizer: str | None = field(None, help="tokenizer path/id; for presets also 'char' (character vocabulary "
+                                  "built from the training data) or 'bpe:N' (byte-level BPE of N tokens trained on it)")
+    preset_overrides: dict = field(default_factory=dict, help="architecture overrides for a preset, e.g. "
+                                   "{num_hidden_layers: 4}")
+    max_position_embeddings: int = field(4096, help="context size of a new preset model")
+    gguf_file: str | None = field(None, help="GGUF file name inside name_or_path (needs the gguf package)")
+    revision: str | None = field(None, help="hub revision (branch, tag or commit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype")
+    attn_implementation: str | None = field("sdpa", help="'sdpa', 'eager', 'flash_attention_2' or null for the default")
+    trust_remote_code: bool = field(False, help="allow remote modeling code (LLaDA/Dream on old transformers); off unless asked")
+    mask_token: str | None = field(None, help="mask token string; added to the vocabulary if new. Default: the "
+                                   "tokenizer's own mask token, else '<|mdm_mask|>'")
+    shift_logits: bool | None = field(None, help="predict token i at position i-1 (Dream style); null = from the checkpoint")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass to save memory")
+    lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = field(16.0, help="LoRA alpha")
+    lora_dropout: float = field(0.05, help="LoRA dropout")
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="module names LoRA adapts ('all-linear' for every linear layer)")
+
+    def validate(self) -> None:
+        if self.name_or_path.startswith("preset:") and self.name_or_path[7:] not in PRESETS:
+            raise ValueError(f"name_or_path: unknown preset {self.name_or_path[7:]!r}; choose one of {', '.join(PRESETS)}")
+        if self.lora_r < 0:
+            raise ValueError("lora_r must be >= 0")
+
+
+def is_preset(cfg: ModelConfig) -> bool:
+    return cfg.name_or_path.startswith("preset:")
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer named by ``cfg.tokenizer`` (or at ``path`` / the model path)."""
+    from transformers import AutoTokenizer
+
+    src = path or cfg.tokenizer or cfg.name_or_path
+    kwargs: dict[str, Any] = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.gguf_file and src == cfg.name_or_path:
+        kwargs["gguf_file"] = cfg.gguf_file
+    return AutoTokenizer.from_pretrained(src, **kwargs)
+
+
+def _apply_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = cfg.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      bias="none")
+    return get_peft_model(model, lora)
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, Any]:
+    """Create or load the model described by ``cfg``; returns ``(DiffusionModel, tokenizer)``."""
+    if is_preset(cfg):
+        if tokenizer is None:
+            if cfg.tokenizer is None or cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:"):
+                raise ValueError("a preset model needs a tokenizer: pass one built from the data (tokenizer: char "
+                                 "or bpe:N in a training config) or set model.tokenizer to a path/id")
+            tokenizer = load_tokenizer(cfg)
+        mask_id, _ = ensure_mask_token(tokenizer, cfg.mask_token)
+        ensure_pad_token(tokenizer)
+        config = preset_config(cfg.name_or_path[7:], len(tokenizer), mask_token_id=mask_id,
+                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, max_position_embeddings=cfg.max_position_embeddings,
+                               overrides=cfg.preset_overrides)
+        config._attn_implementation = cfg.attn_implementation
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype])
+        return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=False)
+    return load_pretrained(cfg, tokenizer)
+
+
+def _lora_base(path: Path) -> str | None:
+    import json
+
+    f = path / "adapter_config.json"
+    return json.loads(f.read_text()).get("base_model_name_or_path") if f.exists() else None
+
+
+def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    src = cfg.name_or_path
+    local = Path(src)
+    adapter_base = _lora_base(local) if local.is_dir() else None
+    common: dict[str, Any] = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.gguf_file:
+        common["gguf_file"] = cfg.gguf_file
+    model_src = adapter_base or src
+    try:
+        config = AutoConfig.from_pretrained(model_src, **common)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
+            raise ValueError(f"{model_src}: this checkpoint ships its own modeling code. Either convert it to native "
+                             f"classes ('dlmdistill convert llada|dream SRC DST', recommended) or set "
+                             f"model.trust_remote_code=true if you trust it") from None
+        raise
+    model_type = getattr(config, "model_type", "")
+    family = REMOTE_CODE_FAMILIES.get(model_type)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg, path=(src if (local / "tokenizer_config.json").exists() else
+                                               (cfg.tokenizer or model_src)))
+    kwargs: dict[str, Any] = dict(common, dtype=DTYPES[cfg.dtype])
+    if cfg.attn_implementation and family is None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+
+    is_mlm = any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
+    if family is not None:
+        log.warning("%s: loading remote code; its attention ignores padding masks on some versions. "
+                    "'dlmdistill convert %s' gives a native, mask-respecting model.", model_src, model_type)
+        model = AutoModelForCausalLM.from_pretrained(model_src, **kwargs) if model_type == "dream" else \
+            _load_remote_llada(model_src, kwargs)
+        mask_id = getattr(config, "mask_token_id", None) or family["mask_id"]
+        shift = family["shift"] if cfg.shift_logits is None else cfg.shift_logits
+    elif is_mlm:
+        model = AutoModelForMaskedLM.from_pretrained(model_src, **kwargs)
+        if tokenizer.mask_token is None:
+            raise ValueError(f"{model_src}: masked LM without a mask token in its tokenizer")
+        mask_id, shift = tokenizer.mask_token_id, False
+    else:
+        config.is_causal = False
+        model = AutoModelForCausalLM.from_pretrained(model_src, config=config, **kwargs)
+        mask_id = getattr(config, "mask_token_id", None)
+        if mask_id is None or cfg.mask_token is not None:
+            mask_id, added = ensure_mask_token(tokenizer, cfg.mask_token)
+            if mask_id >= model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+                log.info("added mask token %r (id %d) and resized embeddings to %d", tokenizer.mask_token, mask_id,
+                         len(tokenizer))
+        elif tokenizer.mask_token is None:
+            tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(int(mask_id))})
+        shift = bool(getattr(config, "dlm_shift_logits", False)) if cfg.shift_logits is None else cfg.shift_logits
+        model.config.is_causal = False
+    ensure_pad_token(tokenizer)
+    if adapter_base:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, src, is_trainable=True)
+        return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift, lora=False)
+    return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift)
+
+
+def _load_remote_llada(src: str, kwargs: dict[str, Any]):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(src, **kwargs)
+
+
+def _finish(model, tokenizer, cfg: ModelConfig, *, mask_id: int, shift: bool, lora: bool = True) -> tuple[DiffusionModel, Any]:
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora and cfg.lora_r > 0:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = _apply_lora(model, cfg)
+    dm = DiffusionModel(model, mask_id, shift_logits=shift, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    return dm, tokenizer
+
+
+def load_model(name_or_path: str, **overrides: Any) -> tuple[DiffusionModel, Any]:
+    """Python API: ``model, tok = load_model("runs/sft/final")`` or ``load_model("HuggingFaceTB/SmolLM2-135M")``."""
+    return build_model(ModelConfig(name_or_path=name_or_path, **overrides))
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,309 @@
+"""The diffusion sampler, with LLaDA semantics, and recorded trajectories.
+
+``generate`` appends ``gen_length`` mask tokens to each (left-padded) prompt and denoises them in
+``steps`` steps. The response is split into blocks of ``block_length`` tokens decoded left to right
+(semi-autoregressive "block diffusion"); the steps are split evenly over the blocks. At every step
+the model predicts all masked positions; a token is drawn at each masked position of the current
+block (greedy at ``temperature=0``, otherwise Gumbel-max sampling in float64, which samples from
+``softmax(logits / temperature)``), and the ``k`` most confident of them are committed
+(``low_confidence`` remasking: confidence = the model's probability of the drawn token; ``random``:
+a uniform random score). ``k`` is per sample: a block's masked count is spread evenly over its
+steps, the remainder going to the first steps, exactly like LLaDA's ``get_num_transfer_tokens``.
+Classifier-free guidance (``cfg_scale = w > 0``) mixes a second pass whose prompt is masked:
+``logits = un + (w + 1) * (cond - un)``.
+
+What differs from the LLaDA reference loop (kept below as ``generate_reference``, the test oracle
+and benchmark baseline) is only cost, not semantics: the LM head, the softmax and the noise are
+computed only at the masked positions of the current block (the only ones that can be committed),
+the top-k is vectorised over the batch, and padded prompts get a real attention mask.
+
+With ``return_trajectory=True`` the output records, for each step, the response state *before*
+the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from .config import field
+from .models.backbone import DiffusionModel
+
+
+@dataclass
+class GenerationConfig:
+    gen_length: int = field(128, help="number of response tokens to generate")
+    steps: int = field(128, help="total denoising steps (split evenly over the blocks)")
+    block_length: int | None = field(None, help="block size for semi-autoregressive decoding; null = one block")
+    temperature: float = field(0.0, help="sampling temperature; 0 = greedy")
+    remasking: Literal["low_confidence", "random"] = field("low_confidence",
+                                                             help="which predicted tokens to commit at each step")
+    cfg_scale: float = field(0.0, help="classifier-free guidance scale w (0 = off)")
+    batch_size: int = field(32, help="prompts decoded together")
+
+    def validate(self) -> None:
+        block = self.block_length or self.gen_length
+        if self.gen_length <= 0 or self.steps <= 0:
+            raise ValueError("gen_length and steps must be positive")
+        if self.gen_length % block:
+            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({block})")
+        blocks = self.gen_length // block
+        if self.steps % blocks:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({blocks})")
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps ({self.steps}) cannot exceed gen_length ({self.gen_length})")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // (self.block_length or self.gen_length)
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+@dataclass
+class Trajectory:
+    """A recorded denoising trajectory (response positions only; S = steps, B = batch, G = gen_length).
+
+    states:    [S, B, G] long, the response before each step (mask id where still masked).
+    committed: [S, B, G] bool, positions committed at each step.
+    block:     [S] long, index of the block decoded at each step.
+    """
+
+    states: torch.Tensor
+    committed: torch.Tensor
+    block: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.states.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Trajectory":
+        """The trajectories of a subset of the batch."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.states.device)
+        return Trajectory(self.states[:, index], self.committed[:, index], self.block)
+
+
+@dataclass
+class GenerationOutput:
+    """sequences: [B, P + G] (left-padded prompts then responses); attention_mask: [B, P + G];
+    prompt_length: P; responses: [B, G]; trajectory: set when requested."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+    trajectory: Trajectory | None = None
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), p), dtype=torch.long)
+    for i, x in enumerate(prompts):
+        if len(x):
+            ids[i, p - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
+            mask[i, p - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many tokens to commit at each of ``steps`` steps: [B] counts -> [B, steps].
+
+    ``count // steps`` each step, plus one for the first ``count % steps`` steps (LLaDA's schedule).
+    """
+    base = masked_count // steps
+    rem = masked_count % steps
+    out = base[:, None].expand(-1, steps).clone()
+    out += (torch.arange(steps, device=masked_count.device)[None, :] < rem[:, None]).long()
+    return out
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from ``softmax(logits / temperature)`` by Gumbel-max in float64; argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.double()
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    # LLaDA's form: exp(l) / (-log u)^T has the same argmax as l / T + Gumbel noise
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits / temperature + gumbel).argmax(dim=-1)
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k: [B, N] scores and [B] counts -> [B, N] bool with exactly ``k[b]`` True per row
+    (rows must hold at least ``k[b]`` finite scores)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks < k[:, None]
+
+
+@torch.no_grad()
+def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, config: GenerationConfig, *,
+             attention_mask: torch.Tensor | None = None, init_response: torch.Tensor | None = None,
+             clear_block_on_entry: bool = False, generator: torch.Generator | None = None,
+             return_trajectory: bool = False) -> GenerationOutput:
+    """Generate responses for a batch of prompts (one call = one batch; see ``generate_texts`` for lists).
+
+    prompt_ids:     token lists (left-padded here) or an already left-padded [B, P] tensor with
+                    ``attention_mask``.
+    init_response:  optional [B, G] starting response; positions holding the mask id are generated,
+                    others are kept (used to regenerate from a partially revealed answer).
+    clear_block_on_entry: re-mask a block's pre-filled tokens when decoding reaches it.
+    """
+    config.validate()
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt = prompt_ids.to(device)
+            pmask = (attention_mask if attention_mask is not None else torch.ones_like(prompt)).to(device)
+        else:
+            pad = model.pad_id if model.pad_id is not None else model.mask_id
+            prompt, pmask = left_pad(prompt_ids, pad, device)
+        b, p = prompt.shape
+        g = config.gen_length
+        mask_id = model.mask_id
+        x = torch.cat([prompt, torch.full((b, g), mask_id, dtype=torch.long, device=device)], dim=1)
+        if init_response is not None:
+            x[:, p:] = init_response.to(device)
+        attn = torch.cat([pmask, torch.ones((b, g), dtype=pmask.dtype, device=device)], dim=1)
+        uncond = None
+        if config.cfg_scale > 0:
+            uncond = torch.where(pmask.bool(), torch.full_like(prompt, mask_id), prompt)
+
+        block_len = config.block_length or g
+        spb = config.steps_per_block
+        states, committed_steps, blocks = [], [], []
+        for blk in range(config.num_blocks):
+            lo, hi = p + blk * block_len, p + (blk + 1) * block_len
+            if clear_block_on_entry and init_response is not None:
+                x[:, lo:hi] = mask_id
+            k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
+            in_block = torch.zeros_like(x, dtype=torch.bool)
+            in_block[:, lo:hi] = True
+            for step in range(spb):
+                candidates = (x == mask_id) & in_block
+                if return_trajectory:
+                    states.append(x[:, p:].clone())
+                    blocks.append(blk)
+                k = k_sched[:, step]
+                if not bool(candidates.any()):
+                    if return_trajectory:
+                        committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
+                    continue
+                logits = _guided_logits(model, x, attn, candidates, uncond, p, config.cfg_scale)
+                tokens = gumbel_argmax(logits, config.temperature, generator)
+                if config.remasking == "low_confidence":
+                    conf = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+                else:
+                    conf = torch.rand(tokens.shape, dtype=torch.float64, device=device, generator=generator)
+                score = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=device)
+                score[candidates] = conf
+                proposal = torch.full_like(x, mask_id)
+                proposal[candidates] = tokens
+                commit = topk_mask(score, torch.minimum(k, candidates.sum(dim=1))) & candidates
+                x = torch.where(commit, proposal, x)
+                if return_trajectory:
+                    committed_steps.append(commit[:, p:].clone())
+        traj = None
+        if return_trajectory:
+            traj = Trajectory(torch.stack(states), torch.stack(committed_steps),
+                              torch.as_tensor(blocks, dtype=torch.long, device=device))
+        return GenerationOutput(sequences=x, attention_mask=attn, prompt_length=p, trajectory=traj)
+    finally:
+        model.train(was_training)
+
+
+def _guided_logits(model: DiffusionModel, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+                   uncond_prompt: torch.Tensor | None, p: int, w: float) -> torch.Tensor:
+    """Logits at ``positions`` ([N, V]), with classifier-free guidance when ``uncond_prompt`` is set."""
+    if uncond_prompt is None:
+        return model(x, attn, positions=positions)
+    xu = torch.cat([uncond_prompt, x[:, p:]], dim=1)
+    both = model(torch.cat([x, xu]), torch.cat([attn, attn]), positions=torch.cat([positions, positions]))
+    cond, un = both.chunk(2)
+    return un + (w + 1.0) * (cond - un)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, eos_id: int | None = None) -> list[str]:
+    """Decode [B, G] responses, cutting each at its first EOS and dropping special tokens."""
+    eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+    out = []
+    for row in responses.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], config: GenerationConfig, *,
+                   seed: int | None = None, progress: bool = False, max_prompt_length: int | None = None) -> list[str]:
+    """Generate a response string for each prompt, in batches of ``config.batch_size``."""
+    from tqdm.auto import tqdm
+
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+    ids = [tokenizer(pr, add_special_tokens=False).input_ids for pr in prompts]
+    limit = max_prompt_length or _context_limit(model)
+    for i, x in enumerate(ids):
+        if limit is not None and len(x) + config.gen_length > limit:
+            raise ValueError(f"prompt {i} has {len(x)} tokens; with gen_length {config.gen_length} that exceeds the "
+                             f"model's limit of {limit} positions")
+    out: list[str] = []
+    bs = config.batch_size
+    for start in tqdm(range(0, len(ids), bs), disable=not progress, desc="generate", unit="batch"):
+        res = generate(model, ids[start:start + bs], config, generator=gen)
+        out.extend(decode_responses(tokenizer, res.responses))
+    return out
+
+
+def _context_limit(model: DiffusionModel) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def generate_reference(model: DiffusionModel, prompt: torch.Tensor, config: GenerationConfig,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The straightforward LLaDA loop (full logits at every position, full-vocabulary softmax,
+    per-sample top-k), for unpadded prompts of equal length [B, P]. Kept as the oracle the tests
+    compare ``generate`` against and as the benchmark's baseline."""
+    config.validate()
+    b, p = prompt.shape
+    mask_id = model.mask_id
+    x = torch.cat([prompt, torch.full((b, config.gen_length), mask_id, dtype=torch.long, device=prompt.device)], 1)
+    block_len = config.block_length or config.gen_length
+    spb = config.steps_per_block
+    for blk in range(config.num_blocks):
+        lo, hi = p + blk * block_len, p + (blk + 1) * block_len
+        k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
+        for step in range(spb):
+            mask_index = x == mask_id
+            logits = model(x)
+            x0 = gumbel_argmax(logits, config.temperature, generator)
+            if config.remasking == "low_confidence":
+                x0_p = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                x0_p = torch.rand(x0.shape, dtype=torch.float64, device=x.device, generator=generator)
+            x0_p[:, hi:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            conf = torch.where(mask_index, x0_p, torch.full_like(x0_p, float("-inf")))
+            for j in range(b):
+                _, idx = torch.topk(conf[j], int(k_sched[j, step]))
+                x[j, idx] = x0[j, idx]
+    return x

@@ -1,0 +1,471 @@
+"""The training loop shared by every method, on Hugging Face Accelerate.
+
+Accelerate provides the distributed engine (DDP, FSDP, DeepSpeed through ``accelerate launch`` or
+``torchrun``), mixed precision, gradient accumulation and checkpoint state; this module adds the
+loop a researcher expects around it, readable top to bottom:
+
+* AdamW with the schedule of ``TrainingConfig`` (names follow ``transformers.TrainingArguments``);
+* gradient clipping, a non-finite-loss guard that names the step, JSONL + TensorBoard logs, a
+  progress bar, periodic evaluation;
+* atomic checkpoints (written to a temporary folder, then renamed) of model, optimizer, scheduler,
+  RNG and loop position, and ``resume`` from the latest complete one.
+
+Methods subclass ``Trainer`` (TRL style). Offline methods (SFT, SelfFusion, KD) implement
+``compute_loss(model, batch) -> (loss, metrics)``; on-policy methods (d-OPSD, diffu-GRPO) override
+``training_step(batch)`` and call ``backward`` / ``optimizer_step`` themselves, so one rollout
+batch is exactly one optimizer step (or none, if nothing is trainable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import field
+from ..models.backbone import DiffusionModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+PARTIAL_FILE = "partial_model.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step. Checkpoints already written are intact."""
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = field("runs/run", help="run folder: config, logs, checkpoints, final model")
+    seed: int = field(3407, help="random seed (model init, data order, masking)")
+    num_train_epochs: float = field(1.0, help="passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = field(-1, help="optimizer steps to run; > 0 overrides num_train_epochs")
+    per_device_train_batch_size: int = field(16, help="examples (offline methods) or prompts (on-policy) per device")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step (offline methods)")
+    learning_rate: float = field(5e-5, help="peak learning rate")
+    lr_scheduler_type: str = field("cosine_with_min_lr", help="transformers scheduler name: constant, "
+                                   "constant_with_warmup, linear, cosine, cosine_with_min_lr, ...")
+    min_lr_ratio: float = field(0.1, help="final LR / peak LR for cosine_with_min_lr (SelfFusion: LR/10)")
+    warmup_ratio: float = field(0.05, help="fraction of the steps used for linear warm-up")
+    warmup_steps: int = field(0, help="warm-up steps; > 0 overrides warmup_ratio")
+    weight_decay: float = field(0.1, help="AdamW weight decay (not applied to norms and biases)")
+    adam_beta1: float = field(0.9, help="AdamW beta1")
+    adam_beta2: float = field(0.95, help="AdamW beta2")
+    adam_epsilon: float = field(1e-8, help="AdamW epsilon")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="autocast precision")
+    logging_steps: int = field(10, help="log every N optimizer steps")
+    save_steps: int = field(500, help="checkpoint every N optimizer steps (0 = only at the end)")
+    save_total_limit: int = field(2, help="keep at most this many checkpoints (0 = all)")
+    eval_steps: int = field(0, help="evaluate every N optimizer steps (0 = only at the end, if an evaluator is set)")
+    resume: bool = field(False, help="continue from the latest complete checkpoint in output_dir")
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"],
+                                 help="log sinks: jsonl, tensorboard (and any Accelerate tracker, e.g. wandb)")
+    progress_bar: bool = field(True, help="show a progress bar")
+    dataloader_num_workers: int = field(0, help="DataLoader worker processes")
+    export_final: bool = field(True, help="export the final model (transformers format) to output_dir/final")
+    merge_lora_on_export: bool = field(True, help="merge LoRA adapters into the exported model")
+    on_nonfinite_loss: Literal["error", "skip"] = field("error", help="NaN/inf loss: stop with an error, or skip the batch")
+
+    def validate(self) -> None:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch size and gradient_accumulation_steps must be >= 1")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), so a resumed run sees the same data.
+
+    The epoch is set by the trainer through ``use_epoch`` (deliberately not ``set_epoch``: Accelerate's
+    data loaders call ``set_epoch`` with their own iteration counter, which restarts at 0 on resume).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: list[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch
+    skipped_steps: int = 0
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Base trainer. Subclasses implement ``compute_loss`` or override ``training_step``."""
+
+    #: name used in logs and the run folder's metadata
+    method_name = "base"
+
+    def __init__(self, model: DiffusionModel, tokenizer, train_dataset: list[Any], config: TrainingConfig, *,
+                 collate_fn: Callable | None = None, evaluator: Callable[["Trainer"], dict[str, float]] | None = None,
+                 run_config: Any = None, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.evaluator = evaluator
+        self.run_config = run_config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=self.accumulation_steps(),
+            log_with=[r for r in config.report_to if r != "jsonl"] or None,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(config.seed, device_specific=True)
+        if len(train_dataset) == 0:
+            raise ValueError("the training set is empty")
+        self.train_dataset = ListDataset(list(train_dataset))
+        self.sampler = EpochSampler(len(self.train_dataset), config.seed)
+        loader = DataLoader(self.train_dataset, batch_size=config.per_device_train_batch_size, sampler=self.sampler,
+                            collate_fn=collate_fn or (lambda x: x), num_workers=config.dataloader_num_workers,
+                            drop_last=False, generator=torch.Generator().manual_seed(config.seed))
+        # (a private generator: creating a DataLoader iterator must not consume the global RNG, or a
+        # resumed run would draw different masks than an uninterrupted one)
+        self.setup_model(model)
+        self.optimizer = torch.optim.AdamW(
+            _decay_groups(model, config.weight_decay), lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        )
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
+        self.total_steps = self._total_steps()
+        self.scheduler = self._make_scheduler()
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.state = TrainerState()
+        self._jsonl = None
+        self._register_partial_checkpointing()
+
+    # ------------------------------------------------------------------ hooks for methods
+    def accumulation_steps(self) -> int:
+        """Gradient accumulation handled by Accelerate (on-policy methods accumulate themselves: 1)."""
+        return self.config.gradient_accumulation_steps
+
+    def setup_model(self, model: DiffusionModel) -> None:
+        """Called before the optimizer is built: attach auxiliary modules, freeze parts, build teachers."""
+
+    def compute_loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @property
+    def unwrapped(self) -> DiffusionModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ schedule
+    def updates_per_epoch(self) -> int:
+        return max(math.ceil(len(self.train_loader) / self.accumulation_steps()), 1)
+
+    def _total_steps(self) -> int:
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        return max(int(math.ceil(self.config.num_train_epochs * self.updates_per_epoch())), 1)
+
+    def _make_scheduler(self):
+        from transformers import get_scheduler
+
+        warmup = self.config.warmup_steps or int(round(self.config.warmup_ratio * self.total_steps))
+        kwargs = {"min_lr_rate": self.config.min_lr_ratio} if "min_lr" in self.config.lr_scheduler_type else None
+        return get_scheduler(self.config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                             num_training_steps=self.total_steps, scheduler_specific_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ steps
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def check_finite(self, loss: torch.Tensor) -> bool:
+        """False (skip) or raise when ``loss`` is not finite, per ``on_nonfinite_loss``."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return True
+        msg = (f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
+               f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
+        if self.config.on_nonfinite_loss == "error":
+            last = latest_checkpoint(self.output_dir)
+            raise NonFiniteLossError(msg + (f"last good checkpoint: {last}" if last else "no checkpoint was written yet")
+                                     + ". Lower the learning rate or use float32/bf16.")
+        log.warning(msg + "skipping the batch")
+        return False
+
+    def optimizer_step(self) -> float | None:
+        """Clip, step the optimizer and the schedule, zero the gradients; returns the gradient norm."""
+        grad_norm = None
+        if self.config.max_grad_norm > 0:
+            gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            grad_norm = float(gn) if gn is not None else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def training_step(self, batch: Any) -> tuple[bool, dict[str, float]]:
+        """One micro-batch. Returns (an optimizer step happened, metrics)."""
+        with self.accelerator.accumulate(self.model):
+            loss, metrics = self.compute_loss(self.model, batch)
+            if not self.check_finite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return False, {}
+            self.backward(loss)
+            stepped = self.accelerator.sync_gradients
+            if stepped:
+                gn = self.optimizer_step()
+                if gn is not None:
+                    metrics["grad_norm"] = gn
+        metrics.setdefault("loss", float(loss.detach()))
+        return stepped, metrics
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, float]:
+        cfg = self.config
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.resume()
+        acc.init_trackers("tb", config=_flat_scalars(self.run_config)) if acc.log_with else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc=f"train {self.method_name}",
+                   unit="step", disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        t0 = time.time()
+        final_metrics: dict[str, float] = {}
+        self.model.train()
+        while self.state.global_step < self.total_steps:
+            self.sampler.use_epoch(self.state.epoch)
+            loader = self.train_loader
+            if self.state.batches_in_epoch:
+                loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
+            for batch in loader:
+                stepped, metrics = self.training_step(batch)
+                self.state.batches_in_epoch += 1
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(float(v))
+                if not stepped:
+                    continue
+                self.state.global_step += 1
+                bar.update(1)
+                step = self.state.global_step
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    logs = {k: sum(v) / len(v) for k, v in window.items()}
+                    logs.update(lr=self.scheduler.get_last_lr()[0], epoch=self.state.epoch,
+                                elapsed_s=round(time.time() - t0, 2))
+                    self.log(logs)
+                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
+                    window = {}
+                if self.evaluator is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
+                    self.evaluate()
+                if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+                if step >= self.total_steps:
+                    break
+            else:
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+                continue
+            break
+        bar.close()
+        if self.evaluator is not None:
+            final_metrics = self.evaluate()
+        self.save_checkpoint()
+        if cfg.export_final:
+            self.export(self.output_dir / "final")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final_metrics
+
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        metrics = self.evaluator(self) if self.evaluator else {}
+        self.model.train(was_training)
+        if metrics:
+            self.log({f"eval/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    def log(self, metrics: dict[str, float]) -> None:
+        step = self.state.global_step
+        acc = self.accelerator
+        if acc.log_with:
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if acc.is_main_process and "jsonl" in self.config.report_to:
+            if self._jsonl is None:
+                self._jsonl = open(self.output_dir / "logs.jsonl", "a", buffering=1)
+            self._jsonl.write(json.dumps({"step": step, "method": self.method_name, **_round(metrics)}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically (temporary folder + rename) and rotate old ones."""
+        acc = self.accelerator
+        root = self.output_dir / CHECKPOINT_DIR
+        final = root / f"step-{self.state.global_step:07d}"
+        tmp = root / f".tmp-step-{self.state.global_step:07d}"
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({**self.state.__dict__, "method": self.method_name}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate(root)
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self, root: Path) -> None:
+        limit = self.config.save_total_limit
+        if limit <= 0:
+            return
+        ckpts = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+        for old in ckpts[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.output_dir)
+        if ckpt is None:
+            log.warning("resume requested but %s has no complete checkpoint; starting from scratch", self.output_dir)
+            return
+        self.accelerator.load_state(str(ckpt))
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        saved.pop("method", None)
+        self.state = TrainerState(**saved)
+        if self.state.batches_in_epoch >= len(self.train_loader):
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+        log.info("resumed from %s at step %d", ckpt, self.state.global_step)
+
+    def _register_partial_checkpointing(self) -> None:
+        """With frozen parameters (LoRA, frozen teachers) checkpoint only the trainable ones."""
+        acc = self.accelerator
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            return
+        model = self.unwrapped
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if not frozen:
+            return
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def save_hook(models, weights, output_dir):
+            from safetensors.torch import save_file
+
+            if acc.is_main_process:
+                sd = {k: v.detach().contiguous() for k, v in weights[0].items() if k in keep}
+                save_file(sd, os.path.join(output_dir, PARTIAL_FILE))
+            weights.pop(0)
+
+        def load_hook(models, input_dir):
+            from safetensors.torch import load_file
+
+            path = os.path.join(input_dir, PARTIAL_FILE)
+            if not os.path.exists(path):
+                return
+            sd = load_file(path, device=str(self.unwrapped.device))
+            missing, unexpected = self.unwrapped.load_state_dict(sd, strict=False)
+            bad = [k for k in missing if k in keep]
+            if bad or unexpected:
+                raise RuntimeError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
+                                   f"unexpected {list(unexpected)[:5]})")
+            models.pop(0)
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def export(self, path: Path) -> None:
+        """Export the trained model (transformers format) and tokenizer; auxiliary modules are left out."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model) if acc.distributed_type.value in ("FSDP", "DEEPSPEED") else None
+        if acc.is_main_process:
+            self.unwrapped.save_pretrained(path, self.tokenizer, merge_lora=self.config.merge_lora_on_export,
+                                           state_dict=state_dict)
+        acc.wait_for_everyone()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one whose trainer_state.json was written) or None."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.exists():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def _round(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _flat_scalars(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    from ..config import to_dict
+
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                out[f"{prefix}{k}"] = v
+            else:
+                out[f"{prefix}{k}"] = str(v)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def iterate_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
