@@ -76,6 +76,8 @@ class TrainingConfig:
     dataloader_num_workers: int = field(0, help="DataLoader worker processes")
     export_final: bool = field(True, help="export the final model (transformers format) to output_dir/final")
     merge_lora_on_export: bool = field(True, help="merge LoRA adapters into the exported model")
+    use_cpu: bool = field(False, help="train on the CPU even when an accelerator is present (multi-process CPU "
+                          "runs under torchrun/accelerate launch use gloo automatically when no GPU exists)")
     on_nonfinite_loss: Literal["error", "skip"] = field("error", help="NaN/inf loss: stop with an error, or skip the batch")
 
     def validate(self) -> None:
@@ -83,6 +85,12 @@ class TrainingConfig:
             raise ValueError("batch size and gradient_accumulation_steps must be >= 1")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def use_cpu(config: TrainingConfig) -> bool:
+    """Accelerate only builds a multi-process CPU (gloo) setup when told to use the CPU."""
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return config.use_cpu or (multi_process and not torch.cuda.is_available())
 
 
 class EpochSampler(Sampler[int]):
@@ -154,6 +162,7 @@ class Trainer:
         self.run_config = run_config
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or Accelerator(
+            cpu=use_cpu(config),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=self.accumulation_steps(),
             log_with=[r for r in config.report_to if r != "jsonl"] or None,

@@ -1,0 +1,176 @@
+"""``dlmdistill report RUN_DIR ...``: compare runs in Markdown tables and PNG plots.
+
+A run folder (written by ``dlmdistill train``) holds ``config.yaml``, ``run.json`` (method),
+``logs.jsonl`` (training metrics per logging step, ``eval/*`` entries from periodic evaluation),
+``final_metrics.json`` and, after ``dlmdistill evaluate``, ``eval/<task>/metrics.json``.
+
+The report has:
+* a summary table (method, steps, final training loss, final evaluation metrics);
+* the evaluation table of every ``eval/<task>/metrics.json`` (mean ± std over seeds per step count);
+* one figure per logged metric with every run that logged it on the same axes (training curves,
+  method diagnostics such as SelfFusion's direction fractions or d-OPSD's clip ratio), and
+  accuracy-vs-optimizer-steps from periodic evaluation (the d-OPSD paper's Figure 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+#: metrics plotted first and in this order, when present
+PREFERRED = ["eval/accuracy", "eval/rouge_l", "loss", "masked_acc", "reward", "accuracy"]
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a run folder")
+    run: dict[str, Any] = {"path": str(path), "name": path.name, "logs": [], "evals": {}, "final": {}}
+    meta = path / "run.json"
+    run["method"] = json.loads(meta.read_text()).get("method", "?") if meta.exists() else "?"
+    logs = path / "logs.jsonl"
+    if logs.exists():
+        for i, line in enumerate(logs.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    run["logs"].append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{logs}:{i}: malformed JSON line ({e.msg})") from None
+    final = path / "final_metrics.json"
+    if final.exists():
+        run["final"] = json.loads(final.read_text())
+    for m in sorted(path.glob("eval/*/metrics.json")):
+        run["evals"][m.parent.name] = json.loads(m.read_text())
+    return run
+
+
+def series(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for rec in run["logs"]:
+        v = rec.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(rec["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def metric_keys(runs: list[dict[str, Any]]) -> list[str]:
+    keys: set[str] = set()
+    for r in runs:
+        for rec in r["logs"]:
+            keys.update(k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    keys -= {"step", "epoch", "elapsed_s", "lr"}
+    return [k for k in PREFERRED if k in keys] + sorted(keys - set(PREFERRED))
+
+
+def summary_table(runs: list[dict[str, Any]]) -> str:
+    final_keys = sorted({k for r in runs for k in r["final"]})
+    head = ["run", "method", "steps", "final loss"] + final_keys
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        steps = r["logs"][-1]["step"] if r["logs"] else 0
+        _, loss = series(r, "loss")
+        row = [r["name"], r["method"], str(steps), f"{loss[-1]:.4f}" if loss else "-"]
+        row += [f"{r['final'][k]:.2f}" if isinstance(r["final"].get(k), (int, float)) else "-" for k in final_keys]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def eval_tables(runs: list[dict[str, Any]]) -> str:
+    """One table per task: rows = runs, columns = step counts, cells = mean ± std over seeds."""
+    tasks = sorted({t for r in runs for t in r["evals"]})
+    out = []
+    for task in tasks:
+        reports = [(r["name"], r["evals"][task]) for r in runs if task in r["evals"]]
+        steps = sorted({int(s) for _, rep in reports for s in rep["results"]})
+        key = "accuracy" if reports[0][1]["metric"] == "accuracy" else reports[0][1]["metric"]
+        out.append(f"### {task} ({key})\n")
+        out.append("| run | " + " | ".join(f"{s} steps" for s in steps) + " |")
+        out.append("|---|" + "---:|" * len(steps))
+        for name, rep in reports:
+            cells = []
+            for s in steps:
+                res = rep["results"].get(str(s))
+                cells.append(f"{res['summary'][key]['mean']:.2f} ± {res['summary'][key]['std']:.2f}" if res else "-")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def smooth(ys: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return ys
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_metric(runs: list[dict[str, Any]], key: str, path: Path, smoothing: int = 1) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    drawn = False
+    for r in runs:
+        xs, ys = series(r, key)
+        if xs:
+            ax.plot(xs, smooth(ys, 1 if key.startswith("eval/") else smoothing), label=r["name"],
+                    marker="o" if key.startswith("eval/") else None, markersize=3)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(run_dirs: list[str], out: str | Path, smoothing: int = 5, metrics: list[str] | None = None) -> Path:
+    """Write ``out`` (Markdown) and its PNG figures next to it; returns the Markdown path."""
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out)
+    fig_dir = out.parent / (out.stem + "_figures")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# dlmdistill report", "", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs), "",
+             "## Summary", "", summary_table(runs), ""]
+    if any(r["evals"] for r in runs):
+        parts += ["## Evaluation", "", eval_tables(runs)]
+    keys = metrics or metric_keys(runs)
+    figs = []
+    for key in keys:
+        png = fig_dir / (key.replace("/", "_") + ".png")
+        if plot_metric(runs, key, png, smoothing):
+            figs.append((key, png))
+    if figs:
+        parts += ["## Curves", ""]
+        for key, png in figs:
+            parts += [f"### {key}", "", f"![{key}]({png.relative_to(out.parent)})", ""]
+    out.write_text("\n".join(parts) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dlmdistill report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="report.md", help="Markdown file to write (figures go beside it)")
+    p.add_argument("--smoothing", type=int, default=5, help="moving-average window for training curves")
+    p.add_argument("--metrics", nargs="*", default=None, help="only these metrics (default: all logged)")
+    a = p.parse_args(argv)
+    path = render(a.runs, a.out, a.smoothing, a.metrics)
+    print(f"wrote {path}")
+    return 0
