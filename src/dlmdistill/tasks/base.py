@@ -23,10 +23,6 @@ from typing import Any, Iterable, Literal
 PromptStyle = Literal["compact", "d1"]
 PROMPT_STYLES: tuple[str, ...] = ("compact", "d1")
 
-#: How reasoning tasks ask for their answer, in d1-style prompts.
-FORMAT_INSTRUCTION = ("Think step by step inside <reasoning> </reasoning> tags, then give the final "
-                      "answer inside <answer> </answer> tags.")
-
 
 @dataclass
 class Example:
