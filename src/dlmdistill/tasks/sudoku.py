@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -114,6 +114,8 @@ def split_grids(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[str], l
 
 @dataclass(frozen=True)
 class SudokuPuzzle:
+    """A puzzle (16 digits, 0 = blank) and its reference solution."""
+
     puzzle: str
     solution: str
 
@@ -123,16 +125,15 @@ class SudokuPuzzle:
 
 
 def generate_sudoku(n: int, seed: int, grids: Sequence[str] | None = None, min_blanks: int = 4,
-                    max_blanks: int = 10, unique: bool = False,
-                    exclude: Collection[str] = ()) -> list[SudokuPuzzle]:
+                    max_blanks: int = 10, unique: bool = False) -> list[SudokuPuzzle]:
     """``n`` distinct puzzles, deterministic for ``seed``: a random grid from ``grids`` (default
     all 288) with ``min_blanks..max_blanks`` random cells blanked. ``unique=True`` keeps only
-    puzzles with a single solution; puzzles in ``exclude`` are skipped."""
+    puzzles with a single solution."""
     grids = list(all_grids() if grids is None else grids)
     if not grids:
         raise ValueError("no grids to generate Sudoku puzzles from")
     rng = random.Random(seed)
-    seen = set(exclude)
+    seen: set[str] = set()
     puzzles: list[SudokuPuzzle] = []
     attempts = 0
     while len(puzzles) < n:
@@ -184,6 +185,8 @@ def parse_grid(completion: str) -> str | None:
 
 @dataclass
 class SudokuCheck:
+    """Outcome of checking one answer grid (None if the completion held no digits)."""
+
     answer: str | None
     valid: bool
     givens_respected: bool
