@@ -1,2 +1,25 @@
-"""dlmdistill: post-training diffusion language models with self-distillation."""
+"""dlmdistill: post-training diffusion language models with self-distillation.
+
+Python API (mirrors the command line)::
+
+    import dlmdistill as dd
+    dd.train("sft", "configs/sft_countdown_tiny.yaml", max_steps=200)
+    model, tokenizer = dd.load_model("runs/sft_countdown/final")
+    dd.generate((model, tokenizer), ["numbers: 3 5 7 target: 22\\n"], gen_length=64, steps=32)
+    dd.evaluate("runs/sft_countdown", task="countdown", steps=[8, 16], seeds=[10])
+"""
+
 __version__ = "0.1.0"
+
+from .api import evaluate, generate, make_config, train  # noqa: E402
+
+
+def load_model(name_or_path: str, **kwargs):
+    """``(DiffusionModel, tokenizer)`` from a run folder, a local folder or a hub id."""
+    from .evaluate import resolve_model_path
+    from .models.loading import load_model as _load
+
+    return _load(resolve_model_path(name_or_path), **kwargs)
+
+
+__all__ = ["train", "generate", "evaluate", "load_model", "make_config", "__version__"]

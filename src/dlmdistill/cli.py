@@ -28,8 +28,12 @@ from .sampling import GenerationConfig
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec", "accelerate",
+                  "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _split_config_arg(argv: list[str]) -> tuple[str | None, list[str], bool]:

@@ -21,10 +21,9 @@ import torch
 
 from .config import field
 from .tasks.base import Example
+from .tasks.io import DataError
 
-
-class DataError(ValueError):
-    """Bad training or evaluation data; the message names the file, line or field."""
+__all__ = ["DataConfig", "DataError", "DiffusionCollator", "load_examples", "tokenize_examples", "format_prompt"]
 
 
 @dataclass
@@ -77,20 +76,24 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; responses must end with one")
-    out = []
+    keep = []
     for i, ex in enumerate(examples):
-        where = ex.source or f"example {i}"
         if ex.target is None:
             if require_target:
-                raise DataError(f"{where}: the example has no target response to train on")
+                raise DataError(f"{ex.source or f'example {i}'}: the example has no target response to train on")
             continue
-        p = encode_prompt(tokenizer, ex.prompt, prompt_format)
+        keep.append(i)
+    if not keep:
+        return []
+    prompts = tokenizer([format_prompt(tokenizer, examples[i].prompt, prompt_format) for i in keep],
+                        add_special_tokens=False).input_ids
+    targets = tokenizer([examples[i].target for i in keep], add_special_tokens=False).input_ids
+    out = []
+    for i, p, r in zip(keep, prompts, targets):
         if len(p) >= max_length:
-            raise DataError(f"{where}: prompt has {len(p)} tokens, more than max_length={max_length} allows; "
-                            f"raise data.max_length or shorten the prompt")
-        r = tokenizer(ex.target, add_special_tokens=False).input_ids + [eos]
-        r = r[: max_length - len(p)]
-        out.append({"prompt_ids": p, "response_ids": r, "index": i})
+            raise DataError(f"{examples[i].source or f'example {i}'}: prompt has {len(p)} tokens, more than "
+                            f"max_length={max_length} allows; raise data.max_length or shorten the prompt")
+        out.append({"prompt_ids": p, "response_ids": (r + [eos])[: max_length - len(p)], "index": i})
     return out
 
 
