@@ -1,0 +1,13 @@
+"""Checkpoint converters: published DLM checkpoints into native ``transformers`` model folders.
+
+Each converter writes a folder that ``AutoModelForCausalLM.from_pretrained`` loads without remote
+code: a decoder class with ``is_causal=False`` (bidirectional attention), plus the config
+attributes ``mask_token_id`` and ``dlm_shift_logits``, and the tokenizer with its mask token.
+
+* :func:`convert_llada` -- LLaDA (``GSAI-ML/LLaDA-8B-*``) -> ``LlamaForCausalLM``
+"""
+
+from .common import ConversionError
+from .llada import convert_llada
+
+__all__ = ["ConversionError", "convert_llada"]
