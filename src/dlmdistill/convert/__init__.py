@@ -5,9 +5,11 @@ code: a decoder class with ``is_causal=False`` (bidirectional attention), plus t
 attributes ``mask_token_id`` and ``dlm_shift_logits``, and the tokenizer with its mask token.
 
 * :func:`convert_llada` -- LLaDA (``GSAI-ML/LLaDA-8B-*``) -> ``LlamaForCausalLM``
+* :func:`convert_dream` -- Dream (``Dream-org/Dream-v0-*-7B``) -> ``Qwen2ForCausalLM`` (shifted logits)
 """
 
 from .common import ConversionError
+from .dream import convert_dream
 from .llada import convert_llada
 
-__all__ = ["ConversionError", "convert_llada"]
+__all__ = ["ConversionError", "convert_dream", "convert_llada"]
