@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,8 +265,9 @@ def save_tokenizer(src: Path, dst: Path, mask_token_id: int, *, new_mask_token: 
                    fallback_class: str = "PreTrainedTokenizerFast") -> PreTrainedTokenizerBase | None:
     """Copy the tokenizer of ``src`` to ``dst`` with its mask token registered; ``None`` if ``src`` has none.
 
-    The files are copied, then the tokenizer is loaded natively (never with remote code) and saved
-    again so that ``tokenizer.mask_token`` / ``mask_token_id`` are set in ``dst``:
+    Call it before writing weights or config to ``dst``. The files are copied, then the tokenizer is
+    loaded natively (never with remote code) and saved again so that ``tokenizer.mask_token`` /
+    ``mask_token_id`` are set in ``dst``:
 
     * a ``tokenizer_config.json`` that names a remote-code class (``auto_map``, or a
       ``tokenizer_class`` transformers does not know) is rewritten to a native class:
@@ -282,10 +282,7 @@ def save_tokenizer(src: Path, dst: Path, mask_token_id: int, *, new_mask_token: 
     for file in files:
         shutil.copy2(file, dst / file.name)
     _make_tokenizer_config_native(dst, fallback_class)
-    with tempfile.TemporaryDirectory() as tmp:  # load from a copy that holds no model files
-        for file in tokenizer_files(dst):
-            shutil.copy2(file, Path(tmp) / file.name)
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(dst)
     register_mask_token(tokenizer, mask_token_id, new_mask_token)
     tokenizer.save_pretrained(dst)
     return tokenizer

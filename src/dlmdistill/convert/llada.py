@@ -73,7 +73,8 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-# Defaults of LLaDA's ``ModelConfig`` (configuration_llada.py) for the fields read here.
+# Defaults of LLaDA's ``ModelConfig`` (configuration_llada.py) for the fields read here, plus OLMo's
+# ``clip_qkv``, which LLaDA lacks: a config that sets it comes from another OLMo derivative.
 LLADA_DEFAULTS: dict = {
     "d_model": 768,
     "n_heads": 12,
