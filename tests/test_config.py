@@ -75,3 +75,13 @@ def test_real_run_configs_load():
         cls, _ = get_method(name)
         cfg = load_config(cls, None, ["--learning_rate", "1e-4"])
         assert cfg.training.learning_rate == 1e-4
+
+
+@dataclass
+class WithDefaults:
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.25, mode="b"), help="section with custom defaults")
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    cfg = load_config(WithDefaults, None, ["--inner.maybe", "2"])
+    assert cfg.inner.lr == 0.25 and cfg.inner.mode == "b" and cfg.inner.maybe == 2

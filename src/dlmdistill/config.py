@@ -78,6 +78,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             s = value.strip()
             if s.startswith("["):
                 value = yaml.safe_load(s)
+            elif item_tp is str:
+                value = [value]
             else:
                 value = [v for v in s.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
@@ -154,7 +156,8 @@ def _suggest(key: str, names: list[str]) -> str:
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass ``cls`` from a (possibly nested) mapping; unknown keys are errors."""
     hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs: dict[str, Any] = {}
     for key, value in (data or {}).items():
         if key not in names:
@@ -162,6 +165,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
                 f"{where}: unknown key {key!r} for {cls.__name__}.{_suggest(key, names)} "
                 f"Valid keys: {', '.join(names)}"
             )
+        f = fields[key]
+        if _is_dataclass_type(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            # a partly given section keeps the parent's defaults for the rest (not the section class's)
+            value = deep_merge(_shallow_dict(f.default_factory()), value)
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
     try:
         obj = cls(**kwargs)
@@ -174,6 +181,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None
     return obj
+
+
+def _shallow_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as a mapping, nested sections as mappings too (values not copied)."""
+    return {f.name: (_shallow_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
+            for f in dataclasses.fields(obj)}
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

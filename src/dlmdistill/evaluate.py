@@ -37,14 +37,18 @@ class EvalRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, help="the model to evaluate (a run folder, its "
                                "final/ export, a local folder or a hub id)")
     data: DataConfig = field(default_factory=DataConfig, help="task and evaluation data (data.eval_*)")
-    generation: GenerationConfig = field(default_factory=GenerationConfig, help="sampler settings (steps are "
-                                         "taken from 'steps')")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=8),
+                                         help="sampler settings (generation.steps is replaced by each of 'steps')")
     steps: list[int] = field(default_factory=lambda: [8, 16, 32], help="denoising step counts to evaluate")
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30], help="sampling seeds (SelfFusion uses 10 20 30)")
     output_dir: str | None = field(None, help="where to write generations.jsonl and metrics.json (default: "
                                    "<run>/eval/<task> for a run folder, else eval/<task>)")
     device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
     progress_bar: bool = field(True, help="show progress bars")
+
+    def validate(self) -> None:
+        for s in self.steps:
+            replace(self.generation, steps=s).validate()
 
 
 def resolve_model_path(path: str) -> str:

@@ -15,7 +15,8 @@ Classifier-free guidance (``cfg_scale = w > 0``) mixes a second pass whose promp
 What differs from the LLaDA reference loop (kept below as ``generate_reference``, the test oracle
 and benchmark baseline) is only cost, not semantics: the LM head, the softmax and the noise are
 computed only at the masked positions of the current block (the only ones that can be committed),
-the top-k is vectorised over the batch, and padded prompts get a real attention mask.
+the top-k is vectorised over the batch, and padded prompts get a real attention mask. One
+safeguard is added to both: the mask token itself is never drawn.
 
 With ``return_trajectory=True`` the output records, for each step, the response state *before*
 the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
@@ -206,7 +207,7 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
                     if return_trajectory:
                         committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
                     continue
-                logits = _guided_logits(model, x, attn, candidates, uncond, p, config.cfg_scale)
+                logits = suppress_mask(_guided_logits(model, x, attn, candidates, uncond, p, config.cfg_scale), mask_id)
                 tokens = gumbel_argmax(logits, config.temperature, generator)
                 if config.remasking == "low_confidence":
                     conf = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -227,6 +228,14 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         return GenerationOutput(sequences=x, attention_mask=attn, prompt_length=p, trajectory=traj)
     finally:
         model.train(was_training)
+
+
+def suppress_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Never predict the mask token (some converted checkpoints, e.g. SMDM's, give it a constant logit)."""
+    if mask_id < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    return logits
 
 
 def _guided_logits(model: DiffusionModel, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
@@ -294,7 +303,7 @@ def generate_reference(model: DiffusionModel, prompt: torch.Tensor, config: Gene
         k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
         for step in range(spb):
             mask_index = x == mask_id
-            logits = model(x)
+            logits = suppress_mask(model(x), mask_id)
             x0 = gumbel_argmax(logits, config.temperature, generator)
             if config.remasking == "low_confidence":
                 x0_p = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)

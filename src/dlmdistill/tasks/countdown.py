@@ -331,7 +331,8 @@ class CountdownTask(Task):
     from scratch) or ``"d1"`` (a natural-language instruction). ``test_source``: the held-out
     file (e.g. d1's test set); it is what ``load(split="test")`` returns by default, and training
     puzzles with the same key are excluded. Without it the test split is ``num_test`` puzzles
-    generated from ``test_seed``.
+    generated from ``test_seed``. ``reasoning``: training targets carry the step trace in
+    ``<reasoning>`` (default) or only ``<answer>expression</answer>`` (easier for tiny models).
     """
 
     name = "countdown"
@@ -339,8 +340,9 @@ class CountdownTask(Task):
 
     def __init__(self, style: PromptStyle = "compact", test_source: str | None = None,
                  num_train: int = 50_000, num_test: int = 500, max_number: int = 100,
-                 max_target: int = 100, test_seed: int = 1234) -> None:
+                 max_target: int = 100, test_seed: int = 1234, reasoning: bool = True) -> None:
         self.style = check_style(style)
+        self.reasoning = reasoning
         self.test_source = test_source
         self.num_train = num_train
         self.num_test = num_test
@@ -360,7 +362,9 @@ class CountdownTask(Task):
 
     def example(self, puzzle: CountdownPuzzle, source: str = "") -> Example:
         """An example for a puzzle; its target response is None if the puzzle has no solution."""
-        target = format_reasoning(", ".join(puzzle.steps), puzzle.expression) if puzzle.expression else None
+        target = None
+        if puzzle.expression:
+            target = format_reasoning(", ".join(puzzle.steps) if self.reasoning else "", puzzle.expression)
         return Example(prompt=self.prompt(puzzle.numbers, puzzle.target), target=target,
                        references=[puzzle.expression] if puzzle.expression else [],
                        meta={"numbers": list(puzzle.numbers), "target": puzzle.target}, source=source)

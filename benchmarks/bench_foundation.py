@@ -1,0 +1,151 @@
+"""Foundation benchmarks: SFT and sampling throughput, sampler vs the plain LLaDA loop, and what
+computing the LM head only at masked positions saves at a 32k vocabulary.
+
+    python benchmarks/bench_foundation.py            # prints tables of tokens/s and ratios
+    python benchmarks/bench_foundation.py --quick    # smaller, for a smoke run
+
+Memory is measured as the bytes of tensors autograd saves for the backward pass
+(``torch.autograd.graph.saved_tensors_hooks``) plus the logits, on CPU; with CUDA, as
+``torch.cuda.max_memory_allocated``. Times are medians over repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from dlmdistill.diffusion import forward_process
+from dlmdistill.losses.diffusion import masked_diffusion_loss
+from dlmdistill.models import ModelConfig, build_model
+from dlmdistill.models.tokenizer import char_tokenizer
+from dlmdistill.sampling import GenerationConfig, generate, generate_reference
+
+SIZES = {
+    "tiny (0.5M)": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small (6M)": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 8},
+}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def model_of(arch: dict, vocab: int, device: str):
+    tok = char_tokenizer(["0123456789abcdefghijklmnopqrstuvwxyz"])
+    torch.manual_seed(0)
+    m, _ = build_model(ModelConfig(preset_overrides=arch), tokenizer=tok)
+    if vocab > m.vocab_size:  # enlarge the vocabulary for the head benchmark
+        m.hf_model.resize_token_embeddings(vocab, mean_resizing=False)
+    return m.to(device)
+
+
+def sft_step(model, ids, resp, full_logits: bool):
+    noised = forward_process(ids, resp, model.mask_id)
+    if full_logits:
+        logits = model(noised.noisy_ids)[noised.masked]
+    else:
+        logits = model(noised.noisy_ids, positions=noised.masked)
+    w = (1.0 / noised.p_mask)[:, None].expand_as(noised.masked)[noised.masked] / resp.sum()
+    loss = masked_diffusion_loss(logits, ids[noised.masked], w)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def saved_bytes():
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
+def peak_memory(fn, device: str) -> int:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    with saved_bytes() as total:
+        fn()
+    return total[0]
+
+
+def bench_sft(device: str, batch: int, length: int, repeats: int) -> list[str]:
+    rows = ["| model | SFT step (tokens/s) |", "|---|---:|"]
+    for name, arch in SIZES.items():
+        m = model_of(arch, 0, device).train()
+        ids = torch.randint(5, m.vocab_size, (batch, length), device=device)
+        resp = torch.zeros_like(ids, dtype=torch.bool)
+        resp[:, length // 4:] = True
+        t = median_time(lambda: sft_step(m, ids, resp, False), repeats)
+        rows.append(f"| {name} | {batch * length / t:,.0f} |")
+    return rows
+
+
+def bench_sampling(device: str, batch: int, prompt: int, gen: int, steps: int, repeats: int) -> list[str]:
+    rows = ["| model | ours (tokens/s) | plain LLaDA loop (tokens/s) | time ratio ours / plain |", "|---|---:|---:|---:|"]
+    cfg = GenerationConfig(gen_length=gen, steps=steps, block_length=gen // 4)
+    for name, arch in SIZES.items():
+        m = model_of(arch, 0, device).eval()
+        p = torch.randint(5, m.vocab_size, (batch, prompt), device=device)
+        assert torch.equal(generate(m, p, cfg).sequences, generate_reference(m, p, cfg))
+        ours = median_time(lambda: generate(m, p, cfg), repeats)
+        plain = median_time(lambda: generate_reference(m, p, cfg), repeats)
+        rows.append(f"| {name} | {batch * gen / ours:,.0f} | {batch * gen / plain:,.0f} | {ours / plain:.2f} |")
+    return rows
+
+
+def bench_head(device: str, batch: int, length: int, vocab: int, repeats: int) -> list[str]:
+    arch = SIZES["small (6M)"]
+    m = model_of(arch, vocab, device).train()
+    ids = torch.randint(5, vocab, (batch, length), device=device)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, length // 4:] = True
+    rows = [f"| LM head ({vocab:,} vocab, batch {batch}x{length}) | step time (s) | memory for backward (MB) |",
+            "|---|---:|---:|"]
+    res = {}
+    for label, full in [("all positions", True), ("masked positions only", False)]:
+        torch.manual_seed(0)
+        t = median_time(lambda: sft_step(m, ids, resp, full), repeats)
+        torch.manual_seed(0)
+        mem = peak_memory(lambda: sft_step(m, ids, resp, full), device)
+        res[label] = (t, mem)
+        rows.append(f"| {label} | {t:.3f} | {mem / 2**20:,.0f} |")
+    (tf, mf), (tm, mm) = res["all positions"], res["masked positions only"]
+    rows.append(f"| ratio masked / all | {tm / tf:.2f} | {mm / mf:.2f} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    reps = 2 if a.quick else 5
+    print(f"device: {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
+    print("\n".join(bench_sft(a.device, 16 if a.quick else 64, 128, reps)), "\n")
+    print("\n".join(bench_sampling(a.device, 8 if a.quick else 32, 32, 64, 32, reps)), "\n")
+    print("\n".join(bench_head(a.device, 8 if a.quick else 16, 256, 32000, reps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""End to end through the command line: train, generate, evaluate, report, demo (tiny sizes)."""
+
+import json
+
+import pytest
+
+from dlmdistill.cli import main
+
+TINY = ["--preset_overrides", "{hidden_size: 32, intermediate_size: 64}", "--progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "sft"
+    rc = main(["train", "sft", "--task", "countdown", "--train_limit", "200", "--max_steps", "6",
+               "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_steps", "3",
+               "--eval_steps", "3", "--eval.limit", "8", "--eval.generation.gen_length", "48",
+               "--eval.generation.steps", "12", "--output_dir", str(out), "--report_to", "jsonl", *TINY])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_a_complete_run_folder(sft_run):
+    for name in ("config.yaml", "logs.jsonl", "final/config.json", "final/model.safetensors", "tokenizer",
+                 "checkpoints/step-0000006/trainer_state.json", "final_metrics.json"):
+        assert (sft_run / name).exists(), name
+    logs = [json.loads(x) for x in (sft_run / "logs.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in rec for rec in logs)
+    cfg = json.loads((sft_run / "final" / "config.json").read_text())
+    assert cfg["is_causal"] is False and isinstance(cfg["mask_token_id"], int)
+
+
+def test_resume_continues_to_more_steps(sft_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "sft"
+    shutil.copytree(sft_run, run)
+    rc = main(["train", "sft", "--config", str(run / "config.yaml"), "--output_dir", str(run), "--max_steps", "8",
+               "--resume", "--eval.enabled", "false"])
+    assert rc == 0
+    steps = [json.loads(x)["step"] for x in (run / "logs.jsonl").read_text().splitlines()]
+    assert max(steps) == 8
+
+
+def test_generate_and_evaluate(sft_run, tmp_path, capsys):
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(sft_run), "--prompt", "numbers: 1 2 3 target: 6\n",
+                 "--gen_length", "32", "--steps", "8", "--output", str(out), "--trajectory",
+                 str(tmp_path / "traj.safetensors")]) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec) == {"prompt", "completion"}
+    from safetensors.torch import load_file
+
+    traj = load_file(str(tmp_path / "traj.safetensors"))
+    assert traj["states"].shape[0] == 8 and traj["committed"].sum() == 32
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(sft_run), "--task", "countdown", "--limit", "6", "--steps", "8", "16",
+                 "--seeds", "10", "20", "--gen_length", "32", "--output_dir", str(ev), "--progress_bar", "false"]) == 0
+    report = json.loads((ev / "metrics.json").read_text())
+    assert set(report["results"]) == {"8", "16"} and set(report["results"]["8"]["seeds"]) == {"10", "20"}
+    lines = (ev / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 6
+    assert "| 8 |" in capsys.readouterr().out
+
+
+def test_report(sft_run, tmp_path):
+    out = tmp_path / "report.md"
+    assert main(["report", str(sft_run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Summary" in text and "loss" in text
+    assert (tmp_path / "report_figures" / "loss.png").exists()
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  learning_rat: 1e-3\n")
+    assert main(["train", "sft", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml.training: unknown key 'learning_rat'" in err and "learning_rate" in err
+
+
+def test_malformed_data_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n{not json\n')
+    rc = main(["train", "sft", "--task", "instruct", "--train_source", str(data), "--eval.enabled", "false",
+               "--output_dir", str(tmp_path / "r"), *TINY])
+    assert rc == 2
+    assert f"{data}:2" in capsys.readouterr().err
+
+
+def test_help_lists_options(capsys):
+    assert main(["train", "sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--training.learning_rate" in out and "--method.normalization" in out
+
+
+def test_demo_quick(tmp_path):
+    from dlmdistill.demo import run_demo
+
+    res = run_demo(str(tmp_path / "demo"), "quick")
+    assert "base" in res["accuracy"] and "sft" in res["accuracy"]
+    assert (tmp_path / "demo" / "results.png").exists() and (tmp_path / "demo" / "results.md").exists()
