@@ -174,7 +174,7 @@ class TaskEvaluator:
     """Evaluation during training at one generation setting; shards items across processes."""
 
     def __init__(self, task: Task, examples: Sequence[Example], gen: GenerationConfig, *, prompt_format: str = "plain",
-                 seed: int = 0, tokenizer=None):
+                 seed: int = 0):
         self.task, self.examples, self.gen, self.fmt, self.seed = task, list(examples), gen, prompt_format, seed
 
     def __call__(self, trainer) -> dict[str, float]:

@@ -164,3 +164,12 @@ def test_d1_test_set(shared_data):
     assert all(e.target is not None and task.score(e, e.target) == 1.0 for e in test)  # all solvable
     train = task.load(split="train", limit=2000)
     assert not {example_key(e) for e in test} & {example_key(e) for e in train}
+
+
+def test_answer_only_targets_keep_the_format_and_verify():
+    from dlmdistill.tasks.countdown import CountdownTask
+
+    task = CountdownTask(reasoning=False)
+    ex = task.load(None, split="train", limit=3)[0]
+    assert ex.target.startswith("<reasoning></reasoning><answer>") and ex.target.endswith("</answer>")
+    assert task.score(ex, ex.target) == 1.0

@@ -157,3 +157,12 @@ def test_d1_test_set(shared_data):
     train = task.load(split="train", limit=3000)
     assert not {e.meta["solution"] for e in train} & held_out
     assert len({e.meta["solution"] for e in train}) == 288 - 229
+
+
+def test_answer_only_targets_keep_the_format_and_verify():
+    from dlmdistill.tasks.sudoku import SudokuTask
+
+    task = SudokuTask(reasoning=False)
+    ex = task.load(None, split="train", limit=3)[0]
+    assert ex.target == f"<reasoning></reasoning><answer>{ex.meta['solution']}</answer>"
+    assert task.score(ex, ex.target) == 1.0

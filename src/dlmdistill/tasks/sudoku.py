@@ -234,7 +234,8 @@ class SudokuTask(Task):
 
     ``style``: ``"compact"`` (``"sudoku: 3102200002100320\\n"``) or ``"d1"``. ``test_source``: the
     held-out file; without it ``test_fraction`` of the grids (split with ``grid_seed``) are held
-    out and ``num_test`` puzzles are generated from them with ``test_seed``.
+    out and ``num_test`` puzzles are generated from them with ``test_seed``. ``reasoning``: training
+    targets carry the fill order in ``<reasoning>`` (default) or only the answer grid.
     """
 
     name = "sudoku"
@@ -244,8 +245,9 @@ class SudokuTask(Task):
     def __init__(self, style: PromptStyle = "compact", test_source: str | None = None,
                  num_train: int = 20_000, num_test: int = 500, min_blanks: int = 4, max_blanks: int = 10,
                  unique: bool = False, test_fraction: float = 0.2, grid_seed: int = 0,
-                 test_seed: int = 1234) -> None:
+                 test_seed: int = 1234, reasoning: bool = True) -> None:
         self.style = check_style(style)
+        self.reasoning = reasoning
         self.test_source = test_source
         self.num_train = num_train
         self.num_test = num_test
@@ -270,7 +272,8 @@ class SudokuTask(Task):
 
     def example(self, puzzle: SudokuPuzzle, source: str = "") -> Example:
         return Example(prompt=self.prompt(puzzle.puzzle),
-                       target=format_reasoning(" ".join(fill_order(puzzle)), puzzle.solution),
+                       target=format_reasoning(" ".join(fill_order(puzzle)) if self.reasoning else "",
+                                               puzzle.solution),
                        references=[puzzle.solution],
                        meta={"puzzle": puzzle.puzzle, "solution": puzzle.solution}, source=source)
 

@@ -26,13 +26,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import field
 from ..models.backbone import DiffusionModel
+from ..models.loading import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,9 @@ class Trainer:
         # (a private generator: creating a DataLoader iterator must not consume the global RNG, or a
         # resumed run would draw different masks than an uninterrupted one)
         self.setup_model(model)
+        n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+        log.info("%s: %s parameters, %s trainable; %d training examples", self.method_name, f"{n_all:,}",
+                 f"{n_train:,}", len(self.train_dataset))
         self.optimizer = torch.optim.AdamW(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -468,13 +472,3 @@ def _flat_scalars(cfg: Any) -> dict[str, Any]:
     walk(to_dict(cfg), "")
     return out
 
-
-def iterate_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
