@@ -12,6 +12,8 @@ from typing import Any, Callable
 #: method name -> (module, run-config class name, one-line description)
 METHODS: dict[str, tuple[str, str, str]] = {
     "sft": ("dlmdistill.methods.sft", "SFTRunConfig", "masked-diffusion supervised fine-tuning"),
+    "selffusion": ("dlmdistill.methods.selffusion", "SelfFusionRunConfig",
+                   "self-distillation between easy and hard masking (SelfFusion)"),
 }
 
 
