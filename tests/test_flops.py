@@ -40,7 +40,7 @@ def test_cost_table_per_iteration_totals_and_ratio():
     per_it = table["rows"]["sft"]["per_iteration"]["total"]
     assert per_it == 2 * estimate_flops(shape, tokens=64, head_rows=32, sum_sq_lengths=64 * 16)
     assert table["rows"]["sft"]["run_total"]["total"] == 10 * per_it
-    ratio = table["rows"]["selffusion"]["per_iteration_ratio_to_sft"]
+    ratio = table["rows"]["selffusion"]["student_training_ratio_to_sft"]
     assert 1.9 < ratio < 2.0  # the body doubles, the head 1.5x
     assert "selffusion" in format_cost_table(table)
     assert PassCounter().flops_per_micro_batch(shape, "train") == 0.0

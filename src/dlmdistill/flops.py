@@ -102,7 +102,7 @@ def cost_table(rows: dict[str, dict[str, float]], iterations: int, micro_batches
     rows: ``{method: {"student_training": F, "teacher_training": F}}``, FLOPs per micro-batch of one
     process; an iteration (optimizer step) is ``micro_batches_per_iteration`` of them (gradient
     accumulation x processes). Returns per-iteration and total FLOPs per row, and each row's
-    per-iteration ratio to the ``"sft"`` row when there is one.
+    per-iteration student-training cost relative to the ``"sft"`` row when there is one.
     """
     out: dict = {"formula": FORMULA, "iterations": iterations,
                  "micro_batches_per_iteration": micro_batches_per_iteration, "rows": {}}
@@ -110,20 +110,21 @@ def cost_table(rows: dict[str, dict[str, float]], iterations: int, micro_batches
         per_it = {k: v * micro_batches_per_iteration for k, v in parts.items()}
         per_it["total"] = sum(per_it.values())
         out["rows"][name] = {"per_iteration": per_it, "run_total": {k: v * iterations for k, v in per_it.items()}}
-    sft = out["rows"].get("sft", {}).get("per_iteration", {}).get("total")
+    sft = out["rows"].get("sft", {}).get("per_iteration", {}).get("student_training")
     if sft:
         for r in out["rows"].values():
-            r["per_iteration_ratio_to_sft"] = r["per_iteration"]["total"] / sft
+            r["student_training_ratio_to_sft"] = r["per_iteration"].get("student_training", 0.0) / sft
     return out
 
 
 def format_cost_table(table: dict) -> str:
     """A Markdown rendering of ``cost_table`` (TFLOPs over the run, like the paper's Table 2)."""
     lines = [f"estimated training cost, {table['iterations']} iterations (TFLOPs; {table['formula']})", "",
-             "| method | student training | teacher training | total | per-iteration / SFT |", "|---|---:|---:|---:|---:|"]
+             "| method | student training | teacher training | total | student training / SFT |",
+             "|---|---:|---:|---:|---:|"]
     for name, r in table["rows"].items():
         t = r["run_total"]
-        ratio = r.get("per_iteration_ratio_to_sft")
+        ratio = r.get("student_training_ratio_to_sft")
         lines.append(f"| {name} | {t.get('student_training', 0) / 1e12:.4g} | {t.get('teacher_training', 0) / 1e12:.4g} "
                      f"| {t['total'] / 1e12:.4g} | {'' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
