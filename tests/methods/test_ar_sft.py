@@ -31,7 +31,7 @@ def test_loss_covers_response_tokens_only_with_both_normalisations(tokenizer):
 
 def test_ar_sft_trains_exports_a_causal_lm_and_reloads(tokenizer, tmp_path):
     model = tiny_ar(tokenizer).train()
-    cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=32, learning_rate=3e-3,
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=32, learning_rate=3e-3,
                          warmup_ratio=0.0, logging_steps=5, progress_bar=False, report_to=["jsonl"])
     collate = DiffusionCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, pad_response_with_eos=False)
     trainer = ARSFTTrainer(model, tokenizer, reverse_items(tokenizer), cfg, method=ARSFTConfig(), collate_fn=collate)

@@ -21,7 +21,8 @@ def tempered_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.
     """``log softmax(logits / T)`` in float32. [N, V] -> [N, V]."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def kl_per_row(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,

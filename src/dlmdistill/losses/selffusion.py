@@ -92,10 +92,22 @@ def choose_direction(easy_logits: torch.Tensor, hard_logits: torch.Tensor, targe
     """Token-level distillation direction (eq. 1), from untempered (T = 1) probabilities.
 
     easy_logits, hard_logits: [N, V] at the same N positions; targets: [N] ground-truth tokens.
+    See ``direction_from_stats`` for the rule; this computes its inputs from the logits.
+    """
+    return direction_from_stats(easy_logits.argmax(dim=-1) == targets, hard_logits.argmax(dim=-1) == targets,
+                                target_probability(easy_logits, targets), target_probability(hard_logits, targets),
+                                rule)
+
+
+@torch.no_grad()
+def direction_from_stats(easy_correct: torch.Tensor, hard_correct: torch.Tensor, easy_p_true: torch.Tensor,
+                         hard_p_true: torch.Tensor, rule: DirectionRule = "bidirectional") -> DirectionDecision:
+    """The direction rule from per-position statistics (all [N]): correctness (argmax == ground truth)
+    and the probability of the ground truth ``p(y)``, both at T = 1.
 
     ``"bidirectional"``:
 
-    * exactly one mode correct (argmax == ground truth): that mode is the teacher;
+    * exactly one mode correct: that mode is the teacher;
     * both correct: the mode with the higher probability on its predicted token (which is then the
       ground truth, so this compares ``p_e(y)`` with ``p_h(y)``);
     * both wrong: the mode with the higher probability on the ground truth ``y``;
@@ -106,11 +118,8 @@ def choose_direction(easy_logits: torch.Tensor, hard_logits: torch.Tensor, targe
     the correctness, is the same at any T; the probability comparison is not.)
     ``"easy_to_hard"`` / ``"hard_to_easy"`` fix the direction (the paper's Table 3 ablations).
     """
-    easy_correct = easy_logits.argmax(dim=-1) == targets
-    hard_correct = hard_logits.argmax(dim=-1) == targets
     if rule == "bidirectional":
-        easy_more_confident = target_probability(easy_logits, targets) >= target_probability(hard_logits, targets)
-        easy_teaches = torch.where(easy_correct != hard_correct, easy_correct, easy_more_confident)
+        easy_teaches = torch.where(easy_correct != hard_correct, easy_correct, easy_p_true >= hard_p_true)
     elif rule == "easy_to_hard":
         easy_teaches = torch.ones_like(easy_correct)
     elif rule == "hard_to_easy":
@@ -160,7 +169,8 @@ def selffusion_diagnostics(easy_logits: torch.Tensor, hard_logits: torch.Tensor,
     variants = [("", easy_logits)] + ([("_uncal", easy_logits_uncalibrated)]
                                       if easy_logits_uncalibrated is not None else [])
     for suffix, logits in variants:
-        top1 = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+        logits = logits.float()
+        top1 = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
         for case, rows in (("both_correct", both_right), ("both_wrong", both_wrong)):
             if rows.any():
                 out[f"kd/easy_top1_{case}{suffix}"] = top1[rows].mean().item()

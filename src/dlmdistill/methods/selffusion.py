@@ -27,9 +27,10 @@ import torch
 from ..config import field
 from ..diffusion import EPS, NoisedBatch, apply_mask, sample_t
 from ..flops import ModelShape, PassCounter
-from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
+from ..losses.diffusion import token_nll
 from ..losses.selffusion import (DirectionRule, DistillPositions, ModeNormalization, bidirectional_kd_loss,
-                                 choose_direction, distillation_positions, mode_loss_weights, selffusion_diagnostics)
+                                 direction_from_stats, distillation_positions, mode_loss_weights,
+                                 selffusion_diagnostics)
 from ..models.backbone import DiffusionModel
 from ..training.trainer import Trainer
 from .common import finish, prepare, run_config_class, write_run_metadata
@@ -127,36 +128,49 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
 
     model: what to call (possibly the Accelerate-wrapped model); dm: the unwrapped ``DiffusionModel``
     behind it (mask id, calibration module, head).
+
+    Cost: one forward over the 2B copies with the LM head at ``N = N_easy + N_hard`` rows; one
+    cross-entropy over all N rows gives both diffusion losses and the ``p(y)`` / correctness the
+    direction rule needs; the D rows of both modes are gathered once ([2|D|, V]) for the KD.
     """
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     b = ids.shape[0]
     easy, hard = sample_modes(ids, resp, dm.mask_id, eps=config.eps, generator=generator)
     distill = distillation_positions(easy.masked, hard.masked, config.distill_positions)
-    # rows gathered per copy: its masked positions, plus D when D reaches beyond them ("either")
-    exact = config.distill_positions == "both"
-    pos_easy, pos_hard = (easy.masked, hard.masked) if exact else (distill, distill)
+    # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
+    pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
     n_easy = int(pos_easy.sum())
-    d_in_easy, d_in_hard = distill[pos_easy], distill[pos_hard]
+    kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0], n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])
     calibrate = torch.arange(2 * b, device=ids.device) < b if calibrated else None
     want_uncal = calibrated and uncalibrated_diagnostics
-    capture = uncalibrated_logits(dm, d_in_easy.nonzero(as_tuple=True)[0]) if want_uncal else nullcontext({})
+    capture = uncalibrated_logits(dm, kd_rows[: kd_rows.shape[0] // 2]) if want_uncal else nullcontext({})
     with capture as captured:
         logits = model(torch.cat([easy.noisy_ids, hard.noisy_ids]), torch.cat([attn, attn]),
                        positions=torch.cat([pos_easy, pos_hard]), calibrate=calibrate)
-    rows = {"easy": logits[:n_easy], "hard": logits[n_easy:]}
 
+    # per gathered row: ground truth, NLL, correctness, and the mode's L_diff weight (0 off its mask)
+    targets = torch.cat([ids[pos_easy], ids[pos_hard]])
+    nll = token_nll(logits, targets)
+    correct = logits.detach().argmax(dim=-1) == targets
+    weights = torch.cat([mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[pos]
+                         for m, pos in ((easy, pos_easy), (hard, pos_hard))])
+    weighted = weights * nll
+    in_mask = torch.cat([easy.masked[pos_easy], hard.masked[pos_hard]])
+    mode_rows = {"easy": slice(0, n_easy), "hard": slice(n_easy, logits.shape[0])}
+    terms = {f"diff_{m}": weighted[rows].sum() for m, rows in mode_rows.items()}
     metrics: dict[str, float] = {}
-    terms: dict[str, torch.Tensor] = {}
-    for name, noised, pos in (("hard", hard, pos_hard), ("easy", easy, pos_easy)):
-        mode_logits = rows[name] if exact else rows[name][noised.masked[pos]]
-        targets = ids[noised.masked]
-        weights = mode_loss_weights(noised.masked, noised.p_mask, resp, config.normalization)[noised.masked]
-        terms[f"diff_{name}"] = masked_diffusion_loss(mode_logits, targets, weights)
-        metrics.update({f"{name}/{k}": v for k, v in masked_token_stats(mode_logits.detach(), targets).items()})
-        metrics[f"{name}/mask_ratio"] = float(noised.masked.sum() / resp.sum().clamp(min=1))
+    for m, noised in (("easy", easy), ("hard", hard)):
+        own = in_mask[mode_rows[m]]
+        if own.any():
+            metrics[f"{m}/masked_acc"] = float(correct[mode_rows[m]][own].float().mean())
+            metrics[f"{m}/p_true"] = float(torch.exp(-nll[mode_rows[m]][own].detach()).mean())
+        metrics[f"{m}/mask_ratio"] = float(noised.masked.sum() / resp.sum().clamp(min=1))
 
-    easy_d, hard_d = rows["easy"][d_in_easy], rows["hard"][d_in_hard]
-    decision = choose_direction(easy_d, hard_d, ids[distill], config.direction)
+    easy_d, hard_d = logits[kd_rows].chunk(2)
+    e_rows, h_rows = kd_rows.chunk(2)
+    p_true = torch.exp(-nll.detach())
+    decision = direction_from_stats(correct[e_rows], correct[h_rows], p_true[e_rows], p_true[h_rows],
+                                    config.direction)
     loss = terms["diff_hard"] + terms["diff_easy"]
     if config.kd_weight > 0:
         terms["kd"] = bidirectional_kd_loss(easy_d, hard_d, decision.easy_teaches, config.temperature)
@@ -164,7 +178,8 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
     metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
     metrics["kd/frac_of_response"] = float(distill.sum() / resp.sum().clamp(min=1))
     metrics.update(selffusion_diagnostics(easy_d.detach(), hard_d.detach(), decision, captured.get("logits")))
-    return SelfFusionStep(loss=loss, terms=terms, metrics=metrics, head_rows=logits.shape[0], sft_head_rows=int(hard.masked.sum()))
+    return SelfFusionStep(loss=loss, terms=terms, metrics=metrics, head_rows=logits.shape[0],
+                          sft_head_rows=int(hard.masked.sum()))
 
 
 class SelfFusionTrainer(Trainer):
