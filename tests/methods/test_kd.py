@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dlmdistill.data import DiffusionCollator
-from dlmdistill.diffusion import NoisedBatch, forward_process
+from dlmdistill.diffusion import forward_process
 from dlmdistill.methods.distillation import check_same_tokenizer, write_costs
-from dlmdistill.methods.kd import KDConfig, KDTrainer, teacher_logits
+from dlmdistill.methods.kd import KDConfig, KDTrainer, eos_padding, teacher_logits
 from dlmdistill.models.tokenizer import char_tokenizer
 from dlmdistill.training import TrainingConfig
 from tests.conftest import tiny_model
@@ -15,9 +15,10 @@ from tests.methods.test_sft import reverse_items
 from tests.models.test_autoregressive import tiny_ar
 
 
-def _noised(ids, masked, mask_id):
+def _tl(teacher, ids, masked, mask_id):
+    """Teacher rows for a student input with ``masked`` replaced by the mask id."""
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=torch.ones(ids.shape[0]), t=torch.ones(ids.shape[0]))
+    return teacher_logits(teacher, ids, noisy, torch.ones_like(ids), masked)
 
 
 def test_ar_teacher_row_for_position_i_depends_only_on_the_clean_prefix(tokenizer):
@@ -27,18 +28,18 @@ def test_ar_teacher_row_for_position_i_depends_only_on_the_clean_prefix(tokenize
     attn = torch.ones_like(ids)
     masked = torch.zeros_like(ids, dtype=torch.bool)
     masked[0, 6] = True  # the student's masked position i = 6
-    ref = teacher_logits(teacher, ids, _noised(ids, masked, mask_id), attn)
+    ref = _tl(teacher, ids, masked, mask_id)
 
     later = ids.clone()
     later[0, 6:] = (later[0, 6:] - 5 + 3) % 25 + 5  # change y_i and everything after it
     other_mask = masked.clone()
     other_mask[0, 9] = True  # and mask more positions after i in the student's input
-    same = teacher_logits(teacher, later, _noised(later, other_mask, mask_id), attn)[:1]
+    same = _tl(teacher, later, other_mask, mask_id)[:1]
     torch.testing.assert_close(same, ref)
 
     earlier = ids.clone()
     earlier[0, 5] = (earlier[0, 5] - 5 + 3) % 25 + 5  # change y_{i-1}
-    assert (teacher_logits(teacher, earlier, _noised(earlier, masked, mask_id), attn) - ref).abs().max() > 1e-4
+    assert (_tl(teacher, earlier, masked, mask_id) - ref).abs().max() > 1e-4
     # and the row equals the causal LM's own next-token logits at i - 1
     with torch.no_grad():
         torch.testing.assert_close(ref[0], teacher.hf_model(input_ids=ids).logits[0, 5])
@@ -52,7 +53,7 @@ def test_dlm_teacher_reads_the_students_noisy_input(tokenizer):
     noised = forward_process(ids, resp, teacher.mask_id, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = teacher(noised.noisy_ids, torch.ones_like(ids), positions=noised.masked)
-    torch.testing.assert_close(teacher_logits(teacher, ids, noised, torch.ones_like(ids)), want)
+    torch.testing.assert_close(teacher_logits(teacher, ids, noised.noisy_ids, torch.ones_like(ids), noised.masked), want)
 
 
 def test_tokenizer_check_names_both_tokenizers_and_allows_extra_student_tokens(tokenizer):
@@ -98,3 +99,10 @@ def test_kd_runs_a_few_steps_and_accounts_costs(tokenizer, tmp_path, kind):
     assert rows["kd"]["per_iteration"]["student_training"] > rows["sft"]["per_iteration"]["total"]
     assert rows["kd"]["per_iteration"]["teacher_training"] > 0
     assert (tmp_path / "flops.json").exists()
+
+
+def test_eos_padding_is_everything_after_the_first_response_eos():
+    eos = 1
+    ids = torch.tensor([[9, 9, 5, 1, 1, 1], [9, 5, 6, 7, 1, 0]])
+    resp = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert eos_padding(ids, resp, eos).tolist() == [[False, False, False, False, True, True], [False] * 6]

@@ -8,7 +8,9 @@ mode, on the student's device, and its LM head is computed only where it is need
 * a **DLM teacher** sees exactly the student's noisy input and predicts the same masked positions;
 * an **AR teacher** sees the clean sequence; for a masked position ``i`` it contributes its
   next-token distribution computed at ``i - 1``, i.e. token ``i`` given the clean prefix ``y_<i``
-  (``CausalLM.forward``).
+  (``CausalLM.forward``). By default the KD term skips the trailing EOS padding of the response
+  (positions after its first EOS): there the AR teacher would condition on a prefix ending in EOS,
+  which it never saw in training (``ar_skip_eos_padding``); the CE term still trains them.
 
 Logits are compared id by id, so the teacher's tokenizer must agree with the student's on every
 teacher token (checked; the error names both). When the vocabularies differ in size (a DLM
@@ -26,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import field
-from ..diffusion import EPS, NoisedBatch, forward_process
+from ..diffusion import EPS, forward_process
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
 from ..losses.kd import Divergence, logit_kd_loss
@@ -53,6 +55,8 @@ class KDConfig:
     normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
                                              "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
     eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+    ar_skip_eos_padding: bool = field(True, help="AR teacher: no KD at the EOS padding after the response's first "
+                                      "EOS (the teacher never continued past an EOS in training)")
 
     def validate(self) -> None:
         if not self.teacher:
@@ -67,17 +71,24 @@ KDRunConfig = run_config_class("KDRunConfig", KDConfig, "Configuration of a logi
 
 
 @torch.no_grad()
-def teacher_logits(teacher: DiffusionModel | CausalLM, input_ids: torch.Tensor, noised: NoisedBatch,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits at the student's masked positions, [N, V_teacher], rows aligned with
-    ``student(noised.noisy_ids, positions=noised.masked)``.
+def teacher_logits(teacher: DiffusionModel | CausalLM, input_ids: torch.Tensor, noisy_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at ``positions`` ([B, L] bool, a subset of the student's masked positions),
+    [N, V_teacher], rows aligned with ``student(noisy_ids, positions=positions)``.
 
-    input_ids: [B, L] clean ids. A ``DiffusionModel`` teacher reads ``noised.noisy_ids``; a
-    ``CausalLM`` teacher reads the clean ids, so row n is its distribution of token i given ``y_<i``.
+    input_ids: [B, L] clean ids; noisy_ids: [B, L], the student's input. A ``DiffusionModel`` teacher
+    reads ``noisy_ids``; a ``CausalLM`` teacher reads the clean ids, so row n is its distribution of
+    token i given ``y_<i``.
     """
     if isinstance(teacher, CausalLM):
-        return teacher(input_ids, attention_mask, positions=noised.masked)
-    return teacher(noised.noisy_ids, attention_mask, positions=noised.masked)
+        return teacher(input_ids, attention_mask, positions=positions)
+    return teacher(noisy_ids, attention_mask, positions=positions)
+
+
+def eos_padding(input_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, L] bool: response positions after the response's first EOS (the trained EOS padding)."""
+    eos = (input_ids == eos_id) & response_mask
+    return response_mask & ((eos.long().cumsum(dim=1) - eos.long()) > 0)
 
 
 class KDTrainer(Trainer):
@@ -106,22 +117,26 @@ class KDTrainer(Trainer):
         targets = ids[noised.masked]
         weights = mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)[noised.masked]
         ce = masked_diffusion_loss(logits, targets, weights)
+        kd_pos, s_logits = noised.masked, logits
+        if isinstance(self.teacher, CausalLM) and cfg.ar_skip_eos_padding:
+            kd_pos = noised.masked & ~eos_padding(ids, resp, self.tokenizer.eos_token_id)
+            s_logits = logits[kd_pos[noised.masked]]
         with self.accelerator.autocast():
-            t_logits = teacher_logits(self.teacher, ids, noised, attn)
-        v = min(logits.shape[-1], t_logits.shape[-1])
-        kd = logit_kd_loss(t_logits[:, :v], logits[:, :v], cfg.temperature, cfg.divergence)
+            t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, kd_pos)
+        v = min(s_logits.shape[-1], t_logits.shape[-1])
+        kd = logit_kd_loss(t_logits[:, :v], s_logits[:, :v], cfg.temperature, cfg.divergence)
         loss = cfg.ce_weight * ce + cfg.kd_weight * kd
         metrics = {"loss/ce": float(ce.detach()), "loss/kd": float(kd.detach()),
                    "mask_ratio": float(noised.masked.sum() / resp.sum().clamp(min=1)),
                    **masked_token_stats(logits.detach(), targets)}
-        if targets.numel():
-            teacher_stats = masked_token_stats(t_logits.float(), targets)
-            metrics.update({f"teacher/{k}": v for k, v in teacher_stats.items()})
-            metrics["kd/top1_agreement"] = float((t_logits.argmax(-1) == logits.detach().argmax(-1)).float().mean())
+        if t_logits.shape[0]:
+            metrics.update({f"teacher/{k}": x for k, x in masked_token_stats(t_logits.float(), ids[kd_pos]).items()})
+            metrics["kd/top1_agreement"] = float((t_logits.argmax(-1) == s_logits.detach().argmax(-1)).float().mean())
+        metrics["kd/frac_of_masked"] = t_logits.shape[0] / max(targets.numel(), 1)
         b, length = ids.shape
         n = int(noised.masked.sum())
         self.passes["student"].add(b, length, n)
-        self.passes["teacher"].add(b, length, n)
+        self.passes["teacher"].add(b, length, t_logits.shape[0])
         # SFT of the teacher itself: a DLM's head at the masked positions, an AR model's at every response token
         self.passes["teacher_sft"].add(b, length, int(resp.sum()) if isinstance(self.teacher, CausalLM) else n)
         return loss, metrics
