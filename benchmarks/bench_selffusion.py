@@ -125,7 +125,8 @@ def main() -> None:
     for k in runs:
         print(f"  {k:26s} min {low[k] * 1000:7.1f} ms  median {med[k] * 1000:7.1f} ms   ratio to SFT: "
               f"min {low[k] / low['sft']:.2f}x  median {med[k] / med['sft']:.2f}x")
-    print(f"  FLOPs estimate ratio       {f_sf / f_sft:.2f}x  (SelfFusion {f_sf / 1e9:.2f} GFLOPs, SFT {f_sft / 1e9:.2f})")
+    print(f"  FLOPs estimate ratio       {f_sf / f_sft:.2f}x  (SelfFusion {f_sf / 1e9:.2f} GFLOPs, "
+          f"SFT {f_sft / 1e9:.2f})")
     print(f"  saved-activation memory    {mem_sf / mem_sft:.2f}x  (SelfFusion {mem_sf / 2**20:.1f} MiB, "
           f"SFT {mem_sft / 2**20:.1f} MiB)")
 

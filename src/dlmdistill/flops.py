@@ -125,8 +125,9 @@ def format_cost_table(table: dict) -> str:
     for name, r in table["rows"].items():
         t = r["run_total"]
         ratio = r.get("student_training_ratio_to_sft")
-        lines.append(f"| {name} | {t.get('student_training', 0) / 1e12:.4g} | {t.get('teacher_training', 0) / 1e12:.4g} "
-                     f"| {t['total'] / 1e12:.4g} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+        student, teacher = t.get("student_training", 0) / 1e12, t.get("teacher_training", 0) / 1e12
+        lines.append(f"| {name} | {student:.4g} | {teacher:.4g} | {t['total'] / 1e12:.4g} "
+                     f"| {'' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 

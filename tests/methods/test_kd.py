@@ -14,6 +14,8 @@ from tests.conftest import tiny_model
 from tests.methods.test_sft import reverse_items
 from tests.models.test_autoregressive import tiny_ar
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _tl(teacher, ids, masked, mask_id):
     """Teacher rows for a student input with ``masked`` replaced by the mask id."""
@@ -53,7 +55,8 @@ def test_dlm_teacher_reads_the_students_noisy_input(tokenizer):
     noised = forward_process(ids, resp, teacher.mask_id, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = teacher(noised.noisy_ids, torch.ones_like(ids), positions=noised.masked)
-    torch.testing.assert_close(teacher_logits(teacher, ids, noised.noisy_ids, torch.ones_like(ids), noised.masked), want)
+    got = teacher_logits(teacher, ids, noised.noisy_ids, torch.ones_like(ids), noised.masked)
+    torch.testing.assert_close(got, want)
 
 
 def test_tokenizer_check_names_both_tokenizers_and_allows_extra_student_tokens(tokenizer):

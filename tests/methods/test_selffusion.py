@@ -12,6 +12,8 @@ from dlmdistill.training import TrainingConfig, latest_checkpoint
 from tests.conftest import tiny_model
 from tests.methods.test_sft import reverse_items
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _batch(tok, n=16):
     return DiffusionCollator(tok.pad_token_id, tok.eos_token_id)(reverse_items(tok, n))
@@ -113,7 +115,8 @@ def test_short_run_lowers_the_loss_logs_diagnostics_and_exports_without_calibrat
     logs = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]
     assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
     assert logs[-1]["hard/masked_acc"] > logs[0]["hard/masked_acc"]
-    for key in ("loss/kd", "easy/p_true", "kd/frac_easy_to_hard", "kd/frac_both_wrong", "kd/easy_top1_both_wrong_uncal"):
+    keys = ("loss/kd", "easy/p_true", "kd/frac_easy_to_hard", "kd/frac_both_wrong", "kd/easy_top1_both_wrong_uncal")
+    for key in keys:
         assert any(key in entry for entry in logs), key
     # the calibration RMSNorm trained and is in the checkpoint ...
     from safetensors import safe_open
@@ -156,3 +159,23 @@ def test_resume_gives_the_same_weights_including_calibration(tokenizer, tmp_path
     assert "calibration.weight" in a
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_lora_run_trains_and_checkpoints_the_calibration(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    from dlmdistill.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model, tok = build_model(ModelConfig(preset_overrides={"hidden_size": 32, "intermediate_size": 64}, lora_r=4),
+                             tokenizer=tokenizer)
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, progress_bar=False,
+                         report_to=[], export_final=True)
+    trainer = SelfFusionTrainer(model, tok, reverse_items(tok, 32), cfg,
+                                collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+    trainer.train()
+    with safe_open(str(latest_checkpoint(tmp_path) / "partial_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "calibration.weight" in keys and all("lora_" in k or k == "calibration.weight" for k in keys)
+    assert trainer.cost_rows()["selffusion"]["student_training"] > 0
+    assert load_model(str(tmp_path / "final"))[0].calibration is None

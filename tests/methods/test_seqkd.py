@@ -1,8 +1,5 @@
-import dataclasses
-import json
 
 import pytest
-import torch
 
 from dlmdistill.data import DataError, DiffusionCollator, tokenize_examples
 from dlmdistill.flops import ModelShape
@@ -13,6 +10,8 @@ from dlmdistill.tasks.base import Example
 from dlmdistill.training import TrainingConfig
 from tests.conftest import tiny_model
 from tests.models.test_autoregressive import tiny_ar
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [f"{w}=" for w in ("abc", "bca", "cab", "aab", "bba")]
 
@@ -47,4 +46,5 @@ def test_sft_on_teacher_responses_runs(tokenizer, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 3
     rows = trainer.cost_rows(ModelShape.of(teacher), teacher_is_ar=False)
-    assert rows["seqkd"]["teacher_training"] > 0 and rows["seqkd"]["student_training"] == rows["sft"]["student_training"]
+    assert rows["seqkd"]["teacher_training"] > 0
+    assert rows["seqkd"]["student_training"] == rows["sft"]["student_training"]

@@ -79,7 +79,8 @@ def build_ar_model(cfg: Any) -> tuple[CausalLM, Any]:
     config share a tokenizer), or reloaded from the run folder on resume."""
     tokenizer = None
     if is_preset(cfg.model):
-        evals = load_examples(dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit), "eval") if cfg.eval.enabled else []
+        evals = load_examples(dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit), "eval") \
+            if cfg.eval.enabled else []
         texts = example_texts(load_examples(cfg.data, "train"), evals)
         tokenizer = build_tokenizer(cfg.model, texts, Path(cfg.training.output_dir))
     return load_causal_lm(cfg.model, tokenizer)

@@ -51,7 +51,8 @@ class KDConfig:
     kd_weight: float = field(1.0, help="weight of the KD term")
     ce_weight: float = field(1.0, help="weight of the masked-diffusion cross-entropy on the ground truth")
     temperature: float = field(1.0, help="KD temperature T (the loss is scaled by T^2)")
-    divergence: Divergence = field("forward", help="'forward': KL(teacher || student); 'reverse': KL(student || teacher)")
+    divergence: Divergence = field("forward", help="'forward': KL(teacher || student); "
+                                   "'reverse': KL(student || teacher)")
     normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
                                              "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
     eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")

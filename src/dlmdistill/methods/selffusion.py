@@ -41,7 +41,8 @@ from .distillation import write_costs
 class SelfFusionConfig:
     direction: DirectionRule = field("bidirectional", help="distillation direction: 'bidirectional' (per token, "
                                      "eq. 1), or the Table 3 ablations 'easy_to_hard' / 'hard_to_easy'")
-    calibration: bool = field(True, help="RMSNorm logit calibration on the easy mode (false: the 'w/o RMSNorm' ablation)")
+    calibration: bool = field(True, help="RMSNorm logit calibration on the easy mode (false: the 'w/o RMSNorm' "
+                              "ablation)")
     kd_weight: float = field(1.0, help="weight of L_bkd (paper: 1; 0 = two diffusion losses only)")
     temperature: float = field(1.0, help="KD temperature T (the direction is always decided at T = 1)")
     distill_positions: DistillPositions = field("both", help="distillation set D: response positions masked in "
@@ -140,7 +141,8 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
     # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
     pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
     n_easy = int(pos_easy.sum())
-    kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0], n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])
+    kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0],
+                         n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])  # easy D rows, then hard D rows
     calibrate = torch.arange(2 * b, device=ids.device) < b if calibrated else None
     want_uncal = calibrated and uncalibrated_diagnostics
     capture = uncalibrated_logits(dm, kd_rows[: kd_rows.shape[0] // 2]) if want_uncal else nullcontext({})

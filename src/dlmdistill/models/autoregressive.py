@@ -179,8 +179,9 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None) -> tuple[CausalLM, Any]:
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg)
         ensure_pad_token(tokenizer)
-        config = ar_preset_config(cfg.name_or_path[len("preset:"):], len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        config = ar_preset_config(cfg.name_or_path[len("preset:"):], len(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id,
                                   max_position_embeddings=cfg.max_position_embeddings, overrides=cfg.preset_overrides)
         config._attn_implementation = cfg.attn_implementation
         model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype])
@@ -195,7 +196,8 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None) -> tuple[CausalLM, Any]:
             kwargs["attn_implementation"] = cfg.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         if not is_autoregressive_config(model.config):
-            raise ValueError(f"{src} is not a causal LM (it has is_causal=False or a diffusion mask id): load it as a DLM")
+            raise ValueError(f"{src} is not a causal LM (it has is_causal=False or a diffusion mask id): "
+                             f"load it as a DLM")
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg, path=src if (Path(src) / "tokenizer_config.json").exists() else None)
         ensure_pad_token(tokenizer)
