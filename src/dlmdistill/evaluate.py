@@ -65,8 +65,8 @@ def score_completions(task: Task, examples: Sequence[Example], completions: Sequ
     return rows
 
 
-def _generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig, seed: int,
-                  progress: bool, desc: str) -> list[str]:
+def _generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig,
+                  seed: int, progress: bool, desc: str) -> list[str]:
     from tqdm.auto import tqdm
 
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -123,8 +123,9 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
         steps = ["ar"]  # an autoregressive model has no denoising steps: one row per seed
     try:
         for s in steps:
-            cfg = gen if s == "ar" else replace(gen, steps=s)
+            cfg = gen
             if s != "ar":
+                cfg = replace(gen, steps=s)
                 cfg.validate()
             per_seed = {}
             for seed in seeds:
