@@ -167,7 +167,7 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_evaluate(argv: list[str]) -> int:
     from .data import load_examples
     from .evaluate import EvalRunConfig, evaluate_model, format_table, resolve_model_path
-    from .models.loading import build_model
+    from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
 
     argv = _aliases(argv, {"--model": "--model.name_or_path", "--task": "--data.task",
@@ -181,7 +181,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     cfg = load_config(EvalRunConfig, config, rest)
     run_dir = Path(cfg.model.name_or_path)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
-    model, tok = build_model(cfg.model)
+    model, tok = load_for_inference(cfg.model)  # a causal checkpoint is evaluated as an AR model
     model.to(_device(cfg.device))
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     examples = load_examples(cfg.data, "eval")

@@ -22,6 +22,7 @@ import torch
 
 from .config import field
 from .data import DataConfig, format_prompt
+from .models.autoregressive import CausalLM
 from .models.backbone import DiffusionModel
 from .models.loading import ModelConfig
 from .sampling import GenerationConfig, decode_responses, generate
@@ -68,8 +69,8 @@ def score_completions(task: Task, examples: Sequence[Example], completions: Sequ
     return rows
 
 
-def _generate_all(model: DiffusionModel, tokenizer, prompts: list[list[int]], gen: GenerationConfig, seed: int,
-                  progress: bool, desc: str) -> list[str]:
+def _generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig,
+                  seed: int, progress: bool, desc: str) -> list[str]:
     from tqdm.auto import tqdm
 
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -81,8 +82,12 @@ def _generate_all(model: DiffusionModel, tokenizer, prompts: list[list[int]], ge
     bs = gen.batch_size
     for start in tqdm(range(0, len(order), bs), desc=desc, disable=not progress, unit="batch", leave=False):
         idx = order[start:start + bs]
-        res = generate(model, [prompts[i] for i in idx], gen, generator=g)
-        for i, t in zip(idx, decode_responses(tokenizer, res.responses)):
+        batch = [prompts[i] for i in idx]
+        if isinstance(model, CausalLM):  # left-to-right sampling from the global RNG seeded above
+            responses = model.generate_responses(batch, gen)
+        else:
+            responses = generate(model, batch, gen, generator=g).responses
+        for i, t in zip(idx, decode_responses(tokenizer, responses)):
             texts[i] = t
     out = [texts[i] for i in range(len(prompts))]
     return out
@@ -100,10 +105,12 @@ def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: Genera
     return ids
 
 
-def evaluate_model(model: DiffusionModel, tokenizer, task: Task, examples: Sequence[Example], gen: GenerationConfig,
-                   steps: Sequence[int], seeds: Sequence[int], *, output_dir: str | Path | None = None,
-                   prompt_format: str = "plain", progress: bool = True, model_name: str = "") -> dict[str, Any]:
-    """Evaluate at every (steps, seed); returns and (optionally) writes the metrics."""
+def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, examples: Sequence[Example],
+                   gen: GenerationConfig, steps: Sequence[int], seeds: Sequence[int], *,
+                   output_dir: str | Path | None = None, prompt_format: str = "plain", progress: bool = True,
+                   model_name: str = "") -> dict[str, Any]:
+    """Evaluate at every (steps, seed); returns and (optionally) writes the metrics. A ``CausalLM`` is
+    sampled left to right (``gen.gen_length`` new tokens at ``gen.temperature``) under the step key "ar"."""
     if not examples:
         raise ValueError("no evaluation examples")
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -116,10 +123,14 @@ def evaluate_model(model: DiffusionModel, tokenizer, task: Task, examples: Seque
         gen_file = open(out_dir / "generations.jsonl", "w")
     if gen.temperature == 0 and gen.remasking == "low_confidence" and len(seeds) > 1:
         log.info("greedy low-confidence decoding is deterministic: all seeds give the same result")
+    if isinstance(model, CausalLM):
+        steps = ["ar"]  # an autoregressive model has no denoising steps: one row per seed
     try:
         for s in steps:
-            cfg = replace(gen, steps=s)
-            cfg.validate()
+            cfg = gen
+            if s != "ar":
+                cfg = replace(gen, steps=s)
+                cfg.validate()
             per_seed = {}
             for seed in seeds:
                 t0 = time.time()

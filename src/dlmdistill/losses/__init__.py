@@ -1,5 +1,10 @@
 """Pure loss functions with documented shapes, one module per family."""
 
 from .diffusion import masked_diffusion_loss, masked_token_stats, token_nll
+from .kd import kl_per_row, logit_kd_loss, tempered_log_probs
+from .selffusion import (DirectionDecision, bidirectional_kd_loss, choose_direction, direction_from_stats,
+                         distillation_positions, mode_loss_weights, selffusion_diagnostics)
 
-__all__ = ["token_nll", "masked_diffusion_loss", "masked_token_stats"]
+__all__ = ["token_nll", "masked_diffusion_loss", "masked_token_stats", "tempered_log_probs", "kl_per_row",
+           "logit_kd_loss", "DirectionDecision", "choose_direction", "direction_from_stats", "bidirectional_kd_loss",
+           "distillation_positions", "mode_loss_weights", "selffusion_diagnostics"]

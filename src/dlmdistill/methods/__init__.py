@@ -12,6 +12,11 @@ from typing import Any, Callable
 #: method name -> (module, run-config class name, one-line description)
 METHODS: dict[str, tuple[str, str, str]] = {
     "sft": ("dlmdistill.methods.sft", "SFTRunConfig", "masked-diffusion supervised fine-tuning"),
+    "selffusion": ("dlmdistill.methods.selffusion", "SelfFusionRunConfig",
+                   "self-distillation between easy and hard masking (SelfFusion)"),
+    "kd": ("dlmdistill.methods.kd", "KDRunConfig", "logit-level KD from a DLM or autoregressive teacher"),
+    "seqkd": ("dlmdistill.methods.seqkd", "SeqKDRunConfig", "sequence-level KD: SFT on teacher-generated responses"),
+    "ar-sft": ("dlmdistill.methods.ar_sft", "ARSFTRunConfig", "causal-LM SFT of an autoregressive model (LLM baselines)"),
 }
 
 

@@ -1,0 +1,168 @@
+"""Logit-level KD into a DLM student (the paper's "Logit-level KD" rows, Tables 1, 4, 7).
+
+The student is trained with ``ce_weight * L_diff + kd_weight * L_kd`` where ``L_kd`` is the mean,
+over the student's masked positions, of ``T^2 * KL(P_teacher,T || P_student,T)`` (forward KL by
+default; ``divergence: reverse`` for ``KL(student || teacher)``). The teacher is frozen, in eval
+mode, on the student's device, and its LM head is computed only where it is needed:
+
+* a **DLM teacher** sees exactly the student's noisy input and predicts the same masked positions;
+* an **AR teacher** sees the clean sequence; for a masked position ``i`` it contributes its
+  next-token distribution computed at ``i - 1``, i.e. token ``i`` given the clean prefix ``y_<i``
+  (``CausalLM.forward``). By default the KD term skips the trailing EOS padding of the response
+  (positions after its first EOS): there the AR teacher would condition on a prefix ending in EOS,
+  which it never saw in training (``ar_skip_eos_padding``); the CE term still trains them.
+
+Logits are compared id by id, so the teacher's tokenizer must agree with the student's on every
+teacher token (checked; the error names both). When the vocabularies differ in size (a DLM
+student adds a mask token to an AR vocabulary), the KL runs over the first
+``min(V_student, V_teacher)`` ids, both distributions renormalised there; the student's extra ids
+are trained by ``L_diff`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..config import field
+from ..diffusion import EPS, forward_process
+from ..flops import ModelShape, PassCounter
+from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
+from ..losses.kd import Divergence, logit_kd_loss
+from ..losses.selffusion import ModeNormalization, mode_loss_weights
+from ..models.autoregressive import CausalLM
+from ..models.backbone import DiffusionModel
+from ..training.trainer import Trainer
+from .common import finish, prepare, run_config_class, write_run_metadata
+from .distillation import TeacherKind, check_same_tokenizer, load_teacher, write_costs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KDConfig:
+    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
+    teacher_type: TeacherKind = field("auto", help="'dlm' (sees the student's noisy input), 'ar' (next-token "
+                                      "distribution from the clean prefix) or 'auto' (detect from the checkpoint)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
+    kd_weight: float = field(1.0, help="weight of the KD term")
+    ce_weight: float = field(1.0, help="weight of the masked-diffusion cross-entropy on the ground truth")
+    temperature: float = field(1.0, help="KD temperature T (the loss is scaled by T^2)")
+    divergence: Divergence = field("forward", help="'forward': KL(teacher || student); "
+                                   "'reverse': KL(student || teacher)")
+    normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
+                                             "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
+    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+    ar_skip_eos_padding: bool = field(True, help="AR teacher: no KD at the EOS padding after the response's first "
+                                      "EOS (the teacher never continued past an EOS in training)")
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.kd_weight < 0 or self.ce_weight < 0:
+            raise ValueError("kd_weight and ce_weight must be >= 0")
+
+
+KDRunConfig = run_config_class("KDRunConfig", KDConfig, "Configuration of a logit-level KD run (DLM student).")
+
+
+@torch.no_grad()
+def teacher_logits(teacher: DiffusionModel | CausalLM, input_ids: torch.Tensor, noisy_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at ``positions`` ([B, L] bool, a subset of the student's masked positions),
+    [N, V_teacher], rows aligned with ``student(noisy_ids, positions=positions)``.
+
+    input_ids: [B, L] clean ids; noisy_ids: [B, L], the student's input. A ``DiffusionModel`` teacher
+    reads ``noisy_ids``; a ``CausalLM`` teacher reads the clean ids, so row n is its distribution of
+    token i given ``y_<i``.
+    """
+    if isinstance(teacher, CausalLM):
+        return teacher(input_ids, attention_mask, positions=positions)
+    return teacher(noisy_ids, attention_mask, positions=positions)
+
+
+def eos_padding(input_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, L] bool: response positions after the response's first EOS (the trained EOS padding)."""
+    eos = (input_ids == eos_id) & response_mask
+    return response_mask & ((eos.long().cumsum(dim=1) - eos.long()) > 0)
+
+
+class KDTrainer(Trainer):
+    """Logit KD. ``teacher`` is a frozen ``DiffusionModel`` or ``CausalLM`` (``distillation.load_teacher``)."""
+
+    method_name = "kd"
+
+    def __init__(self, *args: Any, teacher: DiffusionModel | CausalLM, method: KDConfig | None = None,
+                 **kwargs: Any):
+        self.method = method or KDConfig(teacher="(in memory)")
+        self.teacher = teacher
+        self.passes = {"student": PassCounter(), "teacher": PassCounter(), "teacher_sft": PassCounter()}
+        super().__init__(*args, **kwargs)
+
+    def setup_model(self, model: DiffusionModel) -> None:
+        self.teacher.to(self.accelerator.device).eval().requires_grad_(False)
+        if isinstance(self.teacher, DiffusionModel) and self.teacher.mask_id != model.mask_id:
+            raise ValueError(f"the DLM teacher's mask id ({self.teacher.mask_id}) differs from the student's "
+                             f"({model.mask_id}): a DLM teacher must read the student's noisy input")
+
+    def compute_loss(self, model, batch):
+        cfg = self.method
+        ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        noised = forward_process(ids, resp, self.unwrapped.mask_id, eps=cfg.eps)
+        logits = model(noised.noisy_ids, attn, positions=noised.masked)
+        targets = ids[noised.masked]
+        weights = mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)[noised.masked]
+        ce = masked_diffusion_loss(logits, targets, weights)
+        kd_pos, s_logits = noised.masked, logits
+        if isinstance(self.teacher, CausalLM) and cfg.ar_skip_eos_padding:
+            kd_pos = noised.masked & ~eos_padding(ids, resp, self.tokenizer.eos_token_id)
+            s_logits = logits[kd_pos[noised.masked]]
+        with self.accelerator.autocast():
+            t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, kd_pos)
+        v = min(s_logits.shape[-1], t_logits.shape[-1])
+        kd = logit_kd_loss(t_logits[:, :v], s_logits[:, :v], cfg.temperature, cfg.divergence)
+        loss = cfg.ce_weight * ce + cfg.kd_weight * kd
+        metrics = {"loss/ce": float(ce.detach()), "loss/kd": float(kd.detach()),
+                   "mask_ratio": float(noised.masked.sum() / resp.sum().clamp(min=1)),
+                   **masked_token_stats(logits.detach(), targets)}
+        if t_logits.shape[0]:
+            metrics.update({f"teacher/{k}": x for k, x in masked_token_stats(t_logits.float(), ids[kd_pos]).items()})
+            metrics["kd/top1_agreement"] = float((t_logits.argmax(-1) == s_logits.detach().argmax(-1)).float().mean())
+        metrics["kd/frac_of_masked"] = t_logits.shape[0] / max(targets.numel(), 1)
+        b, length = ids.shape
+        n = int(noised.masked.sum())
+        self.passes["student"].add(b, length, n)
+        self.passes["teacher"].add(b, length, t_logits.shape[0])
+        # SFT of the teacher itself: a DLM's head at the masked positions, an AR model's at every response token
+        self.passes["teacher_sft"].add(b, length, int(resp.sum()) if isinstance(self.teacher, CausalLM) else n)
+        return loss, metrics
+
+    def cost_rows(self) -> dict[str, dict[str, float]]:
+        """FLOPs per micro-batch: SFT of the student, KD (student training + teacher forward), and training
+        the teacher on the same batches (Table 2's "teacher training": full fine-tuning assumed)."""
+        student = ModelShape.of(self.unwrapped)
+        teacher = ModelShape.of(self.teacher)
+        kind = "lora" if self.unwrapped.is_peft else "train"
+        sft = self.passes["student"].flops_per_micro_batch(student, kind)
+        return {"sft": {"student_training": sft},
+                "kd": {"student_training": sft + self.passes["teacher"].flops_per_micro_batch(teacher, "frozen"),
+                       "teacher_training": self.passes["teacher_sft"].flops_per_micro_batch(teacher, "train")}}
+
+
+def run(cfg: Any) -> dict[str, float]:
+    """Train a DLM student with logit-level KD; returns the final evaluation metrics."""
+    prep = prepare(cfg)
+    m = cfg.method
+    teacher, teacher_tok = load_teacher(m.teacher, m.teacher_type, dtype=m.teacher_dtype)
+    check_same_tokenizer(prep.tokenizer, teacher_tok, cfg.model.tokenizer or cfg.model.name_or_path, m.teacher)
+    trainer = KDTrainer(prep.model, prep.tokenizer, prep.train_items, cfg.training, collate_fn=prep.collator,
+                        evaluator=prep.evaluator, run_config=cfg, method=m, teacher=teacher)
+    write_run_metadata(cfg, prep.tokenizer, KDTrainer.method_name, trainer.accelerator)
+    metrics = trainer.train()
+    write_costs(trainer, trainer.cost_rows())
+    return finish(trainer, metrics)

@@ -1,0 +1,225 @@
+"""SelfFusion: self-distillation between an easy and a hard masking of the same response.
+
+Per training example (paper Sec. 3, appendix A.3): a hard copy masked with ``t_h ~ U(0, 1)`` and an
+easy copy masked with ``t_e ~ U(0, t_h)``, positions drawn independently for the two. Both copies
+go through the model in ONE forward pass (a 2B batch); the easy half passes through the
+calibration RMSNorm (``DiffusionModel.add_calibration``) between the final hidden state and the LM
+head, which is trained and checkpointed with the run but never used at inference nor exported.
+The LM head is computed only at each copy's masked positions (plus the distillation set D when D
+is "either"). Loss (eq. 7): ``L_diff(hard) + L_diff(easy) + kd_weight * L_bkd``; see
+``losses.selffusion`` for the terms and the direction rule.
+
+Diagnostics, logged with the loss (``logs.jsonl``): per mode ``{easy,hard}/masked_acc``,
+``/p_true`` (mean probability of the ground truth on the mode's own masked positions) and
+``/mask_ratio``; on D ``kd/frac_*`` (per direction and per correctness case) and
+``kd/easy_top1_both_{correct,wrong}`` (the easy mode's mean top-1 probability), with ``_uncal``
+variants without the calibration RMSNorm every ``uncalibrated_diagnostics_every`` micro-batches.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..config import field
+from ..diffusion import EPS, NoisedBatch, apply_mask, sample_t
+from ..flops import ModelShape, PassCounter
+from ..losses.diffusion import token_nll
+from ..losses.selffusion import (DirectionRule, DistillPositions, ModeNormalization, bidirectional_kd_loss,
+                                 direction_from_stats, distillation_positions, mode_loss_weights,
+                                 selffusion_diagnostics)
+from ..models.backbone import DiffusionModel
+from ..training.trainer import Trainer
+from .common import finish, prepare, run_config_class, write_run_metadata
+from .distillation import write_costs
+
+
+@dataclass
+class SelfFusionConfig:
+    direction: DirectionRule = field("bidirectional", help="distillation direction: 'bidirectional' (per token, "
+                                     "eq. 1), or the Table 3 ablations 'easy_to_hard' / 'hard_to_easy'")
+    calibration: bool = field(True, help="RMSNorm logit calibration on the easy mode (false: the 'w/o RMSNorm' "
+                              "ablation)")
+    kd_weight: float = field(1.0, help="weight of L_bkd (paper: 1; 0 = two diffusion losses only)")
+    temperature: float = field(1.0, help="KD temperature T (the direction is always decided at T = 1)")
+    distill_positions: DistillPositions = field("both", help="distillation set D: response positions masked in "
+                                                "'both' modes (default) or in 'either' mode")
+    normalization: ModeNormalization = field("masked", help="each L_diff: 'masked' = mean over the mode's masked "
+                                             "positions of -log p / q (paper eq. 3-4); 'token' = sum / response "
+                                             "tokens (SMDM SFT); 'sequence' = per-sample mean (LLaDA)")
+    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+    uncalibrated_diagnostics_every: int = field(10, help="every N micro-batches also log the easy mode's top-1 "
+                                                "probabilities without calibration (one extra no-grad LM-head "
+                                                "pass over D); 0 = never")
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.kd_weight < 0:
+            raise ValueError("kd_weight must be >= 0")
+        if self.uncalibrated_diagnostics_every < 0:
+            raise ValueError("uncalibrated_diagnostics_every must be >= 0")
+
+
+SelfFusionRunConfig = run_config_class("SelfFusionRunConfig", SelfFusionConfig,
+                                       "Configuration of a SelfFusion run (self-distillation between masking levels).")
+
+
+def sample_modes(input_ids: torch.Tensor, response_mask: torch.Tensor, mask_id: int, *, eps: float = EPS,
+                 generator: torch.Generator | None = None) -> tuple[NoisedBatch, NoisedBatch]:
+    """The easy and hard copies of a batch (appendix A.3): ``t_h ~ U(0, 1)``, ``t_e ~ U(0, t_h)`` per
+    sequence, so ``p_mask(t_e) <= p_mask(t_h)``; masked positions drawn independently per mode.
+
+    input_ids, response_mask: [B, L]. Returns ``(easy, hard)``.
+    """
+    b = input_ids.shape[0]
+    t_hard = sample_t(b, device=input_ids.device, generator=generator)
+    t_easy = sample_t(b, device=input_ids.device, generator=generator, high=t_hard)
+    hard = apply_mask(input_ids, response_mask, t_hard, mask_id, eps=eps, generator=generator)
+    easy = apply_mask(input_ids, response_mask, t_easy, mask_id, eps=eps, generator=generator)
+    return easy, hard
+
+
+@contextmanager
+def uncalibrated_logits(model: DiffusionModel, rows: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture, during the next forward, the LM head's logits *without* calibration at ``rows``.
+
+    rows: [K] indices into the rows the forward gathers (``positions`` in row-major order). A pre-hook
+    on the calibration module applies the head (no grad) to its input at those rows, inside the
+    forward, so it also works when the model is wrapped (DDP/FSDP). The yielded dict gets ``"logits"``
+    ([K, V]) once the forward has run.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        with torch.no_grad():
+            store["logits"] = model.head()(args[0][rows].detach())
+
+    handle = model.calibration.register_forward_pre_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@dataclass
+class SelfFusionStep:
+    """One batch's result.
+
+    loss: ``terms["diff_hard"] + terms["diff_easy"] + kd_weight * terms["kd"]`` (scalar).
+    terms: the loss terms with their graphs (``"kd"`` only when ``kd_weight > 0``).
+    metrics: diagnostics for the logs.
+    head_rows / sft_head_rows: LM-head rows of this pass and of an SFT pass on the hard copy (costs).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    head_rows: int
+    sft_head_rows: int
+
+
+def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dict[str, torch.Tensor],
+                          config: SelfFusionConfig, *, calibrated: bool, uncalibrated_diagnostics: bool = False,
+                          generator: torch.Generator | None = None) -> SelfFusionStep:
+    """SelfFusion's loss on one collated batch (``data.DiffusionCollator`` layout).
+
+    model: what to call (possibly the Accelerate-wrapped model); dm: the unwrapped ``DiffusionModel``
+    behind it (mask id, calibration module, head).
+
+    Cost: one forward over the 2B copies with the LM head at ``N = N_easy + N_hard`` rows; one
+    cross-entropy over all N rows gives both diffusion losses and the ``p(y)`` / correctness the
+    direction rule needs; the D rows of both modes are gathered once ([2|D|, V]) for the KD.
+    """
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    b = ids.shape[0]
+    easy, hard = sample_modes(ids, resp, dm.mask_id, eps=config.eps, generator=generator)
+    distill = distillation_positions(easy.masked, hard.masked, config.distill_positions)
+    # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
+    pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
+    n_easy = int(pos_easy.sum())
+    kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0],
+                         n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])  # easy D rows, then hard D rows
+    calibrate = torch.arange(2 * b, device=ids.device) < b if calibrated else None
+    want_uncal = calibrated and uncalibrated_diagnostics
+    capture = uncalibrated_logits(dm, kd_rows[: kd_rows.shape[0] // 2]) if want_uncal else nullcontext({})
+    with capture as captured:
+        logits = model(torch.cat([easy.noisy_ids, hard.noisy_ids]), torch.cat([attn, attn]),
+                       positions=torch.cat([pos_easy, pos_hard]), calibrate=calibrate)
+
+    # per gathered row: ground truth, NLL, correctness, and the mode's L_diff weight (0 off its mask)
+    targets = torch.cat([ids[pos_easy], ids[pos_hard]])
+    nll = token_nll(logits, targets)
+    correct = logits.detach().argmax(dim=-1) == targets
+    weights = torch.cat([mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[pos]
+                         for m, pos in ((easy, pos_easy), (hard, pos_hard))])
+    weighted = weights * nll
+    in_mask = torch.cat([easy.masked[pos_easy], hard.masked[pos_hard]])
+    mode_rows = {"easy": slice(0, n_easy), "hard": slice(n_easy, logits.shape[0])}
+    terms = {f"diff_{m}": weighted[rows].sum() for m, rows in mode_rows.items()}
+    metrics: dict[str, float] = {}
+    for m, noised in (("easy", easy), ("hard", hard)):
+        own = in_mask[mode_rows[m]]
+        if own.any():
+            metrics[f"{m}/masked_acc"] = float(correct[mode_rows[m]][own].float().mean())
+            metrics[f"{m}/p_true"] = float(torch.exp(-nll[mode_rows[m]][own].detach()).mean())
+        metrics[f"{m}/mask_ratio"] = float(noised.masked.sum() / resp.sum().clamp(min=1))
+
+    easy_d, hard_d = logits[kd_rows].chunk(2)
+    e_rows, h_rows = kd_rows.chunk(2)
+    p_true = torch.exp(-nll.detach())
+    decision = direction_from_stats(correct[e_rows], correct[h_rows], p_true[e_rows], p_true[h_rows],
+                                    config.direction)
+    loss = terms["diff_hard"] + terms["diff_easy"]
+    if config.kd_weight > 0:
+        terms["kd"] = bidirectional_kd_loss(easy_d, hard_d, decision.easy_teaches, config.temperature)
+        loss = loss + config.kd_weight * terms["kd"]
+    metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
+    metrics["kd/frac_of_response"] = float(distill.sum() / resp.sum().clamp(min=1))
+    metrics.update(selffusion_diagnostics(easy_d.detach(), hard_d.detach(), decision, captured.get("logits")))
+    return SelfFusionStep(loss=loss, terms=terms, metrics=metrics, head_rows=logits.shape[0],
+                          sft_head_rows=int(hard.masked.sum()))
+
+
+class SelfFusionTrainer(Trainer):
+    method_name = "selffusion"
+
+    def __init__(self, *args: Any, method: SelfFusionConfig | None = None, **kwargs: Any):
+        self.method = method or SelfFusionConfig()
+        self.passes = {"sft": PassCounter(), "selffusion": PassCounter()}
+        self.micro_batches = 0
+        super().__init__(*args, **kwargs)
+
+    def setup_model(self, model: DiffusionModel) -> None:
+        if self.method.calibration and model.calibration is None:
+            model.add_calibration()
+
+    def compute_loss(self, model, batch):
+        every = self.method.uncalibrated_diagnostics_every
+        step = selffusion_batch_loss(model, self.unwrapped, batch, self.method, calibrated=self.method.calibration,
+                                     uncalibrated_diagnostics=every > 0 and self.micro_batches % every == 0)
+        self.micro_batches += 1
+        b, length = batch["input_ids"].shape
+        self.passes["sft"].add(b, length, step.sft_head_rows)
+        self.passes["selffusion"].add(2 * b, length, step.head_rows)
+        return step.loss, step.metrics
+
+    def cost_rows(self) -> dict[str, dict[str, float]]:
+        """FLOPs per micro-batch: this run, and SFT on the same batches (one copy, hard-mode masking)."""
+        shape = ModelShape.of(self.unwrapped)
+        kind = "lora" if self.unwrapped.is_peft else "train"
+        return {name: {"student_training": c.flops_per_micro_batch(shape, kind)} for name, c in self.passes.items()}
+
+
+def run(cfg: Any) -> dict[str, float]:
+    """Train with SelfFusion; returns the final evaluation metrics."""
+    prep = prepare(cfg)
+    trainer = SelfFusionTrainer(prep.model, prep.tokenizer, prep.train_items, cfg.training, collate_fn=prep.collator,
+                                evaluator=prep.evaluator, run_config=cfg, method=cfg.method)
+    write_run_metadata(cfg, prep.tokenizer, SelfFusionTrainer.method_name, trainer.accelerator)
+    metrics = trainer.train()
+    write_costs(trainer, trainer.cost_rows())
+    return finish(trainer, metrics)

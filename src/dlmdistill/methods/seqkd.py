@@ -1,0 +1,160 @@
+"""Sequence-level KD (Kim & Rush 2016): masked-diffusion SFT on teacher-generated responses.
+
+1. The teacher answers every training prompt: a DLM teacher with the diffusion sampler (the
+   paper uses 64 steps for its DLM teacher: ``method.generation.steps``), an AR teacher by
+   left-to-right sampling (transformers ``generate``; greedy at temperature 0). The responses are
+   appended, batch by batch, to ``<output_dir>/seqkd_data.jsonl`` (``index``, ``prompt``,
+   ``response``); a run that finds the file reuses it and generates only what is missing, so an
+   interrupted run resumes without regenerating.
+2. The student is trained with the ``sft`` recipe on (prompt, teacher response) pairs.
+
+Generation runs on the main process (the others wait), before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..config import field
+from ..data import DataError, encode_prompt, tokenize_examples
+from ..evaluate import _generate_all
+from ..flops import ModelShape, PassCounter
+from ..models.autoregressive import CausalLM
+from ..models.backbone import DiffusionModel
+from ..sampling import GenerationConfig
+from .common import finish, prepare, run_config_class, write_run_metadata
+from .distillation import TeacherKind, load_teacher, write_costs
+from .sft import SFTConfig, SFTTrainer
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "seqkd_data.jsonl"
+
+
+@dataclass
+class SeqKDConfig:
+    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
+    teacher_type: TeacherKind = field("auto", help="'dlm', 'ar' or 'auto' (detect from the checkpoint)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=64),
+                                         help="teacher sampling: gen_length new tokens; steps/block_length/"
+                                         "remasking for a DLM teacher (paper: 64 steps); temperature (0 = greedy)")
+    seed: int = field(0, help="sampling seed of the teacher (each chunk of prompts uses seed + chunk index)")
+    chunk_size: int = field(256, help="prompts generated between two appends to the data file")
+    sft: SFTConfig = field(default_factory=SFTConfig, help="options of the SFT stage")
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+
+
+SeqKDRunConfig = run_config_class("SeqKDRunConfig", SeqKDConfig,
+                                  "Configuration of a sequence-level KD run (SFT on teacher responses).")
+
+
+def read_responses(path: Path, prompts: Sequence[str]) -> list[str]:
+    """The responses already in ``path`` for the first prompts of ``prompts`` (a torn last line is
+    dropped). Raises if the file was generated for other prompts."""
+    out: list[str] = []
+    if not path.exists():
+        return out
+    for n, line in enumerate(path.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # an interrupted append; regenerated from here
+        if n >= len(prompts) or rec.get("index") != n or rec.get("prompt") != prompts[n]:
+            raise DataError(f"{path}:{n + 1}: generated for a different prompt list; delete the file or use "
+                            f"another training.output_dir")
+        out.append(rec["response"])
+    return out
+
+
+def generate_teacher_responses(teacher: DiffusionModel | CausalLM, tokenizer, prompts: Sequence[str],
+                               gen: GenerationConfig, path: Path, *, prompt_format: str = "plain", seed: int = 0,
+                               chunk_size: int = 256) -> list[str]:
+    """The teacher's response to every prompt, generated in chunks of ``chunk_size`` prompts (chunk c
+    sampled with seed ``seed + c``) and appended to the JSONL ``path``; complete chunks already in the
+    file are reused, so an interrupted run gives the same file as an uninterrupted one."""
+    done = read_responses(path, prompts)
+    if len(done) < len(prompts):
+        done = done[: len(done) // chunk_size * chunk_size]  # a partly written chunk is redone whole
+        log.info("seqkd: generating %d teacher responses into %s (%d reused)", len(prompts) - len(done), path,
+                 len(done))
+    with open(path, "w") as f:  # keep the reusable prefix only
+        f.writelines(_record(i, prompts[i], r) for i, r in enumerate(done))
+    for start in range(len(done), len(prompts), chunk_size):
+        ids = [encode_prompt(tokenizer, p, prompt_format) for p in prompts[start:start + chunk_size]]
+        texts = _generate_all(teacher, tokenizer, ids, gen, seed + start // chunk_size, False, "teacher")
+        with open(path, "a") as f:
+            f.writelines(_record(i, prompts[i], t) for i, t in enumerate(texts, start=start))
+        done.extend(texts)
+    return done
+
+
+def _record(index: int, prompt: str, response: str) -> str:
+    return json.dumps({"index": index, "prompt": prompt, "response": response}) + "\n"
+
+
+class SeqKDTrainer(SFTTrainer):
+    """The SFT trainer, with its passes counted for the cost table."""
+
+    method_name = "seqkd"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.passes = {"student": PassCounter(), "ar_teacher_sft": PassCounter()}
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, batch):
+        loss, metrics = super().compute_loss(model, batch)
+        b, length = batch["input_ids"].shape
+        responses = int(batch["response_mask"].sum())
+        self.passes["student"].add(b, length, round(metrics["mask_ratio"] * responses))
+        self.passes["ar_teacher_sft"].add(b, length, responses)
+        return loss, metrics
+
+    def cost_rows(self, teacher: ModelShape, teacher_is_ar: bool) -> dict[str, dict[str, float]]:
+        """SFT of the student, and seq-KD = that + training the teacher on the same batches (the
+        student's token counts; teacher generation excluded, as in the paper's Table 2)."""
+        kind = "lora" if self.unwrapped.is_peft else "train"
+        sft = self.passes["student"].flops_per_micro_batch(ModelShape.of(self.unwrapped), kind)
+        teacher_passes = self.passes["ar_teacher_sft" if teacher_is_ar else "student"]
+        return {"sft": {"student_training": sft},
+                "seqkd": {"student_training": sft,
+                          "teacher_training": teacher_passes.flops_per_micro_batch(teacher, "train")}}
+
+
+def run(cfg: Any) -> dict[str, float]:
+    """Generate teacher responses for the training prompts (or reuse them), then SFT the student on them."""
+    from accelerate import PartialState
+
+    m = cfg.method
+    out = Path(cfg.training.output_dir)
+    prep = prepare(cfg)
+    state = PartialState()
+    teacher, teacher_tok = load_teacher(m.teacher, m.teacher_type, dtype=m.teacher_dtype, device=state.device)
+    teacher_shape, teacher_is_ar = ModelShape.of(teacher), isinstance(teacher, CausalLM)
+    prompts = [ex.prompt for ex in prep.train_examples]
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        generate_teacher_responses(teacher, teacher_tok, prompts, m.generation, out / DATA_FILE,
+                                   prompt_format=cfg.data.prompt_format, seed=m.seed, chunk_size=m.chunk_size)
+    state.wait_for_everyone()
+    del teacher
+    responses = read_responses(out / DATA_FILE, prompts)
+    examples = [dataclasses.replace(ex, target=r) for ex, r in zip(prep.train_examples, responses)]
+    items = tokenize_examples(examples, prep.tokenizer, max_length=cfg.data.max_length,
+                              prompt_format=cfg.data.prompt_format)
+    trainer = SeqKDTrainer(prep.model, prep.tokenizer, items, cfg.training, collate_fn=prep.collator,
+                           evaluator=prep.evaluator, run_config=cfg, method=m.sft)
+    write_run_metadata(cfg, prep.tokenizer, SeqKDTrainer.method_name, trainer.accelerator)
+    metrics = trainer.train()
+    write_costs(trainer, trainer.cost_rows(teacher_shape, teacher_is_ar))
+    return finish(trainer, metrics)
