@@ -13,7 +13,7 @@ from dlmdistill.models import ModelConfig, build_model, char_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DLMDISTILL_SHARED", ROOT.parent / "shared"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tests are small: one thread is faster and fair to a shared machine
 
 
 @pytest.fixture

@@ -66,6 +66,11 @@ def format_prompt(tokenizer, prompt: str, fmt: str = "plain") -> str:
     return prompt
 
 
+def encode_prompt(tokenizer, prompt: str, fmt: str = "plain") -> list[int]:
+    """Token ids of the formatted prompt (no special tokens added)."""
+    return tokenizer(format_prompt(tokenizer, prompt, fmt), add_special_tokens=False).input_ids
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, prompt_format: str = "plain",
                       require_target: bool = True) -> list[dict[str, Any]]:
     """Token ids for each example: ``{"prompt_ids", "response_ids", "index"}``; responses end with EOS."""

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import field
-from .data import DataConfig, format_prompt
+from .data import DataConfig, encode_prompt
 from .models.autoregressive import CausalLM
 from .models.backbone import DiffusionModel
 from .models.loading import ModelConfig
@@ -97,7 +97,7 @@ def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: Genera
                    ) -> list[list[int]]:
     ids = []
     for i, ex in enumerate(examples):
-        x = tokenizer(format_prompt(tokenizer, ex.prompt, fmt), add_special_tokens=False).input_ids
+        x = encode_prompt(tokenizer, ex.prompt, fmt)
         if limit is not None and len(x) + gen.gen_length > limit:
             raise ValueError(f"{ex.source or f'example {i}'}: prompt of {len(x)} tokens + gen_length {gen.gen_length} "
                              f"exceeds the model's {limit} positions")

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 
 from dlmdistill.data import DiffusionCollator
@@ -11,7 +10,6 @@ from dlmdistill.training import TrainingConfig
 from tests.methods.test_sft import reverse_items
 from tests.models.test_autoregressive import tiny_ar
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_covers_response_tokens_only_with_both_normalisations(tokenizer):

@@ -14,7 +14,6 @@ from tests.conftest import tiny_model
 from tests.methods.test_sft import reverse_items
 from tests.models.test_autoregressive import tiny_ar
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tl(teacher, ids, masked, mask_id):
@@ -27,7 +26,7 @@ def test_ar_teacher_row_for_position_i_depends_only_on_the_clean_prefix(tokenize
     teacher = tiny_ar(tokenizer)
     mask_id = tokenizer.mask_token_id
     ids = torch.randint(5, 30, (1, 12), generator=torch.Generator().manual_seed(0))
-    attn = torch.ones_like(ids)
+    torch.ones_like(ids)
     masked = torch.zeros_like(ids, dtype=torch.bool)
     masked[0, 6] = True  # the student's masked position i = 6
     ref = _tl(teacher, ids, masked, mask_id)

@@ -12,7 +12,6 @@ from dlmdistill.training import TrainingConfig, latest_checkpoint
 from tests.conftest import tiny_model
 from tests.methods.test_sft import reverse_items
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(tok, n=16):

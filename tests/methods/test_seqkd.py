@@ -11,7 +11,6 @@ from dlmdistill.training import TrainingConfig
 from tests.conftest import tiny_model
 from tests.models.test_autoregressive import tiny_ar
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [f"{w}=" for w in ("abc", "bca", "cab", "aab", "bba")]
 

@@ -116,7 +116,7 @@ def test_lora_checkpoint_holds_only_trainable_weights_and_resumes(tokenizer, tmp
         t.train()
         return t
 
-    t = run(tmp_path)
+    run(tmp_path)
     ckpt = latest_checkpoint(tmp_path)
     with safe_open(str(ckpt / "partial_model.safetensors"), "pt") as f:
         keys = list(f.keys())

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from dlmdistill.models import DiffusionModel, ModelConfig, build_model, load_model
-from tests.conftest import tiny_model
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
