@@ -15,7 +15,13 @@ Scores are floats:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
+
+#: Prompt styles of the reasoning tasks: ``"compact"`` is a one-line prompt for tiny
+#: character-level models trained from scratch, ``"d1"`` a natural-language instruction in the
+#: spirit of the d1 / d-OPSD prompts for pretrained instruction models.
+PromptStyle = Literal["compact", "d1"]
+PROMPT_STYLES: tuple[str, ...] = ("compact", "d1")
 
 
 @dataclass
@@ -70,3 +76,46 @@ class Task:
             return {"accuracy": 100.0 * sum(1.0 for s in scores if self.is_correct(s)) / n,
                     "mean_reward": sum(scores) / n}
         return {self.metric: sum(scores) / n}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the reasoning tasks
+
+
+def check_style(style: str) -> str:
+    """Validate a prompt style name and return it."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
+    return style
+
+
+def format_reasoning(reasoning: str, answer: str) -> str:
+    """The response format of every reasoning task, at training and at evaluation time:
+    ``<reasoning>...</reasoning><answer>...</answer>``."""
+    return f"<reasoning>{reasoning}</reasoning><answer>{answer}</answer>"
+
+
+_ANSWER_OPEN = "<answer>"
+_ANSWER_CLOSE = "</answer>"
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last ``<answer>`` block, stripped, or None if there is none.
+
+    A final block that was opened but never closed (generation ran out of tokens) still counts:
+    its content runs to the end of the text.
+    """
+    start = text.rfind(_ANSWER_OPEN)
+    if start < 0:
+        return None
+    content = text[start + len(_ANSWER_OPEN):]
+    end = content.find(_ANSWER_CLOSE)
+    return (content if end < 0 else content[:end]).strip()
+
+
+def last_line(text: str) -> str | None:
+    """The last non-empty line of ``text`` (stripped), or None: the fallback answer when a
+    completion has no ``<answer>`` block."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+

@@ -1,0 +1,166 @@
+import json
+from fractions import Fraction
+
+import pytest
+
+from dlmdistill.tasks.countdown import (CountdownTask, ExpressionError, check_answer, evaluate_expression,
+                                        example_key, generate_countdown, solve, solve_countdown)
+from dlmdistill.tasks.io import DataError
+
+NUMBERS, TARGET = [30, 100, 93], 23
+
+
+@pytest.mark.parametrize("answer", [
+    "(30+93)-100", "30+93-100", "93-(100-30)", "(93 - 100) + 30", "-100+93+30", "(30+93)-100 = 23",
+    "((30)+(93))-100", "30 + 93\n- 100",
+])
+def test_accepts_correct_expressions(answer):
+    assert check_answer(answer, NUMBERS, TARGET).correct
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("__import__('os')", "not allowed: Call"),
+    ("__import__('os').system('true')", "not allowed"),
+    ("x + 93 - 100", "not allowed: Name"),
+    ("abs(30) + 93 - 100", "not allowed: Call"),
+    ("(30).real + 93 - 100", "not allowed: Attribute"),
+    ("30**1 + 93 - 100", "not allowed: operator Pow"),
+    ("30//1 + 93 - 100", "not allowed: operator FloorDiv"),
+    ("30%31 + 93 - 100", "not allowed: operator Mod"),
+    ("+30 + 93 - 100", "not allowed: unary operator UAdd"),
+    ("30.0 + 93 - 100", "not allowed: literal 30.0"),
+    ("0x1e + 93 - 100", "not allowed: literal '0x1e'"),
+    ("3_0 + 93 - 100", "not allowed: literal '3_0'"),
+    ("[30, 93, 100]", "not allowed: List"),
+    ("30 + 93 - 100 == 23", "not allowed: Compare"),
+    ("lambda: 23", "not allowed: Lambda"),
+    ("30 +", "not an arithmetic expression"),
+    ("import os", "not an arithmetic expression"),
+    ("30 + 93 - 100; 1", "not an arithmetic expression"),
+    ("30 + 93 + 100", "value 223 is not the target 23"),
+    ("30 + 93 - 100 + 0", "numbers used"),          # extra number
+    ("123 - 100", "numbers used"),                  # missing number (30+93 precomputed)
+    ("30 + 93 - 100 + 30 - 30", "numbers used"),    # reused number
+    ("30 + 93 - 100 + 2.5", "not allowed: literal 2.5"),
+    ("30 / (100 - 100) + 93", "division by zero"),
+    ("30/(93-93)", "division by zero"),
+    ("(" * 300 + "1" + ")" * 300, "longer than"),
+    ("", "no answer"),
+])
+def test_rejects_anything_but_arithmetic_on_the_given_numbers(answer, reason):
+    result = check_answer(answer, NUMBERS, TARGET)
+    assert not result.correct
+    assert reason in result.reason
+
+
+def test_exact_rational_arithmetic():
+    assert evaluate_expression("1/3*3") == (Fraction(1), [1, 3, 3])
+    assert check_answer("(6/4)*2*2", [6, 4, 2, 2], 6).correct  # intermediate 3/2 is fine
+    assert not check_answer("7/2", [7, 2], 3).correct           # no integer division
+    with pytest.raises(ExpressionError):
+        evaluate_expression("print(1)")
+
+
+def test_score_parses_the_last_answer_block_with_last_line_fallback():
+    task = CountdownTask()
+    ex = task.example(solve(NUMBERS, TARGET))
+    assert task.score(ex, "<reasoning>30+93=123, 123-100=23</reasoning><answer>(30+93)-100</answer>") == 1.0
+    assert task.score(ex, "<answer>30+93+100</answer> then <answer>30+93-100</answer>") == 1.0
+    assert task.score(ex, "<answer>30+93-100</answer> then <answer>30+93+100</answer>") == 0.0
+    assert task.score(ex, "<answer>\n30+93-100\n") == 1.0          # unclosed final block
+    assert task.score(ex, "I think the answer is\n30+93-100\n") == 1.0  # last line
+    assert task.score(ex, "<answer>__import__('os')</answer>") == 0.0
+    details = task.details(ex, "<answer>30+93+100</answer>")
+    assert details == {"expression": "30+93+100", "value": "223", "numbers_used": [30, 93, 100],
+                       "reason": "value 223 is not the target 23"}
+    assert task.details(ex, "<answer>(30+93)-100</answer>")["reason"] is None
+
+
+def test_solver():
+    assert solve_countdown(NUMBERS, TARGET) == "(30+93)-100"
+    assert solve_countdown([2, 3, 4], 1000) is None
+    assert check_answer(solve_countdown([7, 2, 3], 17), [7, 2, 3], 17).correct
+    # needs a fractional intermediate: 6 / (1 - 3/4) = 24
+    expression = solve_countdown([6, 1, 3, 4], 24)
+    assert expression is not None and check_answer(expression, [6, 1, 3, 4], 24).correct
+
+
+def test_generator_is_deterministic_solvable_and_distinct():
+    a = generate_countdown(300, seed=7)
+    assert a == generate_countdown(300, seed=7)
+    assert a != generate_countdown(300, seed=8)
+    assert len({p.key for p in a}) == 300
+    for p in a:
+        assert len(p.numbers) == 3 and all(1 <= x <= 100 for x in p.numbers) and 1 <= p.target <= 100
+        assert check_answer(p.expression, list(p.numbers), p.target).correct
+        assert solve_countdown(p.numbers, p.target) is not None
+        # each step is "a op b = c" with a positive integer result, ending at the target
+        assert all(int(step.split("=")[1]) > 0 for step in p.steps)
+        assert int(p.steps[-1].split("=")[1]) == p.target
+
+
+def test_generator_respects_exclusions_and_ranges():
+    base = generate_countdown(50, seed=1, max_number=20, max_target=30)
+    again = generate_countdown(50, seed=1, max_number=20, max_target=30, exclude={p.key for p in base[:10]})
+    assert not {p.key for p in base[:10]} & {p.key for p in again}
+    assert all(max(p.numbers) <= 20 and p.target <= 30 for p in again)
+    with pytest.raises(ValueError, match="could not draw"):
+        generate_countdown(20, seed=0, max_number=2, max_target=3)  # at most 12 exist
+
+
+def test_training_target_format():
+    ex = CountdownTask().example(solve(NUMBERS, TARGET))
+    assert ex.prompt == "numbers: 30 100 93 target: 23\n"
+    assert ex.target == "<reasoning>30+93=123, 123-100=23</reasoning><answer>(30+93)-100</answer>"
+    assert CountdownTask().score(ex, ex.target) == 1.0
+    d1 = CountdownTask(style="d1").example(solve(NUMBERS, TARGET)).prompt
+    assert "30, 100, 93" in d1 and "23" in d1 and "<answer>" in d1 and "exactly once" in d1
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        CountdownTask(style="chatty")
+
+
+def test_generated_splits_are_disjoint():
+    task = CountdownTask(num_test=200)
+    test = task.load(split="test")
+    train = task.load(split="train", limit=3000, seed=0)
+    assert len(test) == 200 and len(train) == 3000
+    assert not {example_key(e) for e in test} & {example_key(e) for e in train}
+    assert task.load(split="train", limit=50, seed=0) == train[:50]   # deterministic
+    assert all(task.score(e, e.target) == 1.0 for e in train[:200] + test)
+
+
+def test_test_file_is_held_out_of_training(tmp_path):
+    f = tmp_path / "test.jsonl"
+    held = generate_countdown(400, seed=0)   # the training stream of seed 0: maximal overlap
+    f.write_text("".join(json.dumps({"input": ",".join(map(str, p.numbers)), "output": str(p.target)}) + "\n"
+                         for p in held))
+    task = CountdownTask(test_source=str(f))
+    test = task.load(split="test")
+    train = task.load(split="train", limit=1000, seed=0)
+    assert len(test) == 400 and test[0].source == f"{f}:1"
+    assert not {example_key(e) for e in test} & {example_key(e) for e in train}
+    # a training file is filtered the same way
+    assert task.load(str(f), split="train") == []
+
+
+def test_bad_records(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"input": "1,2,x", "output": "3"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1: numbers and target must be integers"):
+        CountdownTask().load(str(f))
+    g = tmp_path / "missing.jsonl"
+    g.write_text('{"nums": [1, 2, 3]}\n')
+    with pytest.raises(DataError, match="missing.jsonl:1: missing required field 'target' or 'output'"):
+        CountdownTask().load(str(g))
+    with pytest.raises(ValueError, match="unknown split"):
+        CountdownTask().load(split="dev")
+
+
+def test_d1_test_set(shared_data):
+    task = CountdownTask(test_source=str(shared_data / "countdown" / "countdown_cd3_test.jsonl"))
+    test = task.load(split="test")
+    assert len(test) == 256
+    assert test[0].meta == {"numbers": [30, 100, 93], "target": 23}
+    assert all(e.target is not None and task.score(e, e.target) == 1.0 for e in test)  # all solvable
+    train = task.load(split="train", limit=2000)
+    assert not {example_key(e) for e in test} & {example_key(e) for e in train}
