@@ -12,6 +12,8 @@ from typing import Any, Callable
 #: method name -> (module, run-config class name, one-line description)
 METHODS: dict[str, tuple[str, str, str]] = {
     "sft": ("dlmdistill.methods.sft", "SFTRunConfig", "masked-diffusion supervised fine-tuning"),
+    "dopsd": ("dlmdistill.methods.dopsd", "DOPSDRunConfig", "on-policy self-distillation from the self-future (d-OPSD)"),
+    "diffu-grpo": ("dlmdistill.methods.diffu_grpo", "DiffuGRPORunConfig", "d1's diffu-GRPO (RL with a verifier)"),
 }
 
 
