@@ -226,3 +226,29 @@ def test_short_countdown_run_logs_and_resumes(tmp_path, monkeypatch):
     b = load_file(str(latest_checkpoint(tmp_path / "ref") / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_toy_regeneration_from_the_self_teacher(tokenizer):
+    from dlmdistill.methods.dopsd import regenerate_from_self_teacher
+
+    model, tok = tiny_model(tokenizer)
+    examples = stub_examples(3)
+    report = regenerate_from_self_teacher(model, tok, StubTask(lambda i, c: float(i == 0)), examples, GEN,
+                                          rhos=(0.0, 0.5, 1.0), pass_k=2)
+    assert report["n"] == 3 and report["student"] == pytest.approx(100 / 3) and report["pass@2"] == pytest.approx(100 / 3)
+    outside_first_block = (GEN.gen_length - 4) / GEN.gen_length
+    assert report["revealed_fraction"] == pytest.approx({0.0: 0.0, 0.5: outside_first_block / 2,
+                                                         1.0: outside_first_block})
+    assert set(report["self_teacher"]) == {0.0, 0.5, 1.0}
+
+
+def test_overlap_is_one_when_the_teacher_sees_what_the_student_sees(tokenizer):
+    from dlmdistill.methods.dopsd import compare_teacher_overlap
+
+    model, tok = tiny_model(tokenizer)
+    task = StubTask(lambda i, c: 1.0)
+    same = compare_teacher_overlap(model, tok, task, stub_examples(2), GEN, rho=0.0, reference_template="{prompt}")
+    for name in ("self_future", "reference_prefix"):
+        assert same[name]["mean"] == pytest.approx(1.0) and len(same[name]["per_step"]) == GEN.steps
+    diff = compare_teacher_overlap(model, tok, task, stub_examples(2), GEN, rho=1.0, k=5)
+    assert 0.0 <= diff["self_future"]["mean"] <= 1.0 and 0.0 <= diff["reference_prefix"]["mean"] <= 1.0
