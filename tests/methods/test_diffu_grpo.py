@@ -9,7 +9,7 @@ from dlmdistill.methods.diffu_grpo import (DiffuGRPOConfig, DiffuGRPORunConfig, 
                                            token_logps)
 from dlmdistill.sampling import GenerationConfig
 from dlmdistill.training import latest_checkpoint
-from tests.conftest import tiny_model
+from tests.conftest import ROOT, tiny_model
 from tests.methods.stubs import StubTask, items_for, stub_examples, training_config
 
 GEN = GenerationConfig(gen_length=16, steps=8, block_length=4, temperature=1.0, batch_size=16)
@@ -131,3 +131,10 @@ def test_short_countdown_run_logs_and_resumes(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("diffu_grpo_*.yaml")))
+def test_example_configs_parse(path):
+    from dlmdistill.config import load_config
+
+    assert load_config(DiffuGRPORunConfig, ROOT / "configs" / path).method.num_iterations >= 1

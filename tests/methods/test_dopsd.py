@@ -8,7 +8,7 @@ from dlmdistill.methods.dopsd import (DOPSDConfig, DOPSDRunConfig, DOPSDTrainer,
                                       step_logits)
 from dlmdistill.sampling import GenerationConfig, generate
 from dlmdistill.training import latest_checkpoint
-from tests.conftest import tiny_model
+from tests.conftest import ROOT, tiny_model
 from tests.methods.stubs import StubTask, items_for, stub_examples, training_config
 
 GEN = GenerationConfig(gen_length=16, steps=8, block_length=4, temperature=1.0, batch_size=8)
@@ -252,3 +252,11 @@ def test_overlap_is_one_when_the_teacher_sees_what_the_student_sees(tokenizer):
         assert same[name]["mean"] == pytest.approx(1.0) and len(same[name]["per_step"]) == GEN.steps
     diff = compare_teacher_overlap(model, tok, task, stub_examples(2), GEN, rho=1.0, k=5)
     assert 0.0 <= diff["self_future"]["mean"] <= 1.0 and 0.0 <= diff["reference_prefix"]["mean"] <= 1.0
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("dopsd_*.yaml")))
+def test_example_configs_parse(path):
+    from dlmdistill.config import load_config
+
+    cfg = load_config(DOPSDRunConfig, ROOT / "configs" / path)
+    assert cfg.method.rollout.num_blocks > 1  # the self-future teacher needs blocks

@@ -134,8 +134,7 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
         responses, _ = self.rollout(prompts, m.rollout, self.generator("rollout"), filler=prompts[0])
         rewards = self.score(indices, responses)
         advantages = group_advantages(rewards, group, scale=m.scale_rewards).to(device)
-        pad = model.pad_id if model.pad_id is not None else model.mask_id
-        ids, attn, p = prompt_and_response_inputs(prompts, responses, pad)
+        ids, attn, p = prompt_and_response_inputs(prompts, responses, self.pad_id)
         prompt_mask = attn.bool() & ~with_prompt_columns(torch.ones_like(responses, dtype=torch.bool), p)
         response_mask = with_prompt_columns(torch.ones_like(responses, dtype=torch.bool), p)
         lengths = response_lengths(responses, model.eos_id)

@@ -46,6 +46,7 @@ from ..losses.divergences import ClipMode, DivergenceKind, distillation_divergen
 from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig, Trajectory, generate, topk_mask
 from ..tasks.base import Example, Task
+from ..training.trainer import TrainingConfig
 from .common import finish, prepare, run_config_class, write_run_metadata
 from .onpolicy import (LogitsFn, OnPolicyTrainer, micro_batches, prompt_and_response_inputs, prompt_items,
                        response_lengths, with_prompt_columns)
@@ -285,13 +286,16 @@ class DOPSDTrainer(OnPolicyTrainer):
 
     method_name = "dopsd"
 
-    def __init__(self, *args: Any, method: DOPSDConfig | None = None, **kwargs: Any):
-        self.method = method or DOPSDConfig()
-        self.method.validate()
-        self.uses_frozen_policy = self.method.teacher == "fixed"
+    def __init__(self, model: DiffusionModel, tokenizer, train_items: list[dict[str, Any]], config: TrainingConfig, *,
+                 method: DOPSDConfig | None = None, **kwargs: Any):
+        self.method = m = method or DOPSDConfig()
+        m.validate()
+        if m.teacher_context == "reference_prefix" and not all("teacher_prompt_ids" in it for it in train_items):
+            raise ValueError("teacher_context=reference_prefix needs items with teacher_prompt_ids "
+                             "(prompt_items(..., teacher_template=method.reference_template))")
+        self.uses_frozen_policy = m.teacher == "fixed"
         self._consecutive_skips = 0
-        super().__init__(*args, **kwargs)
-        m = self.method
+        super().__init__(model, tokenizer, train_items, config, **kwargs)
         if m.teacher_context == "self_future" and m.rollout.num_blocks == 1:
             log.warning("d-OPSD: the self-future teacher reveals only positions outside the current block; with a "
                         "single block (rollout.block_length null) the teacher sees exactly the student's input")
@@ -305,7 +309,8 @@ class DOPSDTrainer(OnPolicyTrainer):
         m, gen = self.method, self.method.rollout
         indices = [int(it["index"]) for it in batch]
         prompts = [list(it["prompt_ids"]) for it in batch]
-        teacher_prompts = [list(it.get("teacher_prompt_ids", it["prompt_ids"])) for it in batch]
+        key = "teacher_prompt_ids" if m.teacher_context == "reference_prefix" else "prompt_ids"
+        teacher_prompts = [list(it[key]) for it in batch]
         b, s, g = len(prompts), gen.steps, gen.gen_length
         device = self.unwrapped.device
         states = torch.full((s, b, g), self.unwrapped.mask_id, dtype=torch.long, device=device)
@@ -371,17 +376,13 @@ class DOPSDTrainer(OnPolicyTrainer):
         m = self.method
         rows = steps.rows.tolist()
         out = step_logits(self.policy_logits, self.teacher_logits_fn(), steps, [roll.prompts[r] for r in rows],
-                          [roll.teacher_prompts[r] for r in rows], pad_id=self._pad_id(), select=m.positions)
+                          [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions)
         div = distillation_divergence(out.student, out.teacher, m.divergence, beta=m.jsd_beta, top_k=m.vocab_top_k,
                                       clip=m.clip, clip_mode=m.clip_mode)
         w = steps.weights[out.row]
         overlap = topk_overlap(out.student.detach(), out.teacher, m.overlap_k)
         sums = torch.stack([(w * div.divergence.detach()).sum(), (w * div.clipped).sum(), (w * overlap).sum()])
         return (w * div.divergence).sum() * scale, sums.double()
-
-    def _pad_id(self) -> int:
-        model = self.unwrapped
-        return model.pad_id if model.pad_id is not None else model.mask_id
 
     # ------------------------------------------------------------------ one rollout batch
     def training_step(self, batch: list[dict[str, Any]]) -> tuple[bool, dict[str, float]]:

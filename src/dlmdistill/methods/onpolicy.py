@@ -112,6 +112,12 @@ class OnPolicyTrainer(Trainer):
             frozen = copy.deepcopy(model).requires_grad_(False).eval()
             self.frozen_policy = frozen.to(self.accelerator.device)
 
+    @property
+    def pad_id(self) -> int:
+        """The id left-padding prompts (the mask id when the tokenizer has no pad token)."""
+        model = self.unwrapped
+        return model.pad_id if model.pad_id is not None else model.mask_id
+
     # ------------------------------------------------------------------ models as logit functions
     @contextmanager
     def eval_mode(self) -> Iterator[None]:
