@@ -96,7 +96,7 @@ def test_one_optimizer_step_per_inner_iteration(tokenizer, tmp_path, mu):
         assert key in logs[-1], key
 
 
-def countdown_config(out, **training):
+def countdown_config(out, evaluate=True, **training):
     from dlmdistill.data import DataConfig
     from dlmdistill.methods.common import TrainEvalConfig
     from dlmdistill.models import ModelConfig
@@ -106,7 +106,8 @@ def countdown_config(out, **training):
                                                               "num_attention_heads": 4}),
         data=DataConfig(task="countdown", train_limit=8, max_length=64),
         training=training_config(out, per_device_train_batch_size=2, save_steps=1, eval_steps=1, **training),
-        eval=TrainEvalConfig(limit=4, generation=GenerationConfig(gen_length=16, steps=8, block_length=4)),
+        eval=TrainEvalConfig(enabled=evaluate, limit=4,
+                             generation=GenerationConfig(gen_length=16, steps=8, block_length=4)),
         method=DiffuGRPOConfig(rollout=GEN, num_generations=4, num_iterations=2, micro_batch_size=8))
 
 
@@ -121,9 +122,9 @@ def test_short_countdown_run_logs_and_resumes(tmp_path, monkeypatch):
     run(countdown_config(tmp_path / "run"))
     logs = [json.loads(line) for line in open(tmp_path / "run" / "logs.jsonl")]
     assert "loss" in logs[-2] and "kl" in logs[-2] and any("eval/accuracy" in r for r in logs)
-    run(countdown_config(tmp_path / "run", max_steps=3, resume=True))
+    run(countdown_config(tmp_path / "run", evaluate=False, max_steps=3, resume=True))
     torch.manual_seed(0)
-    run(countdown_config(tmp_path / "ref", max_steps=3))
+    run(countdown_config(tmp_path / "ref", evaluate=False, max_steps=3))
     from safetensors.torch import load_file
 
     a = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))

@@ -182,7 +182,7 @@ def test_current_teacher_and_options_train(tokenizer, tmp_path):
     assert t.state.global_step == 2
 
 
-def countdown_config(out, **training):
+def countdown_config(out, evaluate=True, **training):
     from dlmdistill.data import DataConfig
     from dlmdistill.methods.common import TrainEvalConfig
     from dlmdistill.models import ModelConfig
@@ -193,7 +193,7 @@ def countdown_config(out, **training):
                                                               "num_attention_heads": 4}),
         data=DataConfig(task="countdown", train_limit=8, max_length=64),
         training=training_config(out, per_device_train_batch_size=4, save_steps=1, eval_steps=1, **training),
-        eval=TrainEvalConfig(limit=4, generation=small),
+        eval=TrainEvalConfig(enabled=evaluate, limit=4, generation=small),
         method=DOPSDConfig(rollout=GEN, pass_k=2, micro_batch_size=16))
 
 
@@ -215,11 +215,11 @@ def test_short_countdown_run_logs_and_resumes(tmp_path, monkeypatch):
         assert key in train_logs[-1], key
     assert any("eval/accuracy" in r for r in logs)
     assert latest_checkpoint(tmp_path / "run").name == "step-0000002"
-    run(countdown_config(tmp_path / "run", max_steps=3, resume=True))
+    run(countdown_config(tmp_path / "run", evaluate=False, max_steps=3, resume=True))
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
     # an uninterrupted 3-step run ends with the same weights
     torch.manual_seed(0)
-    run(countdown_config(tmp_path / "ref", max_steps=3))
+    run(countdown_config(tmp_path / "ref", evaluate=False, max_steps=3))
     from safetensors.torch import load_file
 
     a = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))

@@ -30,6 +30,7 @@ between rollout batches, so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ from ..sampling import GenerationConfig
 from .common import finish, prepare, run_config_class, write_run_metadata
 from .onpolicy import (LogitsFn, OnPolicyTrainer, micro_batches, prompt_and_response_inputs, prompt_items,
                        response_lengths, seed_from, with_prompt_columns)
+
+log = logging.getLogger(__name__)
 
 
 def _d1_rollout() -> GenerationConfig:
@@ -106,6 +109,10 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
         self.method.validate()
         self.uses_frozen_policy = self.method.beta > 0
         super().__init__(*args, **kwargs)
+        r = self.method.rollout
+        if self.method.num_generations > 1 and r.temperature == 0 and r.remasking == "low_confidence":
+            log.warning("diffu-GRPO: greedy low-confidence rollouts make every completion of a prompt identical "
+                        "(all advantages 0); set rollout.temperature > 0")
 
     def optimizer_steps_per_batch(self) -> int:
         return self.method.num_iterations
