@@ -103,3 +103,15 @@ def test_topk_overlap_counts_shared_ids():
     s = torch.tensor([[5.0, 0, 3, 2, 1, 4]])  # top-3 {0, 5, 2} vs teacher's {0, 1, 2}
     assert topk_overlap(s, t, k=3).item() == pytest.approx(2 / 3)
     assert topk_overlap(s, t, k=100).item() == 1.0  # K capped at V
+
+
+def test_per_term_clipped_reverse_kl_is_not_minimised_at_the_teacher():
+    # Documented property (docs/methods/dopsd.md): capping the positive terms lets a student that piles
+    # mass on a token the teacher finds unlikely score below the teacher itself (value 0):
+    # c - (1 - t*) / e with the other tokens at t_v / e.
+    t = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    s = t / math.e
+    s[3] = 1 - s[:3].sum()  # the teacher's least likely token gets the rest
+    value = distillation_divergence(s.log()[None], t.log()[None], clip=0.05, clip_mode="per_term").divergence.item()
+    assert value == pytest.approx(0.05 - (1 - 0.05) / math.e, abs=1e-5) and value < 0
+    assert distillation_divergence(t.log()[None], t.log()[None], clip=0.05).divergence.item() == pytest.approx(0.0)
