@@ -17,6 +17,8 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "kd": ("dlmdistill.methods.kd", "KDRunConfig", "logit-level KD from a DLM or autoregressive teacher"),
     "seqkd": ("dlmdistill.methods.seqkd", "SeqKDRunConfig", "sequence-level KD: SFT on teacher-generated responses"),
     "ar-sft": ("dlmdistill.methods.ar_sft", "ARSFTRunConfig", "causal-LM SFT of an autoregressive model (LLM baselines)"),
+    "dopsd": ("dlmdistill.methods.dopsd", "DOPSDRunConfig", "on-policy self-distillation from the self-future (d-OPSD)"),
+    "diffu-grpo": ("dlmdistill.methods.diffu_grpo", "DiffuGRPORunConfig", "d1's diffu-GRPO (RL with a verifier)"),
 }
 
 

@@ -200,6 +200,11 @@ class Trainer:
         """Gradient accumulation handled by Accelerate (on-policy methods accumulate themselves: 1)."""
         return self.config.gradient_accumulation_steps
 
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one ``training_step`` takes (diffu-GRPO: its inner iterations); the
+        learning-rate schedule spans ``total_steps`` times this many steps."""
+        return 1
+
     def setup_model(self, model: DiffusionModel) -> None:
         """Called before the optimizer is built: attach auxiliary modules, freeze parts, build teachers."""
 
@@ -222,10 +227,11 @@ class Trainer:
     def _make_scheduler(self):
         from transformers import get_scheduler
 
-        warmup = self.config.warmup_steps or int(round(self.config.warmup_ratio * self.total_steps))
+        steps = self.total_steps * self.optimizer_steps_per_batch()
+        warmup = self.config.warmup_steps or int(round(self.config.warmup_ratio * steps))
         kwargs = {"min_lr_rate": self.config.min_lr_ratio} if "min_lr" in self.config.lr_scheduler_type else None
         return get_scheduler(self.config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                             num_training_steps=self.total_steps, scheduler_specific_kwargs=kwargs)
+                             num_training_steps=steps, scheduler_specific_kwargs=kwargs)
 
     # ------------------------------------------------------------------ steps
     def backward(self, loss: torch.Tensor) -> None:
