@@ -50,7 +50,8 @@ def make_config(method: str, config: str | Path | dict | Any | None = None, **ov
         data = config
     else:
         data = to_dict(config)
-    return from_dict(cls, deep_merge(data, _nest(overrides, cls)), where=str(config) if config else "config")
+    where = str(config) if isinstance(config, (str, Path)) else "config"
+    return from_dict(cls, deep_merge(data, _nest(overrides, cls)), where=where)
 
 
 def train(method: str, config: str | Path | dict | Any | None = None, **overrides: Any) -> dict[str, float]:

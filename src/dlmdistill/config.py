@@ -309,23 +309,22 @@ def save_yaml(obj: Any, path: str | Path) -> None:
 
 
 def format_help(cls: type) -> str:
-    """One line per option: dotted path, type, default, help."""
-    lines = []
-    hints_cache: dict[type, dict[str, Any]] = {}
+    """One line per option: dotted path, type, the default in effect, help."""
+    lines: list[str] = []
 
-    def walk(c: type, prefix: str) -> None:
-        hints = hints_cache.setdefault(c, _type_hints(c))
+    def walk(c: type, default: Any, prefix: str) -> None:
+        hints = _type_hints(c)
         for f in dataclasses.fields(c):
             tp = hints[f.name]
+            value = getattr(default, f.name) if default is not None else (
+                f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             if _is_dataclass_type(tp):
                 lines.append(f"\n[{prefix}{f.name}]  {f.metadata.get('help', '')}")
-                walk(tp, f"{prefix}{f.name}.")
+                walk(tp, value, f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
-            )
             tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            lines.append(f"  --{prefix}{f.name} ({tname}, default {default!r})\n      {f.metadata.get('help', '')}")
+            lines.append(f"  --{prefix}{f.name} ({tname}, default {value!r})\n      {f.metadata.get('help', '')}")
 
-    walk(cls, "")
+    walk(cls, None, "")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """``dlmdistill demo``: the point of the product, small enough for a laptop CPU.
 
 1. Train a tiny DLM (a ~0.5M-parameter bidirectional Llama with a character vocabulary) from
-   scratch with masked-diffusion SFT on Countdown puzzles the product generates itself: the base.
+   scratch with masked-diffusion SFT on 4x4 Sudoku puzzles the product generates itself (test
+   puzzles come from grids never seen in training): the base.
 2. Post-train copies of the base with every available method (more SFT, SelfFusion, d-OPSD) for
    the same number of optimizer steps.
 3. Evaluate the base and every post-trained model on held-out puzzles, print a table, and save the
@@ -22,19 +23,21 @@ from .methods import METHODS
 
 #: demo sizes; "quick" is what the test suite runs
 SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(train_examples=20000, base_steps=500, post_steps=60, eval_items=300, batch=128, eval_batch=150,
-                 gen_length=80, steps=40, preset_overrides={}),
+    "full": dict(train_examples=20000, base_steps=600, post_steps=40, eval_items=200, batch=128, eval_batch=200,
+                 gen_length=64, block_length=16, steps=64, preset_overrides={}),
     "quick": dict(train_examples=500, base_steps=8, post_steps=2, eval_items=16, batch=16, eval_batch=16,
-                  gen_length=80, steps=20, preset_overrides={"hidden_size": 32, "intermediate_size": 64}),
+                  gen_length=64, block_length=16, steps=16, preset_overrides={"hidden_size": 32, "intermediate_size": 64}),
 }
 
 POST_METHODS = ["sft", "selffusion", "dopsd"]
+#: answer-only targets: a tiny model learns them in minutes (the reasoning trace doubles the length)
+TASK_KWARGS = {"reasoning": False}
 
 
 def base_config(out: Path, size: dict[str, Any], task: str, seed: int) -> dict[str, Any]:
     return {
         "model": {"name_or_path": "preset:tiny", "tokenizer": "char", "preset_overrides": size["preset_overrides"]},
-        "data": {"task": task, "train_limit": size["train_examples"], "max_length": 160, "seed": seed},
+        "data": {"task": task, "task_kwargs": TASK_KWARGS, "train_limit": size["train_examples"], "max_length": 160, "seed": seed},
         "training": {"output_dir": str(out / "base"), "max_steps": size["base_steps"], "learning_rate": 1e-3,
                      "per_device_train_batch_size": size["batch"], "weight_decay": 0.0, "warmup_ratio": 0.05,
                      "adam_beta2": 0.99, "logging_steps": max(size["base_steps"] // 20, 1), "save_steps": 0,
@@ -46,7 +49,7 @@ def base_config(out: Path, size: dict[str, Any], task: str, seed: int) -> dict[s
 def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: int) -> dict[str, Any]:
     cfg = {
         "model": {"name_or_path": str(out / "base" / "final")},
-        "data": {"task": task, "train_limit": size["train_examples"], "max_length": 160, "seed": seed + 1},
+        "data": {"task": task, "task_kwargs": TASK_KWARGS, "train_limit": size["train_examples"], "max_length": 160, "seed": seed + 1},
         "training": {"output_dir": str(out / method), "max_steps": size["post_steps"], "learning_rate": 3e-4,
                      "per_device_train_batch_size": size["batch"], "weight_decay": 0.0, "warmup_ratio": 0.0,
                      "lr_scheduler_type": "constant", "adam_beta2": 0.99, "seed": seed, "save_steps": 0,
@@ -55,11 +58,13 @@ def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: i
     }
     if method == "dopsd":
         cfg["training"].update(per_device_train_batch_size=max(size["batch"] // 8, 2), learning_rate=1e-4)
-        cfg["method"] = {"generation": {"gen_length": size["gen_length"], "steps": size["steps"]}}
+        cfg["method"] = {"rollout": {"gen_length": size["gen_length"], "block_length": size["block_length"],
+                                     "steps": size["steps"], "temperature": 0.9, "batch_size": 128},
+                         "pass_k": 4, "accept_threshold": 0.25 if task == "sudoku" else None}
     return cfg
 
 
-def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str = "countdown", seed: int = 0,
+def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str = "sudoku", seed: int = 0,
              methods: list[str] | None = None) -> dict[str, Any]:
     from .api import train
     from .evaluate import evaluate_model
@@ -81,9 +86,10 @@ def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str =
         train(m, post_config(m, out, size, task, seed))
         timings[m] = time.time() - t
     print("[3/3] evaluating on held-out puzzles")
-    t_task = get_task(task)
+    t_task = get_task(task, **TASK_KWARGS)
     examples = t_task.load(None, split="test", limit=size["eval_items"])
-    gen = GenerationConfig(gen_length=size["gen_length"], steps=size["steps"], batch_size=size["eval_batch"])
+    gen = GenerationConfig(gen_length=size["gen_length"], block_length=size["block_length"], steps=size["steps"],
+                           batch_size=size["eval_batch"])
     rows = {}
     for name in ["base", *methods]:
         model, tok = load_model(str(out / name / "final"))
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dlmdistill demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--size", choices=list(SIZES), default="full", help="'quick' is a seconds-long smoke version")
-    p.add_argument("--task", choices=["countdown", "sudoku"], default="countdown")
+    p.add_argument("--task", choices=["countdown", "sudoku"], default="sudoku")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=None, help=f"post-training methods (default: {POST_METHODS})")
     a = p.parse_args(argv)

@@ -89,8 +89,11 @@ def example_texts(*groups: list[Example]) -> list[str]:
 
 def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True) -> Prepared:
     """Load data, build or load the tokenizer and model, tokenize, and set up the evaluator."""
+    from transformers import set_seed
+
     from ..tasks.registry import get_task
 
+    set_seed(cfg.training.seed)  # a new preset model's weights depend on training.seed only
     out = Path(cfg.training.output_dir)
     train_examples = load_examples(cfg.data, "train")
     eval_examples: list[Example] = []
