@@ -85,3 +85,10 @@ class WithDefaults:
 def test_partial_section_keeps_the_parents_defaults():
     cfg = load_config(WithDefaults, None, ["--inner.maybe", "2"])
     assert cfg.inner.lr == 0.25 and cfg.inner.mode == "b" and cfg.inner.maybe == 2
+
+
+def test_whole_section_as_a_mapping_on_the_command_line():
+    cfg = load_config(WithDefaults, None, ["--inner", "{maybe: 4, steps: [1, 2]}"])
+    assert cfg.inner.maybe == 4 and cfg.inner.steps == [1, 2] and cfg.inner.lr == 0.25
+    with pytest.raises(ConfigError, match="takes a mapping"):
+        load_config(WithDefaults, None, ["--inner", "3"])

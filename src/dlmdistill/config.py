@@ -223,6 +223,7 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
     A key may be dotted or a leaf name that is unique in the tree. A key with no value is ``true``.
     """
     paths = leaf_paths(cls)
+    sections = {p.rsplit(".", i)[0] for p in paths for i in range(1, p.count(".") + 1)}
     by_leaf: dict[str, list[str]] = {}
     for p in paths:
         by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
@@ -246,6 +247,13 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
             value = True if not vals else (vals[0] if len(vals) == 1 else vals)
             i = j
         key = key.replace("-", "_")
+        if key in sections:  # a whole section as a YAML mapping: --eval.generation '{steps: 8}'
+            mapping = yaml.safe_load(value) if isinstance(value, str) else None
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"command line: --{key} takes a mapping such as '{{key: value}}', got {value!r}")
+            for sub, v in _flatten(mapping, key).items():
+                _set_path(out, sub, v)
+            continue
         if key in paths:
             path = key
         elif key in by_leaf and len(by_leaf[key]) == 1:
@@ -255,6 +263,16 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"command line: unknown option --{key}.{_suggest(key, list(paths) + list(by_leaf))}")
         _set_path(out, path, value)
+    return out
+
+
+def _flatten(mapping: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
     return out
 
 

@@ -23,10 +23,11 @@ from .methods import METHODS
 
 #: demo sizes; "quick" is what the test suite runs
 SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(train_examples=20000, base_steps=600, post_steps=40, eval_items=200, batch=128, eval_batch=200,
-                 gen_length=64, block_length=16, steps=64, preset_overrides={}),
+    "full": dict(train_examples=20000, base_steps=500, post_steps=20, eval_items=200, batch=128, eval_batch=200,
+                 gen_length=64, block_length=16, steps=64, rollout_steps=32, preset_overrides={}),
     "quick": dict(train_examples=500, base_steps=8, post_steps=2, eval_items=16, batch=16, eval_batch=16,
-                  gen_length=64, block_length=16, steps=16, preset_overrides={"hidden_size": 32, "intermediate_size": 64}),
+                  gen_length=64, block_length=16, steps=16, rollout_steps=16,
+                  preset_overrides={"hidden_size": 32, "intermediate_size": 64}),
 }
 
 POST_METHODS = ["sft", "selffusion", "dopsd"]
@@ -57,10 +58,12 @@ def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: i
         "eval": {"enabled": False},
     }
     if method == "dopsd":
-        cfg["training"].update(per_device_train_batch_size=max(size["batch"] // 8, 2), learning_rate=1e-4)
+        cfg["training"].update(per_device_train_batch_size=max(size["batch"] // 16, 2))
         cfg["method"] = {"rollout": {"gen_length": size["gen_length"], "block_length": size["block_length"],
-                                     "steps": size["steps"], "temperature": 0.9, "batch_size": 128},
-                         "pass_k": 4, "accept_threshold": 0.25 if task == "sudoku" else None}
+                                     "steps": size["rollout_steps"], "temperature": 0.9, "batch_size": 64},
+                         "pass_k": 4, "accept_threshold": 0.25 if task == "sudoku" else None,
+                         # the paper's per-term clipping collapses this tiny model (docs/methods/dopsd.md)
+                         "clip_mode": "per_token"}
     return cfg
 
 

@@ -8,6 +8,7 @@ from .gsm8k import GSM8KTask
 from .instruct import InstructTask
 from .math500 import Math500Task
 from .sudoku import SudokuTask
+from .text import TextTask
 
 TASKS: dict[str, type[Task]] = {
     "instruct": InstructTask,
@@ -15,6 +16,7 @@ TASKS: dict[str, type[Task]] = {
     "sudoku": SudokuTask,
     "gsm8k": GSM8KTask,
     "math500": Math500Task,
+    "text": TextTask,
 }
 ALIASES: dict[str, str] = {"dolly": "instruct", "rouge": "instruct"}
 

@@ -1,0 +1,139 @@
+"""Shared pieces of the experiment drivers: run-once training, evaluation, curves and tables.
+
+Every stage writes into its own run folder and is skipped when its output already exists, so a
+driver can be interrupted and rerun with the same command to continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("experiments")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("accelerate", "dlmdistill", "matplotlib", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def train_once(method: str, config: dict[str, Any]) -> Path:
+    """Train ``method`` with ``config`` unless its run folder already holds ``final/``."""
+    from dlmdistill.api import train
+
+    out = Path(config["training"]["output_dir"])
+    if (out / "final" / "config.json").exists() or (out / "final" / "adapter_config.json").exists():
+        log.info("skip %s (done): %s", method, out)
+        return out
+    log.info("train %s -> %s", method, out)
+    t0 = time.time()
+    train(method, config)
+    (out / "wall_seconds.json").write_text(json.dumps({"seconds": time.time() - t0}))
+    return out
+
+
+def evaluate_once(run: Path, task: str, *, steps: Sequence[int], seeds: Sequence[int], generation: dict[str, Any],
+                  source: str | None = None, limit: int | None = None, task_kwargs: dict | None = None,
+                  name: str | None = None) -> dict[str, Any]:
+    """``eval/<name>/metrics.json`` of ``run`` (computed once)."""
+    from dlmdistill.evaluate import evaluate_model, resolve_model_path
+    from dlmdistill.models.autoregressive import load_for_inference
+    from dlmdistill.models.loading import ModelConfig
+    from dlmdistill.sampling import GenerationConfig
+    from dlmdistill.tasks.registry import get_task
+
+    out = run / "eval" / (name or task)
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    log.info("evaluate %s on %s", run, name or task)
+    model, tok = load_for_inference(ModelConfig(name_or_path=resolve_model_path(str(run))))
+    t = get_task(task, **(task_kwargs or {}))
+    examples = t.load(source, split="test", limit=limit)
+    return evaluate_model(model, tok, t, examples, GenerationConfig(**generation), list(steps), list(seeds),
+                          output_dir=out, progress=False, model_name=run.name)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: Sequence[float], digits: int = 2) -> str:
+    m, s = mean_std(values)
+    if m != m:  # nan
+        return "-"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def read_logs(run: Path) -> list[dict[str, Any]]:
+    f = run / "logs.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def eval_curve(run: Path, key: str, x_key: str = "step") -> tuple[list[float], list[float]]:
+    """(x, y) of a periodic-evaluation metric; ``x_key='optimizer_steps'`` for methods that log it."""
+    xs, ys = [], []
+    last_x = 0.0
+    for rec in read_logs(run):
+        if x_key in rec:
+            last_x = rec[x_key]
+        if key in rec:
+            xs.append(float(rec.get(x_key, last_x if x_key != "step" else rec["step"])))
+            ys.append(float(rec[key]))
+    return xs, ys
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], path: Path, *, xlabel: str, ylabel: str,
+                title: str) -> None:
+    """One line per label (mean over seeds at shared x, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, runs in curves.items():
+        runs = [r for r in runs if r[0]]
+        if not runs:
+            continue
+        xs = sorted(set.intersection(*(set(r[0]) for r in runs)))
+        if not xs:
+            continue
+        table = [[dict(zip(*r))[x] for x in xs] for r in runs]
+        mean = [statistics.fmean(col) for col in zip(*table)]
+        ax.plot(xs, mean, marker="o", markersize=3, label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(c) for c in zip(*table)], [max(c) for c in zip(*table)], alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stage(name: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.time()
+    log.info("== %s", name)
+    out = fn()
+    log.info("== %s done in %.0f s", name, time.time() - t0)
+    return out

@@ -1,0 +1,44 @@
+"""Plain text: (continued) pretraining of a DLM with the masked-diffusion objective.
+
+Each record becomes an example with an empty prompt and the text as the target, so the forward
+process may mask any of its tokens: the unconditional masked-diffusion pretraining of SMDM and
+LLaDA. Records come from any source ``io.read_records`` reads (JSONL, JSON, CSV, folders, hub
+ids); ``fields`` names the text fields, concatenated with blank lines (e.g. Dolly's
+``instruction``, ``input`` and ``output`` for pretraining on that corpus's text). There is no
+verifier: evaluate a pretrained model on a downstream task instead.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .base import Example, Task
+from .io import first_field, read_records
+
+
+class TextTask(Task):
+    """Unconditional text for masked-diffusion pretraining."""
+
+    name = "text"
+    metric = "none"
+
+    def __init__(self, fields: list[str] | tuple[str, ...] = ("text",), separator: str = "\n\n") -> None:
+        self.fields = tuple(fields)
+        self.separator = separator
+
+    def load(self, source: str | None = None, split: str = "train", limit: int | None = None,
+             seed: int = 0) -> list[Example]:
+        if source is None:
+            raise ValueError("the text task needs a source (data.train_source)")
+        examples = []
+        for record, where in read_records(source, split):
+            parts = [str(record[f]) for f in self.fields if record.get(f)]
+            if not parts:  # raises a DataError naming the fields
+                first_field(record, self.fields, where)
+            examples.append(Example(prompt="", target=self.separator.join(parts), source=where))
+        if limit is not None and limit < len(examples):
+            examples = random.Random(seed).sample(examples, limit)
+        return examples
+
+    def score(self, example: Example, completion: str) -> float:
+        raise NotImplementedError("plain text has no metric; evaluate the model on a downstream task")
