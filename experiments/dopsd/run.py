@@ -33,11 +33,11 @@ from common import (eval_curve, fmt, markdown_table, mean_std, plot_curves, setu
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(base_steps=800, post_steps=60, eval_every=10, eval_items=200, seeds=[0, 1, 2], batch=8,
                 grpo_group=8, grpo_mu=2, sft_batch=64, gen_length=64, block_length=16, steps=32, base_batch=128,
-                preset_overrides={}, train_examples=20000, toy_items=200, ablation_seeds=[0]),
+                preset_overrides={}, train_examples=20000, toy_items=200, ablation_seeds=[0], accept=None),
     "smoke": dict(base_steps=6, post_steps=2, eval_every=1, eval_items=8, seeds=[0], batch=2, grpo_group=2,
                   grpo_mu=1, sft_batch=8, gen_length=32, block_length=16, steps=8, base_batch=16,
                   preset_overrides={"hidden_size": 32, "intermediate_size": 64}, train_examples=300, toy_items=4,
-                  ablation_seeds=[0]),
+                  ablation_seeds=[0], accept=0.0),
 }
 
 #: Tables 5-11 rows that fit a CPU budget: name -> method overrides
@@ -55,6 +55,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 def task_kwargs(task: str) -> dict[str, Any]:
     return {"reasoning": False}
+
+
+def accept_threshold(task: str, s: dict[str, Any]) -> float | None:
+    """The paper accepts Sudoku trajectories from a graded reward of 0.25; others must be correct.
+    The smoke scale accepts everything so that an untrained model has something to train on."""
+    if s["accept"] is not None:
+        return s["accept"]
+    return 0.25 if task == "sudoku" else None
 
 
 def generation(s: dict[str, Any], batch: int = 200) -> dict[str, Any]:
@@ -89,8 +97,8 @@ def post_config(method: str, root: Path, name: str, s: dict[str, Any], task: str
     rollout = {**generation(s, batch=64), "temperature": 0.9}
     if method == "dopsd":
         cfg["training"].update(learning_rate=1e-4, per_device_train_batch_size=s["batch"], max_grad_norm=0.2)
-        cfg["method"] = {"rollout": rollout, "pass_k": 8, "accept_threshold": None, "micro_batch_size": 64,
-                         **(overrides or {})}
+        cfg["method"] = {"rollout": rollout, "pass_k": 8, "accept_threshold": accept_threshold(task, s),
+                         "micro_batch_size": 64, **(overrides or {})}
     elif method == "diffu-grpo":
         cfg["training"].update(learning_rate=1e-4, per_device_train_batch_size=s["batch"], max_grad_norm=0.2,
                                max_steps=max(s["post_steps"] // s["grpo_mu"], 1),

@@ -42,12 +42,12 @@ SHARED = REPO.parent / "shared" / "data"
 EVAL_SETS = ["dolly", "self-inst", "vicuna", "sinst", "uinst"]
 
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": dict(max_chars=700, sft_examples=2000, epochs=8, pretrain_epochs=3, eval_items=50, vocab=2048,
+    "cpu": dict(max_chars=700, eval_chars=500, sft_examples=2000, epochs=8, pretrain_epochs=3, eval_items=50, vocab=2048,
                 student={"num_hidden_layers": 4}, teacher={"hidden_size": 256, "intermediate_size": 1024,
                                                            "num_hidden_layers": 6, "num_attention_heads": 8},
                 batch=32, seeds=[3407, 1, 2], eval_seeds=[10, 20, 30], eval_steps=[8, 16, 32], gen_length=64,
                 seqkd_steps=64, ablation_seed=3407, latency_items=20),
-    "smoke": dict(max_chars=300, sft_examples=40, epochs=1, pretrain_epochs=1, eval_items=3, vocab=400,
+    "smoke": dict(max_chars=300, eval_chars=300, sft_examples=40, epochs=1, pretrain_epochs=1, eval_items=3, vocab=400,
                   student={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
                   teacher={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 1,
                            "num_attention_heads": 4},
@@ -73,8 +73,11 @@ def prepare_data(root: Path, s: dict[str, Any]) -> dict[str, Path]:
     write_jsonl(files["sft"], short[: s["sft_examples"]])
     for name in EVAL_SETS:
         recs = [json.loads(x) for x in (SHARED / "minillm_eval" / name / "valid.jsonl").read_text().splitlines() if x]
-        fit = [r for r in recs if len(r.get("instruction", "")) + len(r.get("input") or "") <= s["max_chars"] // 2]
+        size = lambda r: len(r.get("instruction", "")) + len(r.get("input") or "")  # noqa: E731
+        fit = [r for r in recs if size(r) <= s["eval_chars"]]
         random.Random(0).shuffle(fit)
+        if len(fit) < s["eval_items"]:  # sets of long prompts (S-NI): their shortest items
+            fit = sorted(recs, key=size)
         write_jsonl(files[name], fit[: s["eval_items"]])
     return files
 
@@ -87,8 +90,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def config(out: Path, s: dict[str, Any], *, model: dict[str, Any], data: dict[str, Any], epochs: float, lr: float,
            seed: int, method: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = {
-        "model": {"max_position_embeddings": 512, **model},
-        "data": {"max_length": 384, "seed": seed, **data},
+        "model": {"max_position_embeddings": 1024, **model},
+        "data": {"max_length": 512, "seed": seed, **data},
         "training": {"output_dir": str(out), "num_train_epochs": epochs, "per_device_train_batch_size": s["batch"],
                      "learning_rate": lr, "lr_scheduler_type": "cosine_with_min_lr", "min_lr_ratio": 0.1,
                      "warmup_ratio": 0.05, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95,
@@ -109,27 +112,25 @@ def sft_data(files: dict[str, Path]) -> dict[str, Any]:
     return {"task": "instruct", "train_source": str(files["sft"])}
 
 
-def pretrain(root: Path, s: dict[str, Any], files: dict[str, Path]) -> None:
-    student = config(root / "pretrain_student", s, model={"name_or_path": "preset:tiny", "tokenizer": f"bpe:{s['vocab']}",
-                                                         "preset_overrides": s["student"]},
-                     data=text_data(files), epochs=s["pretrain_epochs"], lr=1e-3, seed=0)
-    train_once("sft", student)
+def pretrain_student(root: Path, s: dict[str, Any], files: dict[str, Path]) -> None:
+    train_once("sft", config(root / "pretrain_student", s,
+                             model={"name_or_path": "preset:tiny", "tokenizer": f"bpe:{s['vocab']}",
+                                    "preset_overrides": s["student"]},
+                             data=text_data(files), epochs=s["pretrain_epochs"], lr=1e-3, seed=0))
+
+
+def build_teachers(root: Path, s: dict[str, Any], files: dict[str, Path]) -> None:
+    """Pretrain a larger DLM and an AR model of the same size and tokenizer, then SFT both."""
     tok = str(root / "pretrain_student" / "tokenizer")
-    teacher = config(root / "pretrain_dlm_teacher", s, model={"name_or_path": "preset:tiny", "tokenizer": tok,
-                                                              "preset_overrides": s["teacher"]},
-                     data=text_data(files), epochs=s["pretrain_epochs"], lr=5e-4, seed=0)
-    train_once("sft", teacher)
-    ar = config(root / "pretrain_ar_teacher", s, model={"name_or_path": "preset:tiny", "tokenizer": tok,
-                                                        "preset_overrides": s["teacher"]},
-                data=text_data(files), epochs=s["pretrain_epochs"], lr=5e-4, seed=0)
-    train_once("ar-sft", ar)
-
-
-def teachers(root: Path, s: dict[str, Any], files: dict[str, Path]) -> None:
-    train_once("sft", config(root / "teacher_dlm", s, model={"name_or_path": str(root / "pretrain_dlm_teacher" / "final")},
-                             data=sft_data(files), epochs=s["epochs"], lr=2e-4, seed=3407))
-    train_once("ar-sft", config(root / "teacher_ar", s, model={"name_or_path": str(root / "pretrain_ar_teacher" / "final")},
-                                data=sft_data(files), epochs=s["epochs"], lr=2e-4, seed=3407))
+    for method, name in [("sft", "dlm"), ("ar-sft", "ar")]:
+        train_once(method, config(root / f"pretrain_{name}_teacher", s,
+                                  model={"name_or_path": "preset:tiny", "tokenizer": tok,
+                                         "preset_overrides": s["teacher"]},
+                                  data=text_data(files), epochs=s["pretrain_epochs"], lr=5e-4, seed=0))
+        train_once(method, config(root / f"teacher_{name}", s,
+                                  model={"name_or_path": str(root / f"pretrain_{name}_teacher" / "final")},
+                                  data=sft_data(files), epochs=s["epochs"], lr=2e-4, seed=3407))
+        evaluate_run(root / f"teacher_{name}", s, files, headline=True)
 
 
 def student_runs(root: Path, s: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any] | None, list[int]]]:
@@ -139,6 +140,9 @@ def student_runs(root: Path, s: dict[str, Any]) -> dict[str, tuple[str, dict[str
     return {
         "sft": ("sft", None, s["seeds"]),
         "selffusion": ("selffusion", {}, s["seeds"]),
+        "selffusion_easy_to_hard": ("selffusion", {"direction": "easy_to_hard"}, one),
+        "selffusion_hard_to_easy": ("selffusion", {"direction": "hard_to_easy"}, one),
+        "selffusion_no_rmsnorm": ("selffusion", {"calibration": False}, one),
         "kd_dlm": ("kd", {"teacher": dlm_t, "teacher_type": "dlm"}, one),
         "kd_ar": ("kd", {"teacher": ar_t, "teacher_type": "ar"}, one),
         "seqkd_dlm": ("seqkd", {"teacher": dlm_t, "teacher_type": "dlm",
@@ -147,40 +151,43 @@ def student_runs(root: Path, s: dict[str, Any]) -> dict[str, tuple[str, dict[str
         "seqkd_ar": ("seqkd", {"teacher": ar_t, "teacher_type": "ar",
                                "generation": {"gen_length": s["gen_length"], "steps": s["gen_length"],
                                               "temperature": 1.0, "batch_size": 64}}, one),
-        "selffusion_easy_to_hard": ("selffusion", {"direction": "easy_to_hard"}, one),
-        "selffusion_hard_to_easy": ("selffusion", {"direction": "hard_to_easy"}, one),
-        "selffusion_no_rmsnorm": ("selffusion", {"calibration": False}, one),
     }
 
 
-def students(root: Path, s: dict[str, Any], files: dict[str, Path]) -> None:
+def student_names(root: Path, s: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None, int]]:
+    """(run name, method, method section, seed), the headline runs first."""
+    return [(f"{name}_seed{seed}", method, section, seed)
+            for name, (method, section, seeds) in student_runs(root, s).items() for seed in seeds]
+
+
+def evaluate_run(run: Path, s: dict[str, Any], files: dict[str, Path], *, headline: bool) -> dict[str, Any]:
+    """ROUGE-L of one run on the five sets (temperature 0.7, so that evaluation seeds differ)."""
+    gen = {"gen_length": s["gen_length"], "steps": s["gen_length"], "batch_size": 64, "temperature": 0.7}
+    seeds = s["eval_seeds"] if headline else s["eval_seeds"][:1]
+    return {es: evaluate_once(run, "instruct", steps=s["eval_steps"], seeds=seeds, generation=gen,
+                              source=str(files[es]), name=f"rouge_{es}") for es in EVAL_SETS}
+
+
+def students(root: Path, s: dict[str, Any], files: dict[str, Path], on_result: Any) -> None:
+    """Train and evaluate every student run; ``on_result()`` refreshes the results after each."""
     base = str(root / "pretrain_student" / "final")
-    for name, (method, section, seeds) in student_runs(root, s).items():
-        for seed in seeds:
-            train_once(method, config(root / f"{name}_seed{seed}", s, model={"name_or_path": base},
-                                      data=sft_data(files), epochs=s["epochs"], lr=5e-4, seed=seed, method=section))
+    for run_name, method, section, seed in student_names(root, s):
+        if section and "teacher" in section:
+            build_teachers(root, s, files)  # skipped once done
+        run = train_once(method, config(root / run_name, s, model={"name_or_path": base}, data=sft_data(files),
+                                        epochs=s["epochs"], lr=5e-4, seed=seed, method=section))
+        evaluate_run(run, s, files, headline=run_name.startswith(("sft_", "selffusion_seed")))
+        on_result()
 
 
-# ------------------------------------------------------------------------------------------ eval
-def evaluate_all(root: Path, s: dict[str, Any], files: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """run name -> eval set -> metrics report."""
-    gen = {"gen_length": s["gen_length"], "steps": s["gen_length"], "batch_size": 64, "temperature": 0.0}
-    runs = {"teacher_dlm": root / "teacher_dlm", "teacher_ar": root / "teacher_ar"}
-    for name, (_, _, seeds) in student_runs(root, s).items():
-        for seed in seeds:
-            runs[f"{name}_seed{seed}"] = root / f"{name}_seed{seed}"
-    out: dict[str, dict[str, Any]] = {}
-    for run_name, run in runs.items():
-        if not (run / "final").exists():
-            continue
-        headline = run_name.startswith(("sft_", "selffusion_seed", "teacher_"))
-        seeds = s["eval_seeds"] if headline else s["eval_seeds"][:1]
-        out[run_name] = {}
-        for es in EVAL_SETS:
-            # temperature sampling so that seeds matter (the paper averages three seeds)
-            out[run_name][es] = evaluate_once(run, "instruct", steps=s["eval_steps"], seeds=seeds,
-                                              generation={**gen, "temperature": 0.7}, source=str(files[es]),
-                                              name=f"rouge_{es}")
+def collect(root: Path, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run name -> eval set -> metrics report, for every run evaluated so far."""
+    names = ["teacher_dlm", "teacher_ar"] + [n for n, *_ in student_names(root, s)]
+    out = {}
+    for name in names:
+        reports = {es: root / name / "eval" / f"rouge_{es}" / "metrics.json" for es in EVAL_SETS}
+        if all(p.exists() for p in reports.values()):
+            out[name] = {es: json.loads(p.read_text()) for es, p in reports.items()}
     return out
 
 
@@ -203,15 +210,11 @@ def tables(s: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
                 vals = [v for n in names for v in rouge(evals[n][es], steps)]
                 # one number per (training seed, eval seed): the spread covers both
                 cells.append(fmt(vals))
-            avg = [statistics_mean([v for n in names for v in rouge(evals[n][es], steps)]) for es in EVAL_SETS]
+            avg = [mean_std([v for n in names for v in rouge(evals[n][es], steps)])[0] for es in EVAL_SETS]
             rows.append([group, str(len(names)), *cells, f"{sum(avg) / len(avg):.2f}"])
         parts.append(f"### ROUGE-L at {steps} steps\n\n" + markdown_table(
             ["run", "training seeds", *EVAL_SETS, "average"], rows))
     return "\n\n".join(parts)
-
-
-def statistics_mean(values: list[float]) -> float:
-    return mean_std(values)[0]
 
 
 def latency(root: Path, s: dict[str, Any], files: dict[str, Path]) -> str:
@@ -250,7 +253,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_<scale>)")
-    ap.add_argument("--stages", nargs="*", default=["pretrain", "teachers", "students", "eval", "latency"])
+    ap.add_argument("--stages", nargs="*", default=["train", "latency"], help="train (and evaluate), latency")
     a = ap.parse_args()
     setup_logging()
     if not SHARED.exists():
@@ -259,28 +262,32 @@ def main() -> None:
     root = Path(a.out or f"runs/exp_selffusion_{a.scale}")
     root.mkdir(parents=True, exist_ok=True)
     files = stage("data", lambda: prepare_data(root, s))
-    if "pretrain" in a.stages:
-        stage("pretrain", lambda: pretrain(root, s, files))
-    if "teachers" in a.stages:
-        stage("teachers", lambda: teachers(root, s, files))
-    if "students" in a.stages:
-        stage("students", lambda: students(root, s, files))
-    parts = [f"# SelfFusion experiment (scale {a.scale})", "",
-             f"Student: preset tiny + {s['student']}; teachers: {s['teacher']}; BPE {s['vocab']}; "
-             f"{s['sft_examples']} instructions x {s['epochs']} epochs after {s['pretrain_epochs']} epochs of "
-             f"pretraining on {sum(1 for _ in open(files['train']))} Dolly texts. ROUGE-L on {s['eval_items']} items "
-             f"per set, temperature 0.7; mean ± std over training seeds x evaluation seeds.", ""]
-    results: dict[str, Any] = {"scale": s}
-    if "eval" in a.stages:
-        evals = stage("eval", lambda: evaluate_all(root, s, files))
-        results["rouge"] = {r: {es: {st: rouge(rep, st) for st in s["eval_steps"]} for es, rep in v.items()}
-                            for r, v in evals.items()}
-        parts += ["## ROUGE-L (Tables 1, 3, 4)", "", tables(s, evals), ""]
+    n_texts = sum(1 for _ in open(files["train"]))
+
+    def write_results() -> str:
+        evals = collect(root, s)
+        parts = [f"# SelfFusion experiment (scale {a.scale})", "",
+                 f"Student: preset tiny + {s['student']}; teachers: {s['teacher']}; BPE {s['vocab']}; "
+                 f"{s['sft_examples']} instructions x {s['epochs']} epochs after {s['pretrain_epochs']} epochs of "
+                 f"masked-diffusion pretraining on {n_texts} Dolly texts. ROUGE-L on {s['eval_items']} items per set, "
+                 f"temperature 0.7; mean ± std over training seeds x evaluation seeds.", ""]
+        if evals:
+            parts += ["## ROUGE-L (Tables 1, 3, 4)", "", tables(s, evals), ""]
+        if (root / "latency.json").exists():
+            parts += ["## Latency (Table 5)", "", latency(root, s, files), ""]
+        text = "\n".join(parts) + "\n"
+        (root / "results.md").write_text(text)
+        (root / "results.json").write_text(json.dumps(
+            {"scale": s, "rouge": {r: {es: {st: rouge(rep, st) for st in s["eval_steps"]} for es, rep in v.items()}
+                                   for r, v in evals.items()}}, indent=2))
+        return text
+
+    if "train" in a.stages:
+        stage("pretrain student", lambda: pretrain_student(root, s, files))
+        stage("students", lambda: students(root, s, files, write_results))
     if "latency" in a.stages and (root / "teacher_ar" / "final").exists():
-        parts += ["## Latency (Table 5)", "", stage("latency", lambda: latency(root, s, files)), ""]
-    (root / "results.md").write_text("\n".join(parts) + "\n")
-    (root / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n".join(parts))
+        stage("latency", lambda: latency(root, s, files))
+    print(write_results())
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ ARSFTRunConfig = run_config_class("ARSFTRunConfig", ARSFTConfig,
 
 def causal_lm_loss(model: CausalLM, batch: dict[str, torch.Tensor], normalization: str = "token"
                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy on the response tokens of a collated batch (right padding)."""
-    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    """Next-token cross-entropy on the response tokens of a collated batch (right padding). The first
+    token of a sequence has no prefix to be predicted from; with an empty prompt (plain-text
+    pretraining, the ``text`` task) it is the only response token left out."""
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"].clone()
+    resp[:, 0] = False
     logits = model(ids, attn, positions=resp)
     targets = ids[resp]
     nll = token_nll(logits, targets)

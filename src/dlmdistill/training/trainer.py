@@ -369,6 +369,7 @@ class Trainer:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({**self.state.__dict__, "method": self.method_name}))
             if final.exists():

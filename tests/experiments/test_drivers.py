@@ -1,0 +1,37 @@
+"""Smoke-sized runs of the experiment drivers: every stage end to end in about a minute."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("DLMDISTILL_SHARED", ROOT.parent / "shared"))
+
+
+def run(script: str, out: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--scale", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (out / "results.md").read_text()
+
+
+def test_dopsd_driver_smoke(tmp_path):
+    text = run("dopsd/run.py", tmp_path)
+    for section in ("## Accuracy", "## Ablations", "## Toy verification"):
+        assert section in text
+    for row in ("d-OPSD", "diffu-GRPO", "SFT", "forward_kl", "no_clipping", "self_future", "reference_prefix"):
+        assert row in text
+    assert (tmp_path / "accuracy_vs_steps.png").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "data").exists(), reason="needs the shared Dolly data")
+def test_selffusion_driver_smoke(tmp_path):
+    text = run("selffusion/run.py", tmp_path)
+    assert "ROUGE-L at 8 steps" in text and "## Latency" in text
+    for row in ("| sft |", "| selffusion |", "| kd_dlm |", "| kd_ar |", "| seqkd_dlm |", "| seqkd_ar |",
+                "| selffusion_no_rmsnorm |", "| teacher_ar |"):
+        assert row in text
