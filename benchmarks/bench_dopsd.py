@@ -24,11 +24,9 @@ the setups interleaved; rollout time reported separately.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,6 +42,8 @@ from dlmdistill.models.tokenizer import char_tokenizer
 from dlmdistill.sampling import GenerationConfig, generate
 from dlmdistill.tasks.base import Example, Task
 from dlmdistill.training import TrainingConfig
+
+from measure import peak_bytes
 
 
 def small_model(vocab: int, hidden: int, device: str):
@@ -79,26 +79,6 @@ def head_at_k_step(model, steps: StepStates, prompt: list[int], pad_id: int) -> 
             return fn(ids, attn, pos)
     out = step_logits(fn, teacher, steps, [prompt] * len(steps), [prompt] * len(steps), pad_id=pad_id)
     distillation_divergence(out.student, out.teacher).divergence.sum().backward()
-
-
-def peak_bytes(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: the CPU timeline has no successor yet
-        prof.export_memory_timeline(str(Path(d) / "timeline.json"), device="cpu")
-        _, sizes = json.loads((Path(d) / "timeline.json").read_text())
-    totals = [sum(s) for s in sizes]
-    return max(totals) - totals[0]
 
 
 def bench_memory(device: str, vocab: int, gen_length: int, states: int) -> list[str]:

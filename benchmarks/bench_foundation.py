@@ -4,18 +4,14 @@ computing the LM head only at masked positions saves at a 32k vocabulary.
     python benchmarks/bench_foundation.py            # prints tables of tokens/s and ratios
     python benchmarks/bench_foundation.py --quick    # smaller, for a smoke run
 
-Memory is measured as the bytes of tensors autograd saves for the backward pass
-(``torch.autograd.graph.saved_tensors_hooks``) plus the logits, on CPU; with CUDA, as
-``torch.cuda.max_memory_allocated``. Times are medians over repeats after a warm-up.
+Memory is the peak tensor memory of a forward + backward (``measure.peak_bytes``: the torch
+profiler's memory timeline on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). Times are medians
+over repeats after a warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from contextlib import contextmanager
-
 import torch
 
 from dlmdistill.diffusion import forward_process
@@ -24,25 +20,12 @@ from dlmdistill.models import ModelConfig, build_model
 from dlmdistill.models.tokenizer import char_tokenizer
 from dlmdistill.sampling import GenerationConfig, generate, generate_reference
 
+from measure import median_time, peak_bytes
+
 SIZES = {
     "tiny (0.5M)": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
     "small (6M)": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 8},
 }
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def model_of(arch: dict, vocab: int, device: str):
@@ -64,29 +47,6 @@ def sft_step(model, ids, resp, full_logits: bool):
     loss = masked_diffusion_loss(logits, ids[noised.masked], w)
     loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-@contextmanager
-def saved_bytes():
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-
-
-def peak_memory(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return torch.cuda.max_memory_allocated() - base
-    with saved_bytes() as total:
-        fn()
-    return total[0]
 
 
 def bench_sft(device: str, batch: int, length: int, repeats: int) -> list[str]:
@@ -120,14 +80,14 @@ def bench_head(device: str, batch: int, length: int, vocab: int, repeats: int) -
     ids = torch.randint(5, vocab, (batch, length), device=device)
     resp = torch.zeros_like(ids, dtype=torch.bool)
     resp[:, length // 4:] = True
-    rows = [f"| LM head ({vocab:,} vocab, batch {batch}x{length}) | step time (s) | memory for backward (MB) |",
+    rows = [f"| LM head ({vocab:,} vocab, batch {batch}x{length}) | step time (s) | peak tensor memory (MB) |",
             "|---|---:|---:|"]
     res = {}
     for label, full in [("all positions", True), ("masked positions only", False)]:
         torch.manual_seed(0)
         t = median_time(lambda: sft_step(m, ids, resp, full), repeats)
         torch.manual_seed(0)
-        mem = peak_memory(lambda: sft_step(m, ids, resp, full), device)
+        mem = peak_bytes(lambda: sft_step(m, ids, resp, full), device)
         res[label] = (t, mem)
         rows.append(f"| {label} | {t:.3f} | {mem / 2**20:,.0f} |")
     (tf, mf), (tm, mm) = res["all positions"], res["masked positions only"]
