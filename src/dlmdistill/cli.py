@@ -210,21 +210,35 @@ def cmd_report(argv: list[str]) -> int:
 
 def cmd_convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dlmdistill convert", description="convert a published checkpoint into a "
-                                "native transformers DLM folder")
+                                "native transformers DLM folder (see docs/backbones/)")
     p.add_argument("family", choices=["llada", "dream", "smdm"])
-    p.add_argument("src", help="source checkpoint folder (llada, dream) or .pth file (smdm)")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--smdm-config", default="Diff_LLaMA_472M", help="SMDM model name (smdm only)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder/id to save alongside (smdm only)")
+    p.add_argument("src", help="source checkpoint folder (llada, dream) or .pth/.safetensors file (smdm)")
+    p.add_argument("dst", help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written weights (default: the source's)")
+    p.add_argument("--mask-token-id", type=int, default=None, help="override the mask id (llada, dream)")
+    p.add_argument("--smdm-config", default="Diff_LLaMA_472M",
+                   help="SMDM model name (e.g. Diff_LLaMA_1476M) or a JSON/YAML file with its config (smdm)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder/id to save alongside (smdm; e.g. TinyLlama's)")
     a = p.parse_args(argv)
+    import torch
+
     from . import convert
 
+    dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.family == "llada":
-        convert.convert_llada(a.src, a.dst)
+        convert.convert_llada(a.src, a.dst, dtype, mask_token_id=a.mask_token_id)
     elif a.family == "dream":
-        convert.convert_dream(a.src, a.dst)
+        convert.convert_dream(a.src, a.dst, dtype, mask_token_id=a.mask_token_id)
     else:
-        convert.convert_smdm(a.src, a.dst, config_name=a.smdm_config, tokenizer=a.tokenizer)
+        cfg: str | dict = a.smdm_config
+        if Path(a.smdm_config).suffix == ".json":
+            cfg = json.loads(Path(a.smdm_config).read_text())
+        elif Path(a.smdm_config).suffix in (".yaml", ".yml"):
+            from .config import load_yaml
+
+            cfg = load_yaml(a.smdm_config)
+        convert.convert_smdm(a.src, a.dst, cfg, tokenizer=a.tokenizer, dtype=dtype)
     print(f"wrote {a.dst}")
     return 0
 
