@@ -61,11 +61,12 @@ def bench_sft(device: str, batch: int, length: int, repeats: int) -> list[str]:
     return rows
 
 
-def bench_sampling(device: str, batch: int, prompt: int, gen: int, steps: int, repeats: int) -> list[str]:
-    rows = ["| model | ours (tokens/s) | plain LLaDA loop (tokens/s) | time ratio ours / plain |", "|---|---:|---:|---:|"]
+def bench_sampling(device: str, batch: int, prompt: int, gen: int, steps: int, repeats: int, vocab: int) -> list[str]:
+    rows = [f"| model ({vocab:,} vocab, {batch} prompts, {gen} tokens, {steps} steps) | ours (tokens/s) | "
+            "plain LLaDA loop (tokens/s) | time ratio ours / plain |", "|---|---:|---:|---:|"]
     cfg = GenerationConfig(gen_length=gen, steps=steps, block_length=gen // 4)
     for name, arch in SIZES.items():
-        m = model_of(arch, 0, device).eval()
+        m = model_of(arch, vocab, device).eval()
         p = torch.randint(5, m.vocab_size, (batch, prompt), device=device)
         assert torch.equal(generate(m, p, cfg).sequences, generate_reference(m, p, cfg))
         ours = median_time(lambda: generate(m, p, cfg), repeats)
@@ -103,7 +104,7 @@ def main() -> None:
     reps = 2 if a.quick else 5
     print(f"device: {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
     print("\n".join(bench_sft(a.device, 16 if a.quick else 64, 128, reps)), "\n")
-    print("\n".join(bench_sampling(a.device, 8 if a.quick else 32, 32, 64, 32, reps)), "\n")
+    print("\n".join(bench_sampling(a.device, 8 if a.quick else 32, 32, 64, 32, reps, 32000)), "\n")
     print("\n".join(bench_head(a.device, 8 if a.quick else 16, 256, 32000, reps)))
 
 

@@ -34,9 +34,12 @@ def train_once(method: str, config: dict[str, Any]) -> Path:
     if (out / "final" / "config.json").exists() or (out / "final" / "adapter_config.json").exists():
         log.info("skip %s (done): %s", method, out)
         return out
-    log.info("train %s -> %s", method, out)
+    from dlmdistill.training import latest_checkpoint
+
+    resume = latest_checkpoint(out) is not None
+    log.info("%s %s -> %s", "resume" if resume else "train", method, out)
     t0 = time.time()
-    train(method, config)
+    train(method, {**config, "training": {**config["training"], "resume": resume}})
     (out / "wall_seconds.json").write_text(json.dumps({"seconds": time.time() - t0}))
     return out
 

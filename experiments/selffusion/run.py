@@ -42,12 +42,13 @@ SHARED = REPO.parent / "shared" / "data"
 EVAL_SETS = ["dolly", "self-inst", "vicuna", "sinst", "uinst"]
 
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": dict(max_chars=700, eval_chars=500, sft_examples=2000, epochs=8, pretrain_epochs=3, eval_items=50, vocab=2048,
-                student={"num_hidden_layers": 4}, teacher={"hidden_size": 256, "intermediate_size": 1024,
-                                                           "num_hidden_layers": 6, "num_attention_heads": 8},
+    "cpu": dict(max_chars=700, eval_chars=500, sft_examples=1000, epochs=6, pretrain_epochs=3, eval_items=50, vocab=2048,
+                teacher_pretrain_epochs=2, student={"num_hidden_layers": 4},
+                teacher={"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6},
                 batch=32, seeds=[3407, 1, 2], eval_seeds=[10, 20, 30], eval_steps=[8, 16, 32], gen_length=64,
                 seqkd_steps=64, ablation_seed=3407, latency_items=20),
     "smoke": dict(max_chars=300, eval_chars=300, sft_examples=40, epochs=1, pretrain_epochs=1, eval_items=3, vocab=400,
+                  teacher_pretrain_epochs=1,
                   student={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
                   teacher={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 1,
                            "num_attention_heads": 4},
@@ -95,7 +96,8 @@ def config(out: Path, s: dict[str, Any], *, model: dict[str, Any], data: dict[st
         "training": {"output_dir": str(out), "num_train_epochs": epochs, "per_device_train_batch_size": s["batch"],
                      "learning_rate": lr, "lr_scheduler_type": "cosine_with_min_lr", "min_lr_ratio": 0.1,
                      "warmup_ratio": 0.05, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95,
-                     "max_grad_norm": 1.0, "seed": seed, "logging_steps": 10, "save_steps": 0,
+                     "max_grad_norm": 1.0, "seed": seed, "logging_steps": 10, "save_steps": 100,
+                     "save_total_limit": 1,
                      "report_to": ["jsonl"], "progress_bar": False},
         "eval": {"enabled": False},
     }
@@ -126,7 +128,7 @@ def build_teachers(root: Path, s: dict[str, Any], files: dict[str, Path]) -> Non
         train_once(method, config(root / f"pretrain_{name}_teacher", s,
                                   model={"name_or_path": "preset:tiny", "tokenizer": tok,
                                          "preset_overrides": s["teacher"]},
-                                  data=text_data(files), epochs=s["pretrain_epochs"], lr=5e-4, seed=0))
+                                  data=text_data(files), epochs=s["teacher_pretrain_epochs"], lr=5e-4, seed=0))
         train_once(method, config(root / f"teacher_{name}", s,
                                   model={"name_or_path": str(root / f"pretrain_{name}_teacher" / "final")},
                                   data=sft_data(files), epochs=s["epochs"], lr=2e-4, seed=3407))

@@ -69,7 +69,7 @@ def score_completions(task: Task, examples: Sequence[Example], completions: Sequ
     return rows
 
 
-def _generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig,
+def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig,
                   seed: int, progress: bool, desc: str) -> list[str]:
     from tqdm.auto import tqdm
 
@@ -134,7 +134,7 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
             per_seed = {}
             for seed in seeds:
                 t0 = time.time()
-                completions = _generate_all(model, tokenizer, prompts, cfg, seed, progress, f"steps={s} seed={seed}")
+                completions = generate_all(model, tokenizer, prompts, cfg, seed, progress, f"steps={s} seed={seed}")
                 elapsed = time.time() - t0
                 rows = score_completions(task, examples, completions)
                 metrics = task.aggregate([r["score"] for r in rows], rows)
@@ -197,7 +197,7 @@ class TaskEvaluator:
         idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]  # pad so every rank does equal work
         exs = [self.examples[i] for i in idx]
         prompts = encode_prompts(trainer.tokenizer, exs, self.fmt, self.gen, None)
-        completions = _generate_all(model, trainer.tokenizer, prompts, self.gen, self.seed + rank, False, "eval")
+        completions = generate_all(model, trainer.tokenizer, prompts, self.gen, self.seed + rank, False, "eval")
         scores = torch.tensor([float(self.task.score(e, c)) for e, c in zip(exs, completions)], device=acc.device)
         ids = torch.tensor(idx, device=acc.device)
         scores, ids = acc.gather(scores), acc.gather(ids)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 
 from ..config import field
 from ..data import DataError, encode_prompt, tokenize_examples
-from ..evaluate import _generate_all
+from ..evaluate import generate_all
 from ..flops import ModelShape, PassCounter
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
@@ -92,7 +92,7 @@ def generate_teacher_responses(teacher: DiffusionModel | CausalLM, tokenizer, pr
         f.writelines(_record(i, prompts[i], r) for i, r in enumerate(done))
     for start in range(len(done), len(prompts), chunk_size):
         ids = [encode_prompt(tokenizer, p, prompt_format) for p in prompts[start:start + chunk_size]]
-        texts = _generate_all(teacher, tokenizer, ids, gen, seed + start // chunk_size, False, "teacher")
+        texts = generate_all(teacher, tokenizer, ids, gen, seed + start // chunk_size, False, "teacher")
         with open(path, "a") as f:
             f.writelines(_record(i, prompts[i], t) for i, t in enumerate(texts, start=start))
         done.extend(texts)

@@ -14,7 +14,6 @@ recipes need, next to ``DiffusionModel``:
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +22,8 @@ import torch
 from torch import nn
 
 from ..sampling import GenerationConfig, left_pad
-from .backbone import SPLITTABLE_MODEL_TYPES, position_ids_from_mask
-from .loading import DTYPES, ModelConfig, _apply_lora, is_preset, load_tokenizer
+from .backbone import SPLITTABLE_MODEL_TYPES, export_model, position_ids_from_mask
+from .loading import DTYPES, ModelConfig, apply_lora, is_preset, load_tokenizer
 from .presets import preset_config
 from .tokenizer import ensure_pad_token
 
@@ -156,16 +155,7 @@ class CausalLM(nn.Module):
     def save_pretrained(self, path: str | Path, tokenizer=None, *, merge_lora: bool = True,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Export a loadable transformers folder (safetensors); LoRA merged unless ``merge_lora=False``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        if self.is_peft and merge_lora:
-            model = copy.deepcopy(model).merge_and_unload()
-        elif state_dict is not None and not self.is_peft:
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        model.save_pretrained(str(path), state_dict=None if self.is_peft else state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
+        export_model(self.model, path, tokenizer, merge_lora=merge_lora, state_dict=state_dict)
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer=None) -> tuple[CausalLM, Any]:
@@ -210,7 +200,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None) -> tuple[CausalLM, Any]:
     if cfg.lora_r > 0 and not from_adapter:
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = _apply_lora(model, cfg)
+        model = apply_lora(model, cfg)
     return CausalLM(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id), tokenizer
 
 

@@ -190,23 +190,33 @@ class DiffusionModel(nn.Module):
     # ------------------------------------------------------------------ export
     def save_pretrained(self, path: str | Path, tokenizer=None, *, merge_lora: bool = True,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Export a loadable model folder (transformers format, safetensors).
+        """Export a loadable model folder (transformers format, safetensors) with the DLM fields
+        ``mask_token_id`` and ``dlm_shift_logits`` in its config; see ``export_model``. The
+        calibration module is not part of ``self.model`` and so is never exported."""
+        export_model(self.model, path, tokenizer, merge_lora=merge_lora, state_dict=state_dict,
+                     config_updates={"mask_token_id": self.mask_id, "dlm_shift_logits": self.shift_logits})
 
-        The calibration module is never exported. With LoRA, ``merge_lora=True`` writes a merged
-        full model; otherwise the adapter alone (with the base recorded in adapter_config.json).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        if self.is_peft and merge_lora:
-            import copy
-            model = copy.deepcopy(model).merge_and_unload()
-        elif state_dict is not None and not self.is_peft:
-            # strip our wrapper prefix ("model.") from an Accelerate-gathered state dict
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        cfg = (model.get_base_model() if _is_peft(model) else model).config
-        cfg.mask_token_id = self.mask_id
-        cfg.dlm_shift_logits = self.shift_logits
-        model.save_pretrained(str(path), state_dict=state_dict if not _is_peft(model) else None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
+
+def export_model(model: nn.Module, path: str | Path, tokenizer=None, *, merge_lora: bool = True,
+                 state_dict: dict[str, torch.Tensor] | None = None, config_updates: dict | None = None) -> None:
+    """Write ``model`` (a transformers model or a ``PeftModel``) and ``tokenizer`` to ``path``.
+
+    With LoRA, ``merge_lora=True`` writes a merged full model (from a copy; the live model keeps its
+    adapters), else the adapter alone, its base recorded in adapter_config.json. ``state_dict`` is a
+    full state dict gathered by Accelerate under FSDP/DeepSpeed, keyed by the wrapper's names
+    (``model.`` + the transformers names).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if _is_peft(model) and merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    elif state_dict is not None and not _is_peft(model):
+        state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    config = (model.get_base_model() if _is_peft(model) else model).config
+    for key, value in (config_updates or {}).items():
+        setattr(config, key, value)
+    model.save_pretrained(str(path), state_dict=None if _is_peft(model) else state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))

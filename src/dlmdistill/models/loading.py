@@ -85,7 +85,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return AutoTokenizer.from_pretrained(src, **kwargs)
 
 
-def _apply_lora(model, cfg: ModelConfig):
+def apply_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
     targets: Any = cfg.lora_target_modules
@@ -201,7 +201,7 @@ def _finish(model, tokenizer, cfg: ModelConfig, *, mask_id: int, shift: bool, lo
     if lora and cfg.lora_r > 0:
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = _apply_lora(model, cfg)
+        model = apply_lora(model, cfg)
     dm = DiffusionModel(model, mask_id, shift_logits=shift, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
     return dm, tokenizer
 
