@@ -100,3 +100,14 @@ def test_demo_quick(tmp_path):
     res = run_demo(str(tmp_path / "demo"), "quick")
     assert "base" in res["accuracy"] and "sft" in res["accuracy"]
     assert (tmp_path / "demo" / "results.png").exists() and (tmp_path / "demo" / "results.md").exists()
+
+
+def test_generate_with_an_autoregressive_run(tmp_path):
+    out = tmp_path / "ar"
+    assert main(["train", "ar-sft", "--task", "countdown", "--train_limit", "50", "--max_steps", "2",
+                 "--per_device_train_batch_size", "8", "--eval.enabled", "false", "--output_dir", str(out),
+                 "--report_to", "jsonl", *TINY]) == 0
+    gen = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(out), "--prompt", "numbers: 1 2 3 target: 6\n", "--gen_length", "12",
+                 "--steps", "12", "--temperature", "0", "--output", str(gen)]) == 0
+    assert json.loads(gen.read_text())["prompt"].startswith("numbers")

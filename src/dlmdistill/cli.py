@@ -122,9 +122,9 @@ def _read_prompts(path: str) -> list[str]:
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
-    from .data import format_prompt
+    from .data import encode_prompt
     from .evaluate import resolve_model_path
-    from .models.loading import build_model
+    from .models.autoregressive import CausalLM, load_for_inference
     from .sampling import decode_responses, generate
 
     config, rest, want_help = _split_config_arg(_aliases(argv, {"--model": "--model.name_or_path"}))
@@ -137,22 +137,28 @@ def cmd_generate(argv: list[str]) -> int:
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompts_file")
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
-    model, tok = build_model(cfg.model)
+    model, tok = load_for_inference(cfg.model)
     model.to(_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # an AR model samples from the global generator
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     out = open(cfg.output, "w") if cfg.output else None
     bs = cfg.generation.batch_size
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
-        ids = [tok(format_prompt(tok, p, cfg.prompt_format), add_special_tokens=False).input_ids for p in chunk]
-        res = generate(model, ids, cfg.generation, generator=gen, return_trajectory=bool(cfg.trajectory) and start == 0)
-        if res.trajectory is not None:
+        ids = [encode_prompt(tok, p, cfg.prompt_format) for p in chunk]
+        if isinstance(model, CausalLM):  # left to right; sampler settings other than length/temperature unused
+            responses = model.generate_responses(ids, cfg.generation)
+        else:
+            res = generate(model, ids, cfg.generation, generator=gen,
+                           return_trajectory=bool(cfg.trajectory) and start == 0)
+            responses = res.responses
+        if not isinstance(model, CausalLM) and res.trajectory is not None:
             from safetensors.torch import save_file
 
             t = res.trajectory
             save_file({"states": t.states.cpu().contiguous(), "committed": t.committed.cpu().contiguous(),
                        "block": t.block.cpu(), "sequences": res.sequences.cpu()}, cfg.trajectory)
-        for p, c in zip(chunk, decode_responses(tok, res.responses)):
+        for p, c in zip(chunk, decode_responses(tok, responses)):
             if out:
                 out.write(json.dumps({"prompt": p, "completion": c}) + "\n")
             else:
