@@ -23,7 +23,7 @@ from .methods import METHODS
 
 #: demo sizes; "quick" is what the test suite runs
 SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(train_examples=20000, base_steps=500, post_steps=20, eval_items=200, batch=128, eval_batch=200,
+    "full": dict(train_examples=20000, base_steps=700, post_steps=20, eval_items=200, batch=128, eval_batch=200,
                  gen_length=64, block_length=16, steps=64, rollout_steps=32, preset_overrides={}),
     "quick": dict(train_examples=500, base_steps=8, post_steps=2, eval_items=16, batch=16, eval_batch=16,
                   gen_length=64, block_length=16, steps=16, rollout_steps=16,
