@@ -120,3 +120,25 @@ def test_smollm2_gguf_adapts_trains_generates_and_reloads(tmp_path):
     x = torch.tensor([tok("Q: 2+2?\nA:").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), trainer.unwrapped.eval()(x))
+
+
+def test_masked_lm_backbone_trains_and_samples(tmp_path):
+    """A BERT-style masked LM (head with a transform, not splittable) goes through the full-logits path."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dlmdistill.sampling import GenerationConfig, generate
+
+    tok = train_bpe_tokenizer(["a b c d e f g"] * 10, vocab_size=270)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    model, tok = build_model(ModelConfig(name_or_path=str(tmp_path / "bert")))
+    assert not model.splittable and model.mask_id == tok.mask_token_id
+    x = torch.randint(5, 200, (2, 9))
+    pos = torch.rand(2, 9) < 0.5
+    full = model(x)
+    torch.testing.assert_close(model(x, positions=pos), full[pos])
+    full[pos].sum().backward()  # gradients flow through the fallback path
+    out = generate(model.eval(), [[5, 6, 7]], GenerationConfig(gen_length=6, steps=3))
+    assert not (out.responses == model.mask_id).any()

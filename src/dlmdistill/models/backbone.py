@@ -19,6 +19,7 @@ through ``add_calibration``; they are trained and checkpointed with the run but 
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -79,6 +80,7 @@ class DiffusionModel(nn.Module):
         self.eos_id = eos_id
         self.calibration: RMSNorm | None = None
         hf = self.hf_model
+        self._takes_position_ids = "position_ids" in inspect.signature(hf.forward).parameters
         self.splittable = getattr(hf.config, "model_type", None) in SPLITTABLE_MODEL_TYPES and \
             hf.get_output_embeddings() is not None and hasattr(hf, "model")
 
@@ -167,7 +169,9 @@ class DiffusionModel(nn.Module):
             raise ValueError("calibration needs a splittable backbone")
         kwargs = {}
         if attention_mask is not None:
-            kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+            kwargs["attention_mask"] = attention_mask
+            if self._takes_position_ids:  # remote-code models (LLaDA) may not
+                kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         logits = self.model(input_ids=input_ids, **kwargs).logits
         if positions is None:
             return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.shift_logits else logits
