@@ -70,27 +70,32 @@ def score_completions(task: Task, examples: Sequence[Example], completions: Sequ
 
 
 def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list[int]], gen: GenerationConfig,
-                  seed: int, progress: bool, desc: str) -> list[str]:
+                 seed: int, progress: bool, desc: str, forward: torch.nn.Module | None = None) -> list[str]:
+    """Completions for token-id prompts, in batches of similar length, reproducible for ``seed``.
+
+    The global RNG (used by AR sampling) is seeded inside a fork, so evaluating during training does
+    not reset the training run's random stream.
+    """
     from tqdm.auto import tqdm
 
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    torch.manual_seed(seed)
-    out: list[str] = []
-    # sort by prompt length so batches waste little padding; restore the order afterwards
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: dict[int, str] = {}
-    bs = gen.batch_size
-    for start in tqdm(range(0, len(order), bs), desc=desc, disable=not progress, unit="batch", leave=False):
-        idx = order[start:start + bs]
-        batch = [prompts[i] for i in idx]
-        if isinstance(model, CausalLM):  # left-to-right sampling from the global RNG seeded above
-            responses = model.generate_responses(batch, gen)
-        else:
-            responses = generate(model, batch, gen, generator=g).responses
-        for i, t in zip(idx, decode_responses(tokenizer, responses)):
-            texts[i] = t
-    out = [texts[i] for i in range(len(prompts))]
-    return out
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        g = torch.Generator(device=model.device).manual_seed(seed)
+        # sort by prompt length so batches waste little padding; restore the order afterwards
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts: dict[int, str] = {}
+        bs = gen.batch_size
+        for start in tqdm(range(0, len(order), bs), desc=desc, disable=not progress, unit="batch", leave=False):
+            idx = order[start:start + bs]
+            batch = [prompts[i] for i in idx]
+            if isinstance(model, CausalLM):  # left-to-right sampling from the global RNG seeded above
+                responses = model.generate_responses(batch, gen)
+            else:
+                responses = generate(model, batch, gen, generator=g, forward=forward).responses
+            for i, t in zip(idx, decode_responses(tokenizer, responses)):
+                texts[i] = t
+    return [texts[i] for i in range(len(prompts))]
 
 
 def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: GenerationConfig, limit: int | None
@@ -197,7 +202,8 @@ class TaskEvaluator:
         idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]  # pad so every rank does equal work
         exs = [self.examples[i] for i in idx]
         prompts = encode_prompts(trainer.tokenizer, exs, self.fmt, self.gen, None)
-        completions = generate_all(model, trainer.tokenizer, prompts, self.gen, self.seed + rank, False, "eval")
+        completions = generate_all(model, trainer.tokenizer, prompts, self.gen, self.seed + rank, False, "eval",
+                                   forward=trainer.sampling_forward)
         scores = torch.tensor([float(self.task.score(e, c)) for e, c in zip(exs, completions)], device=acc.device)
         ids = torch.tensor(idx, device=acc.device)
         scores, ids = acc.gather(scores), acc.gather(ids)

@@ -25,7 +25,7 @@ the step, the positions committed at the step and the block being decoded: d-OPS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -156,7 +156,7 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, config: GenerationConfig, *,
              attention_mask: torch.Tensor | None = None, init_response: torch.Tensor | None = None,
              clear_block_on_entry: bool = False, generator: torch.Generator | None = None,
-             return_trajectory: bool = False) -> GenerationOutput:
+             return_trajectory: bool = False, forward: Callable[..., torch.Tensor] | None = None) -> GenerationOutput:
     """Generate responses for a batch of prompts (one call = one batch; see ``generate_texts`` for lists).
 
     prompt_ids:     token lists (left-padded here) or an already left-padded [B, P] tensor with
@@ -164,6 +164,8 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
     init_response:  optional [B, G] starting response; positions holding the mask id are generated,
                     others are kept (used to regenerate from a partially revealed answer).
     clear_block_on_entry: re-mask a block's pre-filled tokens when decoding reaches it.
+    forward:        the module to call for logits when it is not ``model`` itself, e.g. the FSDP-wrapped
+                    model during training (``model`` still provides the mask id, padding and device).
     """
     config.validate()
     device = model.device
@@ -207,7 +209,8 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
                     if return_trajectory:
                         committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
                     continue
-                logits = suppress_mask(_guided_logits(model, x, attn, candidates, uncond, p, config.cfg_scale), mask_id)
+                logits = suppress_mask(_guided_logits(forward or model, x, attn, candidates, uncond, p,
+                                                      config.cfg_scale), mask_id)
                 tokens = gumbel_argmax(logits, config.temperature, generator)
                 if config.remasking == "low_confidence":
                     conf = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -238,7 +241,7 @@ def suppress_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return logits
 
 
-def _guided_logits(model: DiffusionModel, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+def _guided_logits(model: Callable[..., torch.Tensor], x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
                    uncond_prompt: torch.Tensor | None, p: int, w: float) -> torch.Tensor:
     """Logits at ``positions`` ([N, V]), with classifier-free guidance when ``uncond_prompt`` is set."""
     if uncond_prompt is None:

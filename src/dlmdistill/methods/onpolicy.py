@@ -184,7 +184,7 @@ class OnPolicyTrainer(Trainer):
         for c in range(n_calls):
             real = c < len(chunks)
             out = generate(model, chunks[c] if real else [list(filler)], gen, generator=generator,
-                           return_trajectory=trajectory)
+                           return_trajectory=trajectory, forward=self.sampling_forward)
             if not real:
                 continue
             responses.append(out.responses)

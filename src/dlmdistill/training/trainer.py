@@ -215,6 +215,13 @@ class Trainer:
     def unwrapped(self) -> DiffusionModel:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def sampling_forward(self) -> torch.nn.Module | None:
+        """What the sampler should call during training: the wrapped model under FSDP (its parameters
+        are sharded; every rank must then run the same number of forward passes), else ``None``
+        (the unwrapped model: under DDP the wrapper's forward could synchronise buffers)."""
+        return self.model if self.accelerator.distributed_type.value == "FSDP" else None
+
     # ------------------------------------------------------------------ schedule
     def updates_per_epoch(self) -> int:
         return max(math.ceil(len(self.train_loader) / self.accumulation_steps()), 1)
