@@ -111,3 +111,17 @@ def test_generate_with_an_autoregressive_run(tmp_path):
     assert main(["generate", "--model", str(out), "--prompt", "numbers: 1 2 3 target: 6\n", "--gen_length", "12",
                  "--steps", "12", "--temperature", "0", "--output", str(gen)]) == 0
     assert json.loads(gen.read_text())["prompt"].startswith("numbers")
+
+
+def test_report_plots_evaluation_against_optimizer_steps(tmp_path):
+    from dlmdistill.report import load_run, series
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "logs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "optimizer_steps": 4, "loss": 1.0},
+        {"step": 2, "optimizer_steps": 8, "loss": 0.5},
+        {"step": 2, "optimizer_steps": 8, "eval/accuracy": 30.0},
+    ]) + "\n")
+    assert series(load_run(run), "eval/accuracy") == ([8], [30.0])
+    assert series(load_run(run), "loss") == ([4, 8], [1.0, 0.5])

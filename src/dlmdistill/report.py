@@ -47,12 +47,14 @@ def load_run(path: str | Path) -> dict[str, Any]:
     return run
 
 
-def series(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
+def series(run: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """(x, y) of a logged metric; x = optimizer steps (gradient updates; diffu-GRPO takes mu per
+    logged step), or the logged step for logs written before that field existed."""
     xs, ys = [], []
     for rec in run["logs"]:
         v = rec.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            xs.append(rec["step"])
+            xs.append(rec.get("optimizer_steps", rec["step"]))
             ys.append(float(v))
     return xs, ys
 
@@ -62,7 +64,7 @@ def metric_keys(runs: list[dict[str, Any]]) -> list[str]:
     for r in runs:
         for rec in r["logs"]:
             keys.update(k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    keys -= {"step", "epoch", "elapsed_s", "lr"}
+    keys -= {"step", "optimizer_steps", "epoch", "elapsed_s", "lr"}
     return [k for k in PREFERRED if k in keys] + sorted(keys - set(PREFERRED))
 
 

@@ -193,7 +193,6 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
             if grad_norm is not None:
                 per_iter["grad_norm"].append(grad_norm)
         metrics.update({k: sum(v) / len(v) for k, v in per_iter.items() if v})
-        metrics["optimizer_steps"] = float((self.state.global_step + 1) * m.num_iterations)
         return True, metrics
 
     @torch.no_grad()

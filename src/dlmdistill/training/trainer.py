@@ -134,6 +134,7 @@ class TrainerState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches consumed in the current epoch
     skipped_steps: int = 0
+    optimizer_steps: int = 0  # gradient updates (diffu-GRPO takes mu of them per global step)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -266,6 +267,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.state.optimizer_steps += 1
         return grad_norm
 
     def training_step(self, batch: Any) -> tuple[bool, dict[str, float]]:
@@ -361,7 +363,9 @@ class Trainer:
         if acc.is_main_process and "jsonl" in self.config.report_to:
             if self._jsonl is None:
                 self._jsonl = open(self.output_dir / "logs.jsonl", "a", buffering=1)
-            self._jsonl.write(json.dumps({"step": step, "method": self.method_name, **_round(metrics)}) + "\n")
+            record = {"step": step, "optimizer_steps": self.state.optimizer_steps, "method": self.method_name,
+                      **_round(metrics)}
+            self._jsonl.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
