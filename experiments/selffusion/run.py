@@ -170,10 +170,16 @@ def evaluate_run(run: Path, s: dict[str, Any], files: dict[str, Path], *, headli
                               source=str(files[es]), name=f"rouge_{es}") for es in EVAL_SETS}
 
 
-def students(root: Path, s: dict[str, Any], files: dict[str, Path], on_result: Any) -> None:
-    """Train and evaluate every student run; ``on_result()`` refreshes the results after each."""
+def students(root: Path, s: dict[str, Any], files: dict[str, Path], on_result: Any,
+             only: list[str] | None = None) -> None:
+    """Train and evaluate every student run (or those named in ``only``, in that order);
+    ``on_result()`` refreshes the results after each."""
     base = str(root / "pretrain_student" / "final")
-    for run_name, method, section, seed in student_names(root, s):
+    runs = {r[0]: r for r in student_names(root, s)}
+    unknown = sorted(set(only or []) - set(runs))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run names {unknown}; known: {sorted(runs)}")
+    for run_name, method, section, seed in [runs[n] for n in only] if only else runs.values():
         if section and "teacher" in section:
             build_teachers(root, s, files)  # skipped once done
         run = train_once(method, config(root / run_name, s, model={"name_or_path": base}, data=sft_data(files),
@@ -256,6 +262,8 @@ def main() -> None:
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_<scale>)")
     ap.add_argument("--stages", nargs="*", default=["train", "latency"], help="train (and evaluate), latency")
+    ap.add_argument("--runs", nargs="*", default=None,
+                    help="student runs to train, in this order (e.g. sft_seed3407 selffusion_seed3407); default all")
     a = ap.parse_args()
     setup_logging()
     if not SHARED.exists():
@@ -286,7 +294,7 @@ def main() -> None:
 
     if "train" in a.stages:
         stage("pretrain student", lambda: pretrain_student(root, s, files))
-        stage("students", lambda: students(root, s, files, write_results))
+        stage("students", lambda: students(root, s, files, write_results, a.runs))
     if "latency" in a.stages and (root / "teacher_ar" / "final").exists():
         stage("latency", lambda: latency(root, s, files))
     print(write_results())
