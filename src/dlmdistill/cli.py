@@ -83,7 +83,7 @@ def cmd_train(argv: list[str]) -> int:
         print(f"dlmdistill train {method} [--config FILE] [--key value ...]\n")
         print(format_help(cfg_cls))
         return 0
-    cfg = load_config(cfg_cls, config, rest)
+    cfg = load_config(cfg_cls, config, _aliases(rest, {"--init-from": "--model.name_or_path"}))
     metrics = run(cfg)
     if metrics:
         print(json.dumps(metrics, indent=2))
@@ -217,8 +217,10 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dlmdistill convert", description="convert a published checkpoint into a "
                                 "native transformers DLM folder (see docs/backbones/)")
-    p.add_argument("family", choices=["llada", "dream", "smdm"])
-    p.add_argument("src", help="source checkpoint folder (llada, dream) or .pth/.safetensors file (smdm)")
+    p.add_argument("family", choices=["llada", "dream", "smdm", "ar"],
+                   help="ar: adapt any transformers decoder (hub id or folder) into a bidirectional DLM")
+    p.add_argument("src", help="source checkpoint folder (llada, dream), .pth/.safetensors file (smdm), or hub "
+                   "id / folder of a decoder (ar)")
     p.add_argument("dst", help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written weights (default: the source's)")
@@ -226,12 +228,33 @@ def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--smdm-config", default="Diff_LLaMA_472M",
                    help="SMDM model name (e.g. Diff_LLaMA_1476M) or a JSON/YAML file with its config (smdm)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/id to save alongside (smdm; e.g. TinyLlama's)")
+    p.add_argument("--mask-token", default=None, help="mask token string, added if new (ar; default: the "
+                   "tokenizer's own mask token, else <|mdm_mask|>)")
+    p.add_argument("--shift-logits", action="store_true", help="keep the AR alignment, Dream style (ar)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside SRC, de-quantised on load (ar)")
+    p.add_argument("--revision", default=None, help="hub revision (ar)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code (ar)")
     a = p.parse_args(argv)
+    if a.family != "ar" and (a.mask_token or a.shift_logits or a.gguf_file or a.revision or a.trust_remote_code):
+        p.error("--mask-token, --shift-logits, --gguf-file, --revision and --trust-remote-code are for 'ar'")
     import torch
 
     from . import convert
 
     dtype = getattr(torch, a.dtype) if a.dtype else None
+    if a.family == "ar":
+        from .models.loading import ModelConfig, build_model
+
+        dst = Path(a.dst)
+        if dst.exists() and any(dst.iterdir()):
+            raise SystemExit(f"convert: the output folder {dst} is not empty")
+        model, tok = build_model(ModelConfig(name_or_path=a.src, gguf_file=a.gguf_file, revision=a.revision,
+                                             dtype=a.dtype or "float32", trust_remote_code=a.trust_remote_code,
+                                             mask_token=a.mask_token, shift_logits=True if a.shift_logits else None))
+        model.save_pretrained(dst, tok)
+        print(f"wrote {a.dst} (mask id {model.mask_id}, vocabulary {len(tok)}, bidirectional"
+              f"{', shifted logits' if model.shift_logits else ''})")
+        return 0
     if a.family == "llada":
         convert.convert_llada(a.src, a.dst, dtype, mask_token_id=a.mask_token_id)
     elif a.family == "dream":

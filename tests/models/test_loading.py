@@ -60,6 +60,28 @@ def test_explicit_mask_token_and_shift_option(tmp_path):
     assert again.shift_logits and again.mask_id == tok.convert_tokens_to_ids("[M]")
 
 
+def test_convert_ar_cli_writes_a_dlm_folder_and_train_accepts_init_from(tmp_path, capsys):
+    from dlmdistill.cli import main
+
+    _ar_checkpoint(tmp_path / "ar")
+    assert main(["convert", "ar", str(tmp_path / "ar"), str(tmp_path / "dlm"), "--mask-token", "[M]",
+                 "--shift-logits"]) == 0
+    model, tok = load_model(str(tmp_path / "dlm"))
+    assert model.config.is_causal is False and model.shift_logits and tok.mask_token == "[M]"
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["convert", "ar", str(tmp_path / "ar"), str(tmp_path / "dlm")])
+    with pytest.raises(SystemExit):  # ar-only options are refused for the other families
+        main(["convert", "llada", str(tmp_path / "ar"), str(tmp_path / "x"), "--shift-logits"])
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "the cat", "input": "", "output": "sat on the mat"}\n' * 8)
+    assert main(["train", "sft", "--init-from", str(tmp_path / "dlm"), "--data.task", "instruct",
+                 "--data.train_source", str(data), "--training.output_dir", str(tmp_path / "run"),
+                 "--training.max_steps", "1", "--training.per_device_train_batch_size", "2",
+                 "--training.progress_bar", "false", "--eval.enabled", "false"]) == 0
+    again, _ = load_model(str(tmp_path / "run" / "final"))
+    assert again.shift_logits and again.mask_id == model.mask_id
+
+
 def test_masked_lm_without_mask_token_is_refused(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
