@@ -11,5 +11,8 @@ SELFFUSION_RUNS=${SELFFUSION_RUNS:-"sft_seed3407 selffusion_seed3407 sft_seed1 s
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=1 nohup python experiments/selffusion/run.py --scale cpu --runs $SELFFUSION_RUNS \
   >> runs/exp_selffusion_cpu.log 2>&1 &
-OMP_NUM_THREADS=1 nohup python experiments/dopsd/run.py --scale cpu --task sudoku >> runs/exp_dopsd_sudoku_cpu.log 2>&1 &
+# the Sudoku SelfFusion study starts from the d-OPSD experiment's base, so it runs after it on the same core
+(OMP_NUM_THREADS=1 python experiments/dopsd/run.py --scale cpu --task sudoku >> runs/exp_dopsd_sudoku_cpu.log 2>&1 &&
+ OMP_NUM_THREADS=1 python experiments/selffusion/sudoku.py --scale cpu --base runs/exp_dopsd_sudoku_cpu/base/final \
+   >> runs/exp_selffusion_sudoku_cpu.log 2>&1) &
 wait

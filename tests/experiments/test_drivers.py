@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DLMDISTILL_SHARED", ROOT.parent / "shared"))
 
 
-def run(script: str, out: Path) -> str:
+def run(script: str, out: Path, *extra: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--scale", "smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--scale", "smoke", "--out", str(out),
+                           *extra],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return (out / "results.md").read_text()
@@ -35,3 +36,17 @@ def test_selffusion_driver_smoke(tmp_path):
     for row in ("| sft |", "| selffusion |", "| kd_dlm |", "| kd_ar |", "| seqkd_dlm |", "| seqkd_ar |",
                 "| selffusion_no_rmsnorm |", "| teacher_ar |"):
         assert row in text
+
+
+def test_selffusion_sudoku_driver_smoke(tmp_path):
+    text = run("selffusion/sudoku.py", tmp_path)
+    assert "## Accuracy" in text and "## Ablations" in text
+    for row in ("| SFT |", "| SelfFusion |", "easy_to_hard", "hard_to_easy", "no_rmsnorm"):
+        assert row in text
+    assert (tmp_path / "accuracy_vs_steps.png").exists()
+    # a second study can start from the first one's base; a folder without a model is refused
+    again = run("selffusion/sudoku.py", tmp_path / "again", "--base", str(tmp_path / "base" / "final"))
+    assert "| SelfFusion |" in again and not (tmp_path / "again" / "base").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "selffusion" / "sudoku.py"), "--scale", "smoke",
+                           "--out", str(tmp_path / "bad"), "--base", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "not a model folder" in proc.stderr
