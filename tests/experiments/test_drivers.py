@@ -1,5 +1,6 @@
 """Smoke-sized runs of the experiment drivers: every stage end to end in about a minute."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,9 +42,11 @@ def test_selffusion_driver_smoke(tmp_path):
 def test_selffusion_sudoku_driver_smoke(tmp_path):
     text = run("selffusion/sudoku.py", tmp_path)
     assert "## Accuracy" in text and "## Ablations" in text
-    for row in ("| SFT |", "| SelfFusion |", "easy_to_hard", "hard_to_easy", "no_rmsnorm"):
+    for row in ("| SFT |", "| SelfFusion |", "| SFT, 2x steps", "easy_to_hard", "hard_to_easy", "no_rmsnorm"):
         assert row in text
     assert (tmp_path / "accuracy_vs_steps.png").exists()
+    steps = [json.loads(line).get("step", 0) for line in (tmp_path / "sft_2x_seed0" / "logs.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # twice the smoke scale's 2 steps: SelfFusion's compute
     # a second study can start from the first one's base; a folder without a model is refused
     again = run("selffusion/sudoku.py", tmp_path / "again", "--base", str(tmp_path / "base" / "final"))
     assert "| SelfFusion |" in again and not (tmp_path / "again" / "base").exists()
