@@ -103,7 +103,7 @@ def main() -> None:
     base_acc = json.loads(metrics.read_text()).get("accuracy", float("nan")) if metrics.exists() else float("nan")
     parts = [f"# SelfFusion vs SFT on Sudoku (scale {a.scale})", "",
              f"Base `{base}`: {base_acc:.1f}% on {d['eval_items']} held-out puzzles. Every run: {s['steps']} "
-             f"optimizer steps, batch {s['batch']}, lr {s['lr']}, constant schedule; accuracy every "
+             f"optimizer steps (the compute-matched SFT row: {2 * s['steps']}), batch {s['batch']}, lr {s['lr']}, constant schedule; accuracy every "
              f"{s['eval_every']} steps (gen {d['gen_length']}, block {d['block_length']}, {d['steps']} steps).", ""]
     results: dict[str, Any] = {"base_accuracy": base_acc, "scale": s}
     if "main" in a.stages:
