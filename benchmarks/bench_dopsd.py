@@ -23,7 +23,6 @@ the setups interleaved; rollout time reported separately.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -43,7 +42,7 @@ from dlmdistill.sampling import GenerationConfig, generate
 from dlmdistill.tasks.base import Example, Task
 from dlmdistill.training import TrainingConfig
 
-from measure import peak_bytes
+from measure import bench_args, peak_bytes
 
 
 def small_model(vocab: int, hidden: int, device: str):
@@ -188,11 +187,7 @@ def bench_time(device: str, prompts: int, k: int, gen_length: int, repeats: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
-    print(f"device: {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
+    a = bench_args(__doc__)
     print("\n".join(bench_memory(a.device, 32000, 256, 4 if a.quick else 8)), "\n")
     print("\n".join(bench_time(a.device, 2 if a.quick else 4, 4 if a.quick else 8, 32 if a.quick else 64,
                                2 if a.quick else 5)))

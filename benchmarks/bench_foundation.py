@@ -11,7 +11,6 @@ over repeats after a warm-up.
 
 from __future__ import annotations
 
-import argparse
 import torch
 
 from dlmdistill.diffusion import forward_process
@@ -20,7 +19,7 @@ from dlmdistill.models import ModelConfig, build_model
 from dlmdistill.models.tokenizer import char_tokenizer
 from dlmdistill.sampling import GenerationConfig, generate, generate_reference
 
-from measure import median_time, peak_bytes
+from measure import bench_args, median_time, peak_bytes
 
 SIZES = {
     "tiny (0.5M)": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -99,12 +98,8 @@ def bench_head(device: str, batch: int, length: int, vocab: int, repeats: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
+    a = bench_args(__doc__)
     reps = 2 if a.quick else 5
-    print(f"device: {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
     print("\n".join(bench_sft(a.device, 16 if a.quick else 64, 128, reps)), "\n")
     print("\n".join(bench_sampling(a.device, 8 if a.quick else 32, 32, 64, 32, reps, 32000)), "\n")
     print("\n".join(bench_head(a.device, 8 if a.quick else 16, 256, 32000, reps)))

@@ -1,7 +1,8 @@
-"""Measurement helpers shared by the benchmarks: median wall time and peak tensor memory."""
+"""Measurement helpers shared by the benchmarks: command line, median wall time and peak tensor memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -11,6 +12,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def bench_args(doc: str) -> argparse.Namespace:
+    """``--quick`` and ``--device`` of a benchmark script; prints the device line every report starts with."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    print(f"device: {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
+    return a
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

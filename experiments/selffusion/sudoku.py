@@ -40,6 +40,9 @@ def _dopsd_driver():
     return mod
 
 
+DOPSD = _dopsd_driver()
+
+
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(steps=200, eval_every=25, batch=64, lr=1e-4, seeds=[0, 1, 2], ablation_seeds=[0]),
     "smoke": dict(steps=2, eval_every=1, batch=8, lr=1e-4, seeds=[0], ablation_seeds=[0]),
@@ -61,8 +64,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 def post_config(root: Path, name: str, base: Path, d: dict[str, Any], s: dict[str, Any], seed: int,
                 method: dict[str, Any] | None, budget: int = 1) -> dict[str, Any]:
-    drv = _dopsd_driver()
-    cfg = drv.common_config(root / name, d, "sudoku", seed, model=str(base), steps=s["steps"] * budget)
+    cfg = DOPSD.common_config(root / name, d, "sudoku", seed, model=str(base), steps=s["steps"] * budget)
     cfg["training"].update(learning_rate=s["lr"], per_device_train_batch_size=s["batch"], eval_steps=s["eval_every"],
                            logging_steps=5)
     if method is not None:
@@ -70,14 +72,18 @@ def post_config(root: Path, name: str, base: Path, d: dict[str, Any], s: dict[st
     return cfg
 
 
+def accuracies(run: Path) -> list[float]:
+    return eval_curve(run, "eval/accuracy")[1] or [float("nan")]
+
+
 def best(run: Path) -> float:
-    return max(eval_curve(run, "eval/accuracy")[1] or [float("nan")])
+    return max(accuracies(run))
 
 
 def average(run: Path) -> float:
     """Mean accuracy over a run's evaluations: less noisy than its best (the max of noisy values)."""
-    ys = eval_curve(run, "eval/accuracy")[1]
-    return sum(ys) / len(ys) if ys else float("nan")
+    ys = accuracies(run)
+    return sum(ys) / len(ys)
 
 
 def main() -> None:
@@ -88,8 +94,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="*", default=["main", "ablations"])
     a = ap.parse_args()
     setup_logging()
-    drv = _dopsd_driver()
-    s, d = SCALES[a.scale], drv.SCALES[a.scale]
+    s, d = SCALES[a.scale], DOPSD.SCALES[a.scale]
     root = Path(a.out or f"runs/exp_selffusion_sudoku_{a.scale}")
     root.mkdir(parents=True, exist_ok=True)
     if a.base:
@@ -98,7 +103,7 @@ def main() -> None:
             sys.exit(f"--base: {base} is not a model folder (no config.json)")
         metrics = base.parent / "final_metrics.json"
     else:
-        stage("base", lambda: drv.base_run(root, d, "sudoku"))
+        stage("base", lambda: DOPSD.base_run(root, d, "sudoku"))
         base, metrics = root / "base" / "final", root / "base" / "final_metrics.json"
     base_acc = json.loads(metrics.read_text()).get("accuracy", float("nan")) if metrics.exists() else float("nan")
     parts = [f"# SelfFusion vs SFT on Sudoku (scale {a.scale})", "",
@@ -116,11 +121,11 @@ def main() -> None:
             return runs
 
         runs = stage("main", main_runs)
-        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in (eval_curve(r, "eval/accuracy") for r in rs)]
-                  for label, rs in runs.items()}
-        res = {label: {"best": [best(r) for r in rs], "average": [average(r) for r in rs],
-                       "final": [(eval_curve(r, "eval/accuracy")[1] or [float("nan")])[-1] for r in rs]}
-               for label, rs in runs.items()}
+        logged = {label: [eval_curve(r, "eval/accuracy") for r in rs] for label, rs in runs.items()}
+        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in cs] for label, cs in logged.items()}
+        accs = {label: [ys or [float("nan")] for _, ys in cs] for label, cs in logged.items()}
+        res = {label: {"best": [max(ys) for ys in v], "average": [sum(ys) / len(ys) for ys in v],
+                       "final": [ys[-1] for ys in v]} for label, v in accs.items()}
         plot_curves(curves, root / "accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
                     title=f"Sudoku, from a base at {base_acc:.1f}%")
         rows = [[label, fmt(v["best"]), fmt(v["average"]), fmt(v["final"]), str(len(v["best"]))]

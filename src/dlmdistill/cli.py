@@ -243,11 +243,14 @@ def cmd_convert(argv: list[str]) -> int:
 
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.family == "ar":
+        from .convert.common import ConversionError, prepare_destination
         from .models.loading import ModelConfig, build_model
 
         dst = Path(a.dst)
-        if dst.exists() and any(dst.iterdir()):
-            raise SystemExit(f"convert: the output folder {dst} is not empty")
+        try:
+            prepare_destination(Path(a.src), dst)
+        except ConversionError as e:
+            raise SystemExit(f"convert: {e}") from None
         model, tok = build_model(ModelConfig(name_or_path=a.src, gguf_file=a.gguf_file, revision=a.revision,
                                              dtype=a.dtype or "float32", trust_remote_code=a.trust_remote_code,
                                              mask_token=a.mask_token, shift_logits=True if a.shift_logits else None))
