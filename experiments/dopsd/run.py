@@ -86,13 +86,16 @@ def common_config(out: Path, s: dict[str, Any], task: str, seed: int, *, model: 
     }
 
 
-def base_run(root: Path, s: dict[str, Any], task: str) -> Path:
-    cfg = common_config(root / "base", s, task, 0, model="preset:tiny", steps=s["base_steps"])
-    cfg["model"].update(tokenizer="char", preset_overrides=s["preset_overrides"])
+def base_run(root: Path, s: dict[str, Any], task: str, *, name: str = "base", method: str = "sft",
+             tokenizer: str = "char", overrides: dict[str, Any] | None = None) -> Path:
+    """SFT from scratch to a partial accuracy. The SelfFusion Sudoku study reuses this recipe for its
+    teachers: another ``name``, ``method`` ('ar-sft'), architecture ``overrides`` and the base's tokenizer."""
+    cfg = common_config(root / name, s, task, 0, model="preset:tiny", steps=s["base_steps"])
+    cfg["model"].update(tokenizer=tokenizer, preset_overrides={**s["preset_overrides"], **(overrides or {})})
     cfg["training"].update(learning_rate=1e-3, per_device_train_batch_size=s["base_batch"],
                            lr_scheduler_type="cosine_with_min_lr", warmup_ratio=0.02,
                            eval_steps=max(s["base_steps"] // 8, 1), logging_steps=max(s["base_steps"] // 40, 1))
-    return train_once("sft", cfg)
+    return train_once(method, cfg)
 
 
 def post_config(method: str, root: Path, name: str, s: dict[str, Any], task: str, seed: int,

@@ -14,6 +14,18 @@ Stages (each skipped when its outputs exist):
 2. ``main``: from the base, continued SFT and SelfFusion (paper defaults), several seeds, the same
    optimizer steps, batch and learning rate, evaluated every ``eval_every`` steps on held-out puzzles.
 3. ``ablations``: Table 3's rows (easy_to_hard, hard_to_easy, w/o RMSNorm), one seed.
+4. ``teachers``: Table 1's teachers, trained from scratch with the base recipe and tokenizer: a
+   deeper DLM (``teacher`` overrides) and an AR model of the same size.
+5. ``kd``: Table 1's baselines from the same base, with the main runs' steps, batch and lr: logit KD
+   and sequence KD from each teacher (sequence KD trains on ``seqkd_examples`` teacher answers, one
+   epoch: the SFT rows see as many examples; the answers are generated once per teacher, by the
+   first seed, and reused by the others).
+6. ``latency``: Table 5, per-puzzle latency (batch 1) and accuracy of the DLM teacher at 4..64
+   steps against the AR teacher of the same size.
+
+Two processes can share the work: ``--only`` names the teacher/KD runs one invocation trains
+(shell patterns), e.g. ``--stages teachers kd --only teacher_ar 'kd_ar_*' 'seqkd_ar_*'`` in one
+shell and the ``dlm`` runs in another; a last invocation without ``--only`` writes the full tables.
 
 Results: ``OUT/results.md``, ``OUT/accuracy_vs_steps.png``, ``OUT/results.json``.
 """
@@ -21,8 +33,10 @@ Results: ``OUT/results.md``, ``OUT/accuracy_vs_steps.png``, ``OUT/results.json``
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +58,11 @@ DOPSD = _dopsd_driver()
 
 
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": dict(steps=200, eval_every=25, batch=64, lr=1e-4, seeds=[0, 1, 2], ablation_seeds=[0]),
-    "smoke": dict(steps=2, eval_every=1, batch=8, lr=1e-4, seeds=[0], ablation_seeds=[0]),
+    "cpu": dict(steps=200, eval_every=25, batch=64, lr=1e-4, seeds=[0, 1, 2], ablation_seeds=[0],
+                teacher={"num_hidden_layers": 4}, seqkd_examples=12800, latency_items=50,
+                latency_steps=[4, 8, 16, 32, 64]),
+    "smoke": dict(steps=2, eval_every=1, batch=8, lr=1e-4, seeds=[0, 1], ablation_seeds=[0],
+                  teacher={"num_hidden_layers": 2}, seqkd_examples=16, latency_items=2, latency_steps=[2, 8]),
 }
 
 #: label -> (method, run-name prefix, method section, multiple of the step budget). A SelfFusion step
@@ -62,6 +79,26 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Table 1's baselines: label -> (method, run-name prefix, teacher). Sequence KD decodes greedily with
+#: the evaluation sampler (DLM) or left to right (AR).
+KD_RUNS: dict[str, tuple[str, str, str]] = {
+    "Logit KD, DLM teacher": ("kd", "kd_dlm", "dlm"),
+    "Logit KD, AR teacher": ("kd", "kd_ar", "ar"),
+    "Sequence KD, DLM teacher": ("seqkd", "seqkd_dlm", "dlm"),
+    "Sequence KD, AR teacher": ("seqkd", "seqkd_ar", "ar"),
+}
+TEACHERS = {"dlm": ("sft", "DLM teacher"), "ar": ("ar-sft", "AR teacher (same size)")}
+
+
+def kd_section(method: str, teacher: str, root: Path, d: dict[str, Any]) -> dict[str, Any]:
+    section: dict[str, Any] = {"teacher": str(root / f"teacher_{teacher}"), "teacher_type": teacher}
+    if method == "seqkd":
+        gen = DOPSD.generation(d, batch=256) if teacher == "dlm" else \
+            {"gen_length": d["gen_length"], "steps": d["gen_length"], "batch_size": 256}
+        section["generation"] = {**gen, "temperature": 0.0}
+    return section
+
+
 def post_config(root: Path, name: str, base: Path, d: dict[str, Any], s: dict[str, Any], seed: int,
                 method: dict[str, Any] | None, budget: int = 1) -> dict[str, Any]:
     cfg = DOPSD.common_config(root / name, d, "sudoku", seed, model=str(base), steps=s["steps"] * budget)
@@ -70,6 +107,19 @@ def post_config(root: Path, name: str, base: Path, d: dict[str, Any], s: dict[st
     if method is not None:
         cfg["method"] = method
     return cfg
+
+
+def done(run: Path) -> bool:
+    return (run / "final" / "config.json").exists()
+
+
+def reuse_answers(first: Path, run: Path) -> None:
+    """Copy the first seed's teacher answers (sequence KD) into ``run`` unless it has its own."""
+    from dlmdistill.methods.seqkd import DATA_FILE
+
+    if first != run and (first / DATA_FILE).exists() and not (run / DATA_FILE).exists():
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first / DATA_FILE, run / DATA_FILE)
 
 
 def accuracies(run: Path) -> list[float]:
@@ -86,12 +136,57 @@ def average(run: Path) -> float:
     return sum(ys) / len(ys)
 
 
+def summarize(runs: dict[str, list[Path]]) -> dict[str, dict[str, list[float]]]:
+    """label -> best / mean-over-evaluations / final accuracy of each of its runs."""
+    accs = {label: [accuracies(r) for r in rs] for label, rs in runs.items() if rs}
+    return {label: {"best": [max(ys) for ys in v], "average": [sum(ys) / len(ys) for ys in v],
+                    "final": [ys[-1] for ys in v]} for label, v in accs.items()}
+
+
+def final_accuracy(run: Path) -> float:
+    path = run / "final_metrics.json"
+    return json.loads(path.read_text()).get("accuracy", float("nan")) if path.exists() else float("nan")
+
+
+def latency(root: Path, d: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Table 5: accuracy (batched) and seconds per puzzle (batch 1, ``latency_items`` puzzles) of the DLM
+    teacher at each step count and of the AR teacher of the same size."""
+    from dlmdistill.evaluate import evaluate_model
+    from dlmdistill.models.autoregressive import load_for_inference
+    from dlmdistill.models.loading import ModelConfig
+    from dlmdistill.sampling import GenerationConfig
+    from dlmdistill.tasks.registry import get_task
+
+    task = get_task("sudoku", **DOPSD.task_kwargs("sudoku"))
+    puzzles = task.load(None, split="test", limit=d["eval_items"])
+
+    def measure(model, tok, gen: dict[str, Any]) -> dict[str, float]:
+        def one(examples, batch: int) -> dict[str, Any]:
+            rep = evaluate_model(model, tok, task, examples, GenerationConfig(**{**gen, "batch_size": batch}),
+                                 [gen["steps"]], [0], progress=False)
+            return next(iter(rep["results"].values()))["summary"]
+        return {"accuracy": one(puzzles, 200)[task.metric]["mean"],
+                "seconds": one(puzzles[: s["latency_items"]], 1)["seconds_per_sample"]["mean"]}
+
+    out: dict[str, dict[str, float]] = {}
+    dlm, tok = load_for_inference(ModelConfig(name_or_path=str(root / "teacher_dlm" / "final")))
+    for steps in s["latency_steps"]:
+        out[f"DLM teacher, {steps} steps"] = measure(dlm, tok, {**DOPSD.generation(d), "steps": steps})
+    ar, tok = load_for_inference(ModelConfig(name_or_path=str(root / "teacher_ar" / "final")))
+    out["AR teacher (same size), greedy"] = measure(ar, tok, {"gen_length": d["gen_length"], "steps": d["gen_length"]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_sudoku_<scale>)")
     ap.add_argument("--base", default=None, help="an existing base model folder (default: train one)")
-    ap.add_argument("--stages", nargs="*", default=["main", "ablations"])
+    ap.add_argument("--stages", nargs="*", default=["main", "ablations", "teachers", "kd", "latency"],
+                    help="main, ablations, teachers, kd, latency (the tables show every finished run)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="train only the runs whose folder names match these shell patterns (e.g. teacher_ar "
+                         "'kd_ar_*'), so that two processes can share a study")
     a = ap.parse_args()
     setup_logging()
     s, d = SCALES[a.scale], DOPSD.SCALES[a.scale]
@@ -106,51 +201,97 @@ def main() -> None:
         stage("base", lambda: DOPSD.base_run(root, d, "sudoku"))
         base, metrics = root / "base" / "final", root / "base" / "final_metrics.json"
     base_acc = json.loads(metrics.read_text()).get("accuracy", float("nan")) if metrics.exists() else float("nan")
-    parts = [f"# SelfFusion vs SFT on Sudoku (scale {a.scale})", "",
-             f"Base `{base}`: {base_acc:.1f}% on {d['eval_items']} held-out puzzles. Every run: {s['steps']} "
-             f"optimizer steps (the compute-matched SFT row: {2 * s['steps']}), batch {s['batch']}, lr {s['lr']}, constant schedule; accuracy every "
-             f"{s['eval_every']} steps (gen {d['gen_length']}, block {d['block_length']}, {d['steps']} steps).", ""]
-    results: dict[str, Any] = {"base_accuracy": base_acc, "scale": s}
-    if "main" in a.stages:
-        def main_runs() -> dict[str, list[Path]]:
-            runs: dict[str, list[Path]] = {label: [] for label in MAIN_RUNS}
-            for seed in s["seeds"]:
-                for label, (method, prefix, section, budget) in MAIN_RUNS.items():
-                    cfg = post_config(root, f"{prefix}_seed{seed}", base, d, s, seed, section, budget)
-                    runs[label].append(train_once(method, cfg))
-            return runs
 
-        runs = stage("main", main_runs)
-        logged = {label: [eval_curve(r, "eval/accuracy") for r in rs] for label, rs in runs.items()}
-        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in cs] for label, cs in logged.items()}
-        accs = {label: [ys or [float("nan")] for _, ys in cs] for label, cs in logged.items()}
-        res = {label: {"best": [max(ys) for ys in v], "average": [sum(ys) / len(ys) for ys in v],
-                       "final": [ys[-1] for ys in v]} for label, v in accs.items()}
+    def train(method: str, cfg: dict[str, Any]) -> None:
+        name = Path(cfg["training"]["output_dir"]).name
+        if not a.only or any(fnmatch.fnmatchcase(name, pat) for pat in a.only):
+            train_once(method, cfg)
+
+    def seeded(prefix: str, seeds: list[int]) -> list[Path]:
+        """The finished runs of a row."""
+        return [root / f"{prefix}_seed{x}" for x in seeds if done(root / f"{prefix}_seed{x}")]
+
+    if "main" in a.stages:
+        def main_runs() -> None:
+            for seed in s["seeds"]:
+                for method, prefix, section, budget in MAIN_RUNS.values():
+                    train(method, post_config(root, f"{prefix}_seed{seed}", base, d, s, seed, section, budget))
+        stage("main", main_runs)
+    if "ablations" in a.stages:
+        def ablation_runs() -> None:
+            for name, section in ABLATIONS.items():
+                for seed in s["ablation_seeds"]:
+                    train("selffusion", post_config(root, f"ablation_{name}_seed{seed}", base, d, s, seed, section))
+        stage("ablations", ablation_runs)
+    if "teachers" in a.stages or "kd" in a.stages:
+        def teachers() -> None:
+            for kind, (method, _) in TEACHERS.items():
+                if not a.only or any(fnmatch.fnmatchcase(f"teacher_{kind}", pat) for pat in a.only):
+                    DOPSD.base_run(root, d, "sudoku", name=f"teacher_{kind}", method=method, tokenizer=str(base),
+                                   overrides=s["teacher"])
+        stage("teachers", teachers)
+    if "kd" in a.stages:
+        def kd_runs() -> None:
+            for seed in s["seeds"]:
+                for method, prefix, teacher in KD_RUNS.values():
+                    cfg = post_config(root, f"{prefix}_seed{seed}", base, d, s, seed,
+                                      kd_section(method, teacher, root, d))
+                    if method == "seqkd":  # the same prompts for every seed: the teacher answers them once
+                        cfg["data"].update(train_limit=s["seqkd_examples"], seed=0)
+                        reuse_answers(root / f"{prefix}_seed{s['seeds'][0]}", root / f"{prefix}_seed{seed}")
+                    train(method, cfg)
+        stage("kd", kd_runs)
+    if "latency" in a.stages and all(done(root / f"teacher_{k}") for k in TEACHERS) \
+            and not (root / "latency.json").exists():
+        (root / "latency.json").write_text(json.dumps(stage("latency", lambda: latency(root, d, s)), indent=2))
+
+    # ---- the report: every finished run, whichever invocation trained it
+    parts = [f"# SelfFusion vs SFT and KD on Sudoku (scale {a.scale})", "",
+             f"Base `{base}`: {base_acc:.1f}% on {d['eval_items']} held-out puzzles. Every run: {s['steps']} "
+             f"optimizer steps (the compute-matched SFT row: {2 * s['steps']}), batch {s['batch']}, lr {s['lr']}, "
+             f"constant schedule; accuracy every {s['eval_every']} steps (gen {d['gen_length']}, block "
+             f"{d['block_length']}, {d['steps']} steps).", ""]
+    results: dict[str, Any] = {"base_accuracy": base_acc, "scale": s}
+    teachers_done = {label: final_accuracy(root / f"teacher_{k}") for k, (_, label) in TEACHERS.items()
+                     if done(root / f"teacher_{k}")}
+    if teachers_done:
+        parts += ["## Teachers (Table 1)", "", f"Trained from scratch with the base recipe ({d['base_steps']} steps), "
+                  f"overrides {s['teacher']}.", "",
+                  markdown_table(["teacher", "accuracy (%)"], [[k, f"{v:.1f}"] for k, v in teachers_done.items()]), ""]
+        results["teachers"] = teachers_done
+    rows_runs = {label: seeded(prefix, s["seeds"]) for label, (_, prefix, _, _) in MAIN_RUNS.items()}
+    rows_runs |= {label: seeded(prefix, s["seeds"]) for label, (_, prefix, _) in KD_RUNS.items()}
+    rows_runs = {label: runs for label, runs in rows_runs.items() if runs}
+    if rows_runs:
+        res = summarize(rows_runs)
+        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in (eval_curve(r, "eval/accuracy") for r in rs)]
+                  for label, rs in rows_runs.items()}
         plot_curves(curves, root / "accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
                     title=f"Sudoku, from a base at {base_acc:.1f}%")
         rows = [[label, fmt(v["best"]), fmt(v["average"]), fmt(v["final"]), str(len(v["best"]))]
                 for label, v in res.items()]
         header = ["method", "best accuracy (%)", "mean over evaluations (%)", "final accuracy (%)", "seeds"]
-        parts += ["## Accuracy", "", markdown_table(header, rows), "", "![accuracy vs steps](accuracy_vs_steps.png)", ""]
+        parts += ["## Accuracy (Tables 1 and 4)", "", markdown_table(header, rows), "",
+                  "![accuracy vs steps](accuracy_vs_steps.png)", ""]
         results["main"] = res
-    if "ablations" in a.stages:
-        def ablation_runs() -> dict[str, list[float]]:
-            out = {}
-            for name, section in ABLATIONS.items():
-                out[name] = [best(train_once("selffusion", post_config(root, f"ablation_{name}_seed{seed}", base, d,
-                                                                       s, seed, section)))
-                             for seed in s["ablation_seeds"]]
-            return out
-
-        abl = stage("ablations", ablation_runs)
-        seeds = s["ablation_seeds"]
-        rows = [["SelfFusion (bidirectional, RMSNorm)", fmt([best(root / f"selffusion_seed{x}") for x in seeds]),
-                 fmt([average(root / f"selffusion_seed{x}") for x in seeds])]]
-        rows += [[f"{name} ({', '.join(f'{k}={v}' for k, v in ABLATIONS[name].items())})", fmt(v),
-                  fmt([average(root / f"ablation_{name}_seed{x}") for x in seeds])] for name, v in abl.items()]
+    abl = {name: seeded(f"ablation_{name}", s["ablation_seeds"]) for name in ABLATIONS}
+    abl = {name: runs for name, runs in abl.items() if runs}
+    if abl:
+        full = seeded("selffusion", s["ablation_seeds"])
+        rows = [["SelfFusion (bidirectional, RMSNorm)", fmt([best(r) for r in full]), fmt([average(r) for r in full])]]
+        rows += [[f"{name} ({', '.join(f'{k}={v}' for k, v in ABLATIONS[name].items())})", fmt([best(r) for r in runs]),
+                  fmt([average(r) for r in runs])] for name, runs in abl.items()]
         parts += ["## Ablations (Table 3, one seed)", "",
                   markdown_table(["variant", "best accuracy (%)", "mean over evaluations (%)"], rows), ""]
-        results["ablations"] = abl
+        results["ablations"] = {name: [best(r) for r in runs] for name, runs in abl.items()}
+    if (root / "latency.json").exists():
+        lat = json.loads((root / "latency.json").read_text())
+        ar = next(v["seconds"] for k, v in lat.items() if k.startswith("AR"))
+        rows = [[k, f"{1000 * v['seconds']:.1f}", f"{ar / v['seconds']:.2f}x", f"{v['accuracy']:.1f}"]
+                for k, v in lat.items()]
+        parts += [f"## Latency (Table 5): batch 1, {s['latency_items']} puzzles; accuracy on {d['eval_items']}", "",
+                  markdown_table(["model", "ms per puzzle", "speed-up vs AR", "accuracy (%)"], rows), ""]
+        results["latency"] = lat
     (root / "results.md").write_text("\n".join(parts) + "\n")
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(parts))

@@ -40,11 +40,20 @@ def test_selffusion_driver_smoke(tmp_path):
 
 
 def test_selffusion_sudoku_driver_smoke(tmp_path):
+    # --only: one process trains the AR teacher alone (a second one would train the rest in parallel)
+    run("selffusion/sudoku.py", tmp_path, "--stages", "teachers", "--only", "teacher_ar")
+    assert (tmp_path / "teacher_ar" / "final").exists() and not (tmp_path / "teacher_dlm").exists()
     text = run("selffusion/sudoku.py", tmp_path)
-    assert "## Accuracy" in text and "## Ablations" in text
-    for row in ("| SFT |", "| SelfFusion |", "| SFT, 2x steps", "easy_to_hard", "hard_to_easy", "no_rmsnorm"):
+    for section in ("## Teachers", "## Accuracy", "## Ablations", "## Latency"):
+        assert section in text
+    for row in ("| SFT |", "| SelfFusion |", "| SFT, 2x steps", "easy_to_hard", "hard_to_easy", "no_rmsnorm",
+                "| Logit KD, DLM teacher |", "| Logit KD, AR teacher |", "| Sequence KD, DLM teacher |",
+                "| Sequence KD, AR teacher |", "| DLM teacher |", "| AR teacher (same size), greedy |"):
         assert row in text
     assert (tmp_path / "accuracy_vs_steps.png").exists()
+    # sequence KD: the teacher answers once, every seed trains on the same answers
+    answers = [(tmp_path / f"seqkd_dlm_seed{x}" / "seqkd_data.jsonl").read_text() for x in (0, 1)]
+    assert answers[0] == answers[1] and len(answers[0].splitlines()) == 16
     steps = [json.loads(line).get("step", 0) for line in (tmp_path / "sft_2x_seed0" / "logs.jsonl").read_text().splitlines()]
     assert max(steps) == 4  # twice the smoke scale's 2 steps: SelfFusion's compute
     # a second study can start from the first one's base; a folder without a model is refused
