@@ -20,7 +20,8 @@ Stages (each skipped when its outputs exist):
    and sequence KD from each teacher (sequence KD trains on ``seqkd_examples`` teacher answers, one
    epoch: the SFT rows see as many examples; the answers are generated once per teacher, by the
    first seed, and reused by the others).
-6. ``latency``: Table 5, per-puzzle latency (batch 1) and accuracy of the DLM teacher at 4..64
+6. ``steps``: every finished run's final model at 8, 16 (Table 1) and 32 (Table 4) denoising steps.
+7. ``latency``: Table 5, per-puzzle latency (batch 1) and accuracy of the DLM teacher at 4..64
    steps against the AR teacher of the same size.
 
 Two processes can share the work: ``--only`` names the teacher/KD runs one invocation trains
@@ -43,7 +44,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import eval_curve, fmt, markdown_table, plot_curves, setup_logging, stage, train_once  # noqa: E402
+from common import (eval_curve, evaluate_once, fmt, markdown_table, plot_curves, setup_logging,  # noqa: E402
+                    stage, train_once)
 
 
 def _dopsd_driver():
@@ -60,9 +62,10 @@ DOPSD = _dopsd_driver()
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(steps=200, eval_every=25, batch=64, lr=1e-4, seeds=[0, 1, 2], ablation_seeds=[0],
                 teacher={"num_hidden_layers": 4}, seqkd_examples=12800, latency_items=50,
-                latency_steps=[4, 8, 16, 32, 64]),
+                latency_steps=[4, 8, 16, 32, 64], final_steps=[8, 16, 32]),
     "smoke": dict(steps=2, eval_every=1, batch=8, lr=1e-4, seeds=[0, 1], ablation_seeds=[0],
-                  teacher={"num_hidden_layers": 2}, seqkd_examples=16, latency_items=2, latency_steps=[2, 8]),
+                  teacher={"num_hidden_layers": 2}, seqkd_examples=16, latency_items=2, latency_steps=[2, 8],
+                  final_steps=[8, 16]),
 }
 
 #: label -> (method, run-name prefix, method section, multiple of the step budget). A SelfFusion step
@@ -182,8 +185,8 @@ def main() -> None:
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_sudoku_<scale>)")
     ap.add_argument("--base", default=None, help="an existing base model folder (default: train one)")
-    ap.add_argument("--stages", nargs="*", default=["main", "ablations", "teachers", "kd", "latency"],
-                    help="main, ablations, teachers, kd, latency (the tables show every finished run)")
+    ap.add_argument("--stages", nargs="*", default=["main", "ablations", "teachers", "kd", "steps", "latency"],
+                    help="main, ablations, teachers, kd, steps, latency (the tables show every finished run)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="train only the runs whose folder names match these shell patterns (e.g. teacher_ar "
                          "'kd_ar_*'), so that two processes can share a study")
@@ -274,6 +277,18 @@ def main() -> None:
         parts += ["## Accuracy (Tables 1 and 4)", "", markdown_table(header, rows), "",
                   "![accuracy vs steps](accuracy_vs_steps.png)", ""]
         results["main"] = res
+    if rows_runs and "steps" in a.stages:
+        def at_steps(run: Path) -> dict[str, float]:
+            rep = evaluate_once(run, "sudoku", steps=s["final_steps"], seeds=[0], generation=DOPSD.generation(d),
+                                limit=d["eval_items"], task_kwargs=DOPSD.task_kwargs("sudoku"), name="final_steps")
+            return {k: v["summary"]["accuracy"]["mean"] for k, v in rep["results"].items()}
+
+        by_steps = stage("steps", lambda: {label: [at_steps(r) for r in rs] for label, rs in rows_runs.items()})
+        rows = [[label, *(fmt([x[str(n)] for x in v]) for n in s["final_steps"]), str(len(v))]
+                for label, v in by_steps.items()]
+        parts += ["## Final models at several denoising steps (Tables 1 and 4)", "",
+                  markdown_table(["method", *(f"{n} steps (%)" for n in s["final_steps"]), "seeds"], rows), ""]
+        results["final_steps"] = by_steps
     abl = {name: seeded(f"ablation_{name}", s["ablation_seeds"]) for name in ABLATIONS}
     abl = {name: runs for name, runs in abl.items() if runs}
     if abl:

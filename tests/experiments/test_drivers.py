@@ -44,7 +44,7 @@ def test_selffusion_sudoku_driver_smoke(tmp_path):
     run("selffusion/sudoku.py", tmp_path, "--stages", "teachers", "--only", "teacher_ar")
     assert (tmp_path / "teacher_ar" / "final").exists() and not (tmp_path / "teacher_dlm").exists()
     text = run("selffusion/sudoku.py", tmp_path)
-    for section in ("## Teachers", "## Accuracy", "## Ablations", "## Latency"):
+    for section in ("## Teachers", "## Accuracy", "## Final models at several", "## Ablations", "## Latency"):
         assert section in text
     for row in ("| SFT |", "| SelfFusion |", "| SFT, 2x steps", "easy_to_hard", "hard_to_easy", "no_rmsnorm",
                 "| Logit KD, DLM teacher |", "| Logit KD, AR teacher |", "| Sequence KD, DLM teacher |",
