@@ -205,9 +205,11 @@ def main() -> None:
         base, metrics = root / "base" / "final", root / "base" / "final_metrics.json"
     base_acc = json.loads(metrics.read_text()).get("accuracy", float("nan")) if metrics.exists() else float("nan")
 
+    def wanted(run_name: str) -> bool:
+        return not a.only or any(fnmatch.fnmatchcase(run_name, pat) for pat in a.only)
+
     def train(method: str, cfg: dict[str, Any]) -> None:
-        name = Path(cfg["training"]["output_dir"]).name
-        if not a.only or any(fnmatch.fnmatchcase(name, pat) for pat in a.only):
+        if wanted(Path(cfg["training"]["output_dir"]).name):
             train_once(method, cfg)
 
     def seeded(prefix: str, seeds: list[int]) -> list[Path]:
@@ -229,7 +231,7 @@ def main() -> None:
     if "teachers" in a.stages or "kd" in a.stages:
         def teachers() -> None:
             for kind, (method, _) in TEACHERS.items():
-                if not a.only or any(fnmatch.fnmatchcase(f"teacher_{kind}", pat) for pat in a.only):
+                if wanted(f"teacher_{kind}"):
                     DOPSD.base_run(root, d, "sudoku", name=f"teacher_{kind}", method=method, tokenizer=str(base),
                                    overrides=s["teacher"])
         stage("teachers", teachers)
