@@ -39,8 +39,9 @@ import importlib.util
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -117,10 +118,11 @@ def done(run: Path) -> bool:
 
 
 def reuse_answers(first: Path, run: Path) -> None:
-    """Copy the first seed's teacher answers (sequence KD) into ``run`` unless it has its own."""
+    """Copy the first seed's teacher answers (sequence KD) into ``run`` unless it has its own. Only
+    from a finished run: a file still being written would be copied part-way (the rest regenerated)."""
     from dlmdistill.methods.seqkd import DATA_FILE
 
-    if first != run and (first / DATA_FILE).exists() and not (run / DATA_FILE).exists():
+    if first != run and done(first) and not (run / DATA_FILE).exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(first / DATA_FILE, run / DATA_FILE)
 
@@ -208,8 +210,11 @@ def main() -> None:
     def wanted(run_name: str) -> bool:
         return not a.only or any(fnmatch.fnmatchcase(run_name, pat) for pat in a.only)
 
-    def train(method: str, cfg: dict[str, Any]) -> None:
+    def train(method: str, cfg: dict[str, Any], before: Callable[[], None] | None = None) -> None:
+        """Train the run unless ``--only`` leaves it to another process; ``before()`` first."""
         if wanted(Path(cfg["training"]["output_dir"]).name):
+            if before:
+                before()
             train_once(method, cfg)
 
     def seeded(prefix: str, seeds: list[int]) -> list[Path]:
@@ -241,10 +246,12 @@ def main() -> None:
                 for method, prefix, teacher in KD_RUNS.values():
                     cfg = post_config(root, f"{prefix}_seed{seed}", base, d, s, seed,
                                       kd_section(method, teacher, root, d))
+                    reuse = None
                     if method == "seqkd":  # the same prompts for every seed: the teacher answers them once
                         cfg["data"].update(train_limit=s["seqkd_examples"], seed=0)
-                        reuse_answers(root / f"{prefix}_seed{s['seeds'][0]}", root / f"{prefix}_seed{seed}")
-                    train(method, cfg)
+                        reuse = partial(reuse_answers, root / f"{prefix}_seed{s['seeds'][0]}",
+                                        root / f"{prefix}_seed{seed}")
+                    train(method, cfg, reuse)
         stage("kd", kd_runs)
     if "latency" in a.stages and all(done(root / f"teacher_{k}") for k in TEACHERS) \
             and not (root / "latency.json").exists():

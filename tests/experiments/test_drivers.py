@@ -40,9 +40,11 @@ def test_selffusion_driver_smoke(tmp_path):
 
 
 def test_selffusion_sudoku_driver_smoke(tmp_path):
-    # --only: one process trains the AR teacher alone (a second one would train the rest in parallel)
-    run("selffusion/sudoku.py", tmp_path, "--stages", "teachers", "--only", "teacher_ar")
-    assert (tmp_path / "teacher_ar" / "final").exists() and not (tmp_path / "teacher_dlm").exists()
+    # --only: one process trains the AR teacher and its students (a second one would train the rest in
+    # parallel) and leaves every other run folder alone
+    run("selffusion/sudoku.py", tmp_path, "--stages", "teachers", "kd", "--only", "teacher_ar", "*_ar_seed*")
+    assert (tmp_path / "teacher_ar" / "final").exists() and (tmp_path / "seqkd_ar_seed1" / "final").exists()
+    assert not any(p.name.endswith(("dlm", "dlm_seed0", "dlm_seed1")) for p in tmp_path.iterdir())
     text = run("selffusion/sudoku.py", tmp_path)
     for section in ("## Teachers", "## Accuracy", "## Final models at several", "## Ablations", "## Latency"):
         assert section in text
