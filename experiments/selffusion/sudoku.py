@@ -39,9 +39,9 @@ import importlib.util
 import json
 import shutil
 import sys
-from functools import partial
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -127,8 +127,14 @@ def reuse_answers(first: Path, run: Path) -> None:
         shutil.copyfile(first / DATA_FILE, run / DATA_FILE)
 
 
+@cache
+def accuracy_curve(run: Path) -> tuple[list[float], list[float]]:
+    """(steps, accuracy) of a finished run's periodic evaluations, read from its log once."""
+    return eval_curve(run, "eval/accuracy")
+
+
 def accuracies(run: Path) -> list[float]:
-    return eval_curve(run, "eval/accuracy")[1] or [float("nan")]
+    return accuracy_curve(run)[1] or [float("nan")]
 
 
 def best(run: Path) -> float:
@@ -201,20 +207,17 @@ def main() -> None:
         base = Path(a.base)
         if not (base / "config.json").exists():
             sys.exit(f"--base: {base} is not a model folder (no config.json)")
-        metrics = base.parent / "final_metrics.json"
     else:
         stage("base", lambda: DOPSD.base_run(root, d, "sudoku"))
-        base, metrics = root / "base" / "final", root / "base" / "final_metrics.json"
-    base_acc = json.loads(metrics.read_text()).get("accuracy", float("nan")) if metrics.exists() else float("nan")
+        base = root / "base" / "final"
+    base_acc = final_accuracy(base.parent)
 
     def wanted(run_name: str) -> bool:
         return not a.only or any(fnmatch.fnmatchcase(run_name, pat) for pat in a.only)
 
-    def train(method: str, cfg: dict[str, Any], before: Callable[[], None] | None = None) -> None:
-        """Train the run unless ``--only`` leaves it to another process; ``before()`` first."""
+    def train(method: str, cfg: dict[str, Any]) -> None:
+        """Train the run unless ``--only`` leaves it to another process."""
         if wanted(Path(cfg["training"]["output_dir"]).name):
-            if before:
-                before()
             train_once(method, cfg)
 
     def seeded(prefix: str, seeds: list[int]) -> list[Path]:
@@ -244,14 +247,13 @@ def main() -> None:
         def kd_runs() -> None:
             for seed in s["seeds"]:
                 for method, prefix, teacher in KD_RUNS.values():
-                    cfg = post_config(root, f"{prefix}_seed{seed}", base, d, s, seed,
-                                      kd_section(method, teacher, root, d))
-                    reuse = None
+                    name = f"{prefix}_seed{seed}"
+                    cfg = post_config(root, name, base, d, s, seed, kd_section(method, teacher, root, d))
                     if method == "seqkd":  # the same prompts for every seed: the teacher answers them once
                         cfg["data"].update(train_limit=s["seqkd_examples"], seed=0)
-                        reuse = partial(reuse_answers, root / f"{prefix}_seed{s['seeds'][0]}",
-                                        root / f"{prefix}_seed{seed}")
-                    train(method, cfg, reuse)
+                        if wanted(name):  # never touch a folder another process trains
+                            reuse_answers(root / f"{prefix}_seed{s['seeds'][0]}", root / name)
+                    train(method, cfg)
         stage("kd", kd_runs)
     if "latency" in a.stages and all(done(root / f"teacher_{k}") for k in TEACHERS) \
             and not (root / "latency.json").exists():
@@ -276,7 +278,7 @@ def main() -> None:
     rows_runs = {label: runs for label, runs in rows_runs.items() if runs}
     if rows_runs:
         res = summarize(rows_runs)
-        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in (eval_curve(r, "eval/accuracy") for r in rs)]
+        curves = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in map(accuracy_curve, rs)]
                   for label, rs in rows_runs.items()}
         plot_curves(curves, root / "accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
                     title=f"Sudoku, from a base at {base_acc:.1f}%")
