@@ -1,22 +1,31 @@
-"""The diffusion sampler, with LLaDA semantics, and recorded trajectories.
+"""The diffusion sampler, with LLaDA's per-step semantics, and recorded trajectories.
 
 ``generate`` appends ``gen_length`` mask tokens to each (left-padded) prompt and denoises them in
 ``steps`` steps. The response is split into blocks of ``block_length`` tokens decoded left to right
 (semi-autoregressive "block diffusion"); the steps are split evenly over the blocks. At every step
-the model predicts all masked positions; a token is drawn at each masked position of the current
-block (greedy at ``temperature=0``, otherwise Gumbel-max sampling in float64, which samples from
-``softmax(logits / temperature)``), and the ``k`` most confident of them are committed
-(``low_confidence`` remasking: confidence = the model's probability of the drawn token; ``random``:
-a uniform random score). ``k`` is per sample: a block's masked count is spread evenly over its
-steps, the remainder going to the first steps, exactly like LLaDA's ``get_num_transfer_tokens``.
-Classifier-free guidance (``cfg_scale = w > 0``) mixes a second pass whose prompt is masked:
-``logits = un + (w + 1) * (cond - un)``.
+a token is drawn at each masked position of the current block (greedy at ``temperature=0``,
+otherwise Gumbel-max in float64 as LLaDA writes it, ``argmax exp(logits) / (-log u) ** T``, a
+sample of ``softmax(logits / T)``), and the ``k`` most confident of them are committed
+(``low_confidence`` remasking: confidence = the full-vocabulary softmax probability of the drawn
+token; ``random``: a uniform random score). ``k`` is per sample: a block's masked count is spread
+evenly over its steps, the remainder going to the first steps, like LLaDA's
+``get_num_transfer_tokens``. Classifier-free guidance (``cfg_scale = w > 0``) mixes a second pass
+whose prompt is masked: ``logits = un + (w + 1) * (cond - un)``.
 
-What differs from the LLaDA reference loop (kept below as ``generate_reference``, the test oracle
-and benchmark baseline) is only cost, not semantics: the LM head, the softmax and the noise are
-computed only at the masked positions of the current block (the only ones that can be committed),
-the top-k is vectorised over the batch, and padded prompts get a real attention mask. One
-safeguard is added to both: the mask token itself is never drawn.
+Against LLaDA's public ``generate()`` (transcribed in ``tests/llada_reference.py``, the oracle of
+``tests/test_sampling.py``) the per-step states are identical, for unpadded prompts of equal
+length fed the same random numbers, as long as LLaDA's draw does not return the mask token at a
+masked position of the current block. The differences are:
+
+* the mask token is never drawn (its logit is excluded from the draw only; the confidence still
+  comes from the softmax over the whole vocabulary, as in LLaDA). LLaDA can draw it (some
+  converted checkpoints, e.g. SMDM's, give it a sizeable probability), which wastes a commit;
+* cost: the LM head, the softmax and the noise are computed only at the masked positions of the
+  current block (the only ones that can be committed), and the top-k is vectorised over the batch;
+* padded prompts get a real attention mask (LLaDA's loop takes no padding);
+* the random numbers: LLaDA draws ``[B, L, V]`` uniforms from the global generator at every step
+  (even at temperature 0) and float32 ones for ``random`` remasking; we draw float64 ones from
+  ``generator`` only where they are used, so the same seed gives other samples of the same law.
 
 With ``return_trajectory=True`` the output records, for each step, the response state *before*
 the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
@@ -132,15 +141,44 @@ def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from ``softmax(logits / temperature)`` by Gumbel-max in float64; argmax at temperature 0."""
+Uniforms = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
+"""A source of random numbers for ``generate``: ``(positions [B, L] bool, shape) -> float64 uniforms in
+[0, 1) of ``shape``, whose first dimension enumerates the True entries of ``positions`` in row-major
+order. The default draws from a ``torch.Generator``; a test passes its own to feed another
+implementation the same numbers."""
+
+
+def generator_uniforms(generator: torch.Generator | None, device: torch.device | str) -> Uniforms:
+    """Uniforms drawn from ``generator`` (the global generator when None)."""
+    def draw(positions: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+    return draw
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None = None,
+                exclude: int | None = None) -> torch.Tensor:
+    """LLaDA's draw: [N, V] logits -> [N] token ids.
+
+    Temperature 0: the argmax. Otherwise Gumbel-max in float64 written as LLaDA writes it,
+    ``argmax exp(logits) / (-log u) ** temperature`` with ``uniform`` u ([N, V] in [0, 1)), which
+    samples from ``softmax(logits / temperature)`` (like LLaDA's, it overflows for logits above
+    about 709). ``exclude`` (the mask id) is never drawn; only the draw is affected, not the
+    probabilities.
+    """
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.double()
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    # LLaDA's form: exp(l) / (-log u)^T has the same argmax as l / T + Gumbel noise
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return (logits / temperature + gumbel).argmax(dim=-1)
+        scores = logits.clone()
+    else:
+        if uniform is None:
+            raise ValueError("sampling at temperature > 0 needs uniforms")
+        scores = logits.double().exp() / (-torch.log(uniform)) ** temperature
+    if exclude is not None and 0 <= exclude < scores.shape[-1]:
+        scores[..., exclude] = float("-inf")
+    return scores.argmax(dim=-1)
+
+
+def token_confidence(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The probability of ``tokens`` [N] under the float64 softmax of [N, V] ``logits`` (whole vocabulary)."""
+    return torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -156,7 +194,8 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, config: GenerationConfig, *,
              attention_mask: torch.Tensor | None = None, init_response: torch.Tensor | None = None,
              clear_block_on_entry: bool = False, generator: torch.Generator | None = None,
-             return_trajectory: bool = False, forward: Callable[..., torch.Tensor] | None = None) -> GenerationOutput:
+             return_trajectory: bool = False, forward: Callable[..., torch.Tensor] | None = None,
+             uniforms: Uniforms | None = None) -> GenerationOutput:
     """Generate responses for a batch of prompts (one call = one batch; see ``generate_texts`` for lists).
 
     prompt_ids:     token lists (left-padded here) or an already left-padded [B, P] tensor with
@@ -166,6 +205,7 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
     clear_block_on_entry: re-mask a block's pre-filled tokens when decoding reaches it.
     forward:        the module to call for logits when it is not ``model`` itself, e.g. the FSDP-wrapped
                     model during training (``model`` still provides the mask id, padding and device).
+    uniforms:       where the random numbers come from (see ``Uniforms``); default: ``generator``.
     """
     config.validate()
     device = model.device
@@ -191,6 +231,7 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
 
         block_len = config.block_length or g
         spb = config.steps_per_block
+        uniform = uniforms or generator_uniforms(generator, device)
         states, committed_steps, blocks = [], [], []
         for blk in range(config.num_blocks):
             lo, hi = p + blk * block_len, p + (blk + 1) * block_len
@@ -204,23 +245,21 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
                 if return_trajectory:
                     states.append(x[:, p:].clone())
                     blocks.append(blk)
-                k = k_sched[:, step]
                 if not bool(candidates.any()):
                     if return_trajectory:
                         committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
                     continue
-                logits = suppress_mask(_guided_logits(forward or model, x, attn, candidates, uncond, p,
-                                                      config.cfg_scale), mask_id)
-                tokens = gumbel_argmax(logits, config.temperature, generator)
+                # logits, draw and confidence only at the candidates: [N, V] -> [N]
+                logits = _guided_logits(forward or model, x, attn, candidates, uncond, p, config.cfg_scale)
+                noise = uniform(candidates, tuple(logits.shape)) if config.temperature > 0 else None
+                tokens = draw_tokens(logits, config.temperature, noise, exclude=mask_id)
                 if config.remasking == "low_confidence":
-                    conf = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+                    conf = token_confidence(logits, tokens)
                 else:
-                    conf = torch.rand(tokens.shape, dtype=torch.float64, device=device, generator=generator)
-                score = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=device)
-                score[candidates] = conf
+                    conf = uniform(candidates, (tokens.shape[0],))
+                commit = _most_confident(conf, candidates, k_sched[:, step])
                 proposal = torch.full_like(x, mask_id)
                 proposal[candidates] = tokens
-                commit = topk_mask(score, torch.minimum(k, candidates.sum(dim=1))) & candidates
                 x = torch.where(commit, proposal, x)
                 if return_trajectory:
                     committed_steps.append(commit[:, p:].clone())
@@ -233,12 +272,12 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         model.train(was_training)
 
 
-def suppress_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Never predict the mask token (some converted checkpoints, e.g. SMDM's, give it a constant logit)."""
-    if mask_id < logits.shape[-1]:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
-    return logits
+def _most_confident(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The ``k[b]`` candidates of each row with the highest ``conf`` ([N], at the True entries of
+    ``candidates`` [B, L] in row-major order) -> [B, L] bool."""
+    score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
+    score[candidates] = conf
+    return topk_mask(score, torch.minimum(k, candidates.sum(dim=1))) & candidates
 
 
 def _guided_logits(model: Callable[..., torch.Tensor], x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
@@ -287,35 +326,3 @@ def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], con
 
 def _context_limit(model: DiffusionModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-@torch.no_grad()
-def generate_reference(model: DiffusionModel, prompt: torch.Tensor, config: GenerationConfig,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """The straightforward LLaDA loop (full logits at every position, full-vocabulary softmax,
-    per-sample top-k), for unpadded prompts of equal length [B, P]. Kept as the oracle the tests
-    compare ``generate`` against and as the benchmark's baseline."""
-    config.validate()
-    b, p = prompt.shape
-    mask_id = model.mask_id
-    x = torch.cat([prompt, torch.full((b, config.gen_length), mask_id, dtype=torch.long, device=prompt.device)], 1)
-    block_len = config.block_length or config.gen_length
-    spb = config.steps_per_block
-    for blk in range(config.num_blocks):
-        lo, hi = p + blk * block_len, p + (blk + 1) * block_len
-        k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
-        for step in range(spb):
-            mask_index = x == mask_id
-            logits = suppress_mask(model(x), mask_id)
-            x0 = gumbel_argmax(logits, config.temperature, generator)
-            if config.remasking == "low_confidence":
-                x0_p = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-            else:
-                x0_p = torch.rand(x0.shape, dtype=torch.float64, device=x.device, generator=generator)
-            x0_p[:, hi:] = float("-inf")
-            x0 = torch.where(mask_index, x0, x)
-            conf = torch.where(mask_index, x0_p, torch.full_like(x0_p, float("-inf")))
-            for j in range(b):
-                _, idx = torch.topk(conf[j], int(k_sched[j, step]))
-                x[j, idx] = x0[j, idx]
-    return x
