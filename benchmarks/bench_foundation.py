@@ -1,4 +1,4 @@
-"""Foundation benchmarks: SFT and sampling throughput, sampler vs the plain LLaDA loop, and what
+"""Foundation benchmarks: SFT and sampling throughput, sampler vs LLaDA's own loop, and what
 computing the LM head only at masked positions saves at a 32k vocabulary.
 
     python benchmarks/bench_foundation.py            # prints tables of tokens/s and ratios
@@ -11,15 +11,21 @@ over repeats after a warm-up.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from dlmdistill.diffusion import forward_process
 from dlmdistill.losses.diffusion import masked_diffusion_loss
 from dlmdistill.models import ModelConfig, build_model
 from dlmdistill.models.tokenizer import char_tokenizer
-from dlmdistill.sampling import GenerationConfig, generate, generate_reference
+from dlmdistill.sampling import GenerationConfig, generate
 
 from measure import bench_args, median_time, peak_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.llada_reference import llada_generate  # noqa: E402  (LLaDA's generate(), the tests' oracle)
 
 SIZES = {
     "tiny (0.5M)": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -62,14 +68,18 @@ def bench_sft(device: str, batch: int, length: int, repeats: int) -> list[str]:
 
 def bench_sampling(device: str, batch: int, prompt: int, gen: int, steps: int, repeats: int, vocab: int) -> list[str]:
     rows = [f"| model ({vocab:,} vocab, {batch} prompts, {gen} tokens, {steps} steps) | ours (tokens/s) | "
-            "plain LLaDA loop (tokens/s) | time ratio ours / plain |", "|---|---:|---:|---:|"]
+            "LLaDA's loop (tokens/s) | time ratio ours / LLaDA |", "|---|---:|---:|---:|"]
     cfg = GenerationConfig(gen_length=gen, steps=steps, block_length=gen // 4)
     for name, arch in SIZES.items():
         m = model_of(arch, vocab, device).eval()
         p = torch.randint(5, m.vocab_size, (batch, prompt), device=device)
-        assert torch.equal(generate(m, p, cfg).sequences, generate_reference(m, p, cfg))
+        record = []  # the same greedy states at every step
+        final = llada_generate(m, p, cfg, record=record)
+        out = generate(m, p, cfg, return_trajectory=True)
+        assert torch.equal(out.trajectory.states, torch.stack(record)[:, :, prompt:])
+        assert torch.equal(out.sequences, final)
         ours = median_time(lambda: generate(m, p, cfg), repeats)
-        plain = median_time(lambda: generate_reference(m, p, cfg), repeats)
+        plain = median_time(lambda: llada_generate(m, p, cfg), repeats)
         rows.append(f"| {name} | {batch * gen / ours:,.0f} | {batch * gen / plain:,.0f} | {ours / plain:.2f} |")
     return rows
 
