@@ -94,6 +94,45 @@ def test_masked_lm_without_mask_token_is_refused(tmp_path):
         build_model(ModelConfig(name_or_path=str(tmp_path / "bert")))
 
 
+def test_dlm_folder_without_tokenizer_says_so_and_how_to_add_one(tmp_path):
+    """A converted checkpoint saved without tokenizer files (e.g. converted from weights only)."""
+    import shutil
+
+    from dlmdistill.models import char_tokenizer
+
+    tok = char_tokenizer(["abcdefgh 0123"])
+    model, tok = build_model(ModelConfig(preset_overrides={"hidden_size": 32, "intermediate_size": 64,
+                                                           "num_attention_heads": 4}), tokenizer=tok)
+    model.save_pretrained(tmp_path / "dlm")  # weights and config only
+    assert not any(p.name.startswith("tokenizer") for p in (tmp_path / "dlm").iterdir())
+    with pytest.raises(ValueError, match=r"dlm: the tokenizer is missing.*Copy the tokenizer files.*tokenizer="):
+        load_model(str(tmp_path / "dlm"))
+    # either of the two remedies the message names works
+    tok.save_pretrained(tmp_path / "tok")
+    loaded, ltok = load_model(str(tmp_path / "dlm"), tokenizer=str(tmp_path / "tok"))
+    assert loaded.mask_id == model.mask_id and ltok.mask_token_id == model.mask_id
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, tmp_path / "dlm")
+    loaded, ltok = load_model(str(tmp_path / "dlm"))
+    assert ltok.convert_tokens_to_ids(list("abc")) == tok.convert_tokens_to_ids(list("abc"))
+    # a named tokenizer folder without tokenizer files is reported as such
+    model.save_pretrained(tmp_path / "dlm2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty \(the tokenizer for .*dlm2\): the tokenizer is missing"):
+        load_model(str(tmp_path / "dlm2"), tokenizer=str(tmp_path / "empty"))
+
+
+def test_mask_id_outside_the_tokenizer_is_refused(tmp_path):
+    import json
+
+    _ar_checkpoint(tmp_path / "ar")
+    cfg = json.loads((tmp_path / "ar" / "config.json").read_text())
+    cfg["mask_token_id"] = 10_000  # a DLM config whose tokenizer is not its own
+    (tmp_path / "ar" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mask token id 10000 is not in its tokenizer"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "ar")))
+
+
 def test_remote_code_needs_explicit_trust(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(

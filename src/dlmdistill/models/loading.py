@@ -146,8 +146,9 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
     model_type = getattr(config, "model_type", "")
     family = REMOTE_CODE_FAMILIES.get(model_type)
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg, path=(src if (local / "tokenizer_config.json").exists() else
-                                               (cfg.tokenizer or model_src)))
+        tokenizer_src = src if (local / "tokenizer_config.json").exists() else (cfg.tokenizer or model_src)
+        _require_tokenizer_files(tokenizer_src, src)
+        tokenizer = load_tokenizer(cfg, path=tokenizer_src)
     kwargs: dict[str, Any] = dict(common, dtype=DTYPES[cfg.dtype])
     if cfg.gguf_file:  # trainable dense weights, not packed GGUF blocks
         from transformers import GgufConfig
@@ -180,7 +181,12 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
                 log.info("added mask token %r (id %d) and resized embeddings to %d", tokenizer.mask_token, mask_id,
                          len(tokenizer))
         elif tokenizer.mask_token is None:
-            tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(int(mask_id))})
+            mask_token = tokenizer.convert_ids_to_tokens(int(mask_id))
+            if mask_token is None:
+                raise ValueError(f"{src}: the checkpoint's mask token id {mask_id} is not in its tokenizer "
+                                 f"({len(tokenizer)} tokens): the tokenizer does not belong to this model. "
+                                 + _TOKENIZER_HINT.format(folder=src))
+            tokenizer.add_special_tokens({"mask_token": mask_token})
         shift = bool(getattr(config, "dlm_shift_logits", False)) if cfg.shift_logits is None else cfg.shift_logits
         model.config.is_causal = False
     ensure_pad_token(tokenizer)
@@ -192,6 +198,23 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
         model = PeftModel.from_pretrained(model, src, is_trainable=True)
         return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift, lora=False)
     return _finish(model, tokenizer, cfg, mask_id=mask_id, shift=shift)
+
+
+_TOKENIZER_HINT = ("Copy the tokenizer files of the original checkpoint (tokenizer.json, tokenizer_config.json, "
+                   "special_tokens_map.json, ...) into {folder}, or name a tokenizer: load_model(PATH, "
+                   "tokenizer='FOLDER_OR_HUB_ID'), 'model.tokenizer' in a config, --model.tokenizer on the command "
+                   "line. ('dlmdistill convert' copies the tokenizer when the source folder has one.)")
+
+
+def _require_tokenizer_files(tokenizer_src: str, model_src: str) -> None:
+    """A local folder to load a tokenizer from must hold tokenizer files; say so and how to add them."""
+    from ..convert.common import TOKENIZER_FILES, tokenizer_files
+
+    folder = Path(tokenizer_src)
+    if folder.is_dir() and not tokenizer_files(folder):
+        where = f"{folder}" if str(folder) == str(model_src) else f"{folder} (the tokenizer for {model_src})"
+        raise ValueError(f"{where}: the tokenizer is missing: none of its files ({', '.join(TOKENIZER_FILES)}) "
+                         f"is in this folder. " + _TOKENIZER_HINT.format(folder=folder))
 
 
 def _drop_dequantized_quantizer(model) -> None:
