@@ -18,14 +18,15 @@ length fed the same random numbers, as long as LLaDA's draw does not return the 
 masked position of the current block. The differences are:
 
 * the mask token is never drawn (its logit is excluded from the draw only; the confidence still
-  comes from the softmax over the whole vocabulary, as in LLaDA). LLaDA can draw it (some
-  converted checkpoints, e.g. SMDM's, give it a sizeable probability), which wastes a commit;
+  comes from the softmax over the whole vocabulary, as in LLaDA). LLaDA can draw it (a converted
+  SMDM checkpoint gives it a constant logit of 0, see docs/backbones/smdm.md), which spends a
+  commit on a position that stays masked;
 * cost: the LM head, the softmax and the noise are computed only at the masked positions of the
   current block (the only ones that can be committed), and the top-k is vectorised over the batch;
 * padded prompts get a real attention mask (LLaDA's loop takes no padding);
 * the random numbers: LLaDA draws ``[B, L, V]`` uniforms from the global generator at every step
   (even at temperature 0) and float32 ones for ``random`` remasking; we draw float64 ones from
-  ``generator`` only where they are used, so the same seed gives other samples of the same law.
+  ``generator`` only where they are used, so a seed gives other samples from the same distribution.
 
 With ``return_trajectory=True`` the output records, for each step, the response state *before*
 the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
