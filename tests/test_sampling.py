@@ -211,7 +211,7 @@ def _trajectories(model, forward, prompt, cfg, seed=0):
     return ref, ours
 
 
-SETTINGS = [(None, 8), (8, 8), (4, 16), (8, 4), (16, 32)]  # (block_length, steps) for 32 tokens
+SETTINGS = [(None, 8), (8, 8), (8, 32), (4, 16), (8, 4), (16, 32)]  # (block_length, steps) for 32 tokens
 
 
 @pytest.mark.parametrize("block_length,steps", SETTINGS)
