@@ -101,7 +101,8 @@ _ANSWER_CLOSE = "</answer>"
 #: The tags of the response format, removed by the fallbacks that read untagged text.
 _TAG = re.compile(r"</?(?:answer|reasoning)>")
 #: A tag cut off by the end of the generation (``</``, ``</ans``, ``<reason``): no letters may follow it.
-_PARTIAL_TAG = re.compile(r"</?(?:a(?:n(?:s(?:w(?:e(?:r)?)?)?)?)?|r(?:e(?:a(?:s(?:o(?:n(?:i(?:n(?:g)?)?)?)?)?)?)?)?)?\s*$")
+_PARTIAL_TAG = re.compile(r"</?(?:a(?:n(?:s(?:w(?:e(?:r)?)?)?)?)?"
+                          r"|r(?:e(?:a(?:s(?:o(?:n(?:i(?:n(?:g)?)?)?)?)?)?)?)?)?\s*$")
 #: Special tokens left in text decoded with ``skip_special_tokens=False`` (d1's generation files).
 _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _END_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>")

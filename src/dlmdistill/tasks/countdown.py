@@ -60,7 +60,8 @@ MAX_ANSWER_CHARS = 4 * MAX_EXPRESSION_CHARS
 _BINARY_OPS: dict[type[ast.operator], str] = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _UNICODE_OPS = str.maketrans({"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-", "{": "(", "}": ")",
                               "$": " "})
-_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\ast", "*"), ("\\div", "/"), ("\\left", ""), ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\!", ""),
+_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\ast", "*"), ("\\div", "/"), ("\\left", ""),
+              ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\!", ""),
               ("\\right", ""), ("\\(", " "), ("\\)", " "), ("\\[", " "), ("\\]", " "))
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
