@@ -134,6 +134,17 @@ def extract_answer(text: str) -> str | None:
     return (_drop_partial_tag(content) if end < 0 else content[:end]).strip()
 
 
+def after_answer(text: str) -> str:
+    """Where an untagged answer may be, when :func:`extract_answer` found none or an empty one:
+    the whole text if it has no ``<answer>`` tag, else what follows the last block's closing
+    tag (an empty block answers nothing; the reasoning before it is not an answer)."""
+    start = text.rfind(_ANSWER_OPEN)
+    if start < 0:
+        return text
+    end = text.find(_ANSWER_CLOSE, start)
+    return "" if end < 0 else text[end + len(_ANSWER_CLOSE):]
+
+
 def strip_tags(text: str) -> str:
     """``text`` with every ``<answer>``/``<reasoning>`` tag (opening or closing) and a tag cut
     short at the end replaced by a line break: what is left of a completion whose tags are

@@ -7,10 +7,10 @@ d-OPSD (their test set: 256 puzzles, numbers and targets in 1..100).
 Verifier. The answer is the content of the last ``<answer>`` block; inside it, the content of
 its last ``\\boxed{}`` if there is one (d1's prompt asks for ``<answer>\\boxed{a + b * c}</answer>``;
 a box cut off before its ``}`` runs to the end of the block). Without a non-empty ``<answer>``
-block: the last ``\\boxed{}`` of the completion, else the last non-empty line once the tags are
-removed (so an expression after a stray ``</answer>`` is read, not a final ``</``). If the answer
-spans several lines and is not an expression as a whole, its last line is tried. An
-``expression = target`` form is accepted as the expression.
+block: the last ``\\boxed{}`` of the completion (of what follows an empty block), else the last
+non-empty line once the tags are removed (so an expression after a stray ``</answer>`` is read,
+not a final ``</``). If the answer spans several lines and is not an expression as a whole, its
+last line is tried. An ``expression = target`` form is accepted as the expression.
 
 LaTeX and typography are read as arithmetic: ``\\times``, ``\\cdot``, ``\\ast``, ``×``, ``·`` as
 ``*``; ``\\div``, ``÷`` as ``/``; ``\\frac{a}{b}`` as ``(a)/(b)``; ``−``, ``–`` as ``-``; braces as
@@ -47,8 +47,8 @@ from fractions import Fraction
 from itertools import permutations
 from typing import Any
 
-from .base import (Example, PromptStyle, Task, check_style, extract_answer, format_reasoning, last_boxed,
-                   last_line)
+from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+                   last_boxed, last_line)
 from .io import DataError, first_field, read_records
 
 #: Longest answer the verifier parses; longer ones are wrong (bounds the parser's work).
@@ -213,8 +213,9 @@ def answer_text(completion: str) -> str | None:
     if answer:
         boxed = last_boxed(answer, allow_unclosed=True)
         return answer if boxed is None else boxed
-    boxed = last_boxed(completion, allow_unclosed=True)
-    return boxed if boxed is not None else last_line(completion)
+    rest = after_answer(completion)
+    boxed = last_boxed(rest, allow_unclosed=True)
+    return boxed if boxed is not None else last_line(rest)
 
 
 # --------------------------------------------------------------------------------------------

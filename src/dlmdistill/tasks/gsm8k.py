@@ -6,11 +6,11 @@ response is ``<reasoning>`` the solution without the annotations ``</reasoning><
 
 Verifier. The predicted number comes from the last ``<answer>`` block: the content of its last
 ``\\boxed{}`` if it has one (d1's prompt asks for ``<answer>\\boxed{...}</answer>``), else the
-block itself. Without an ``<answer>`` block: the last ``\\boxed{}`` of the completion, else the
-whole completion. From a box the *first* number after its last ``=`` is read (the box holds the
-answer, and words after the number are units: ``\\boxed{12 \\text{ m}^2}`` is 12,
-``\\boxed{x = 18}`` is 18); from unboxed text the *last* number (``She makes 18 dollars.``).
-A box cut off before its ``}`` runs to the end of the block.
+block itself. Without a non-empty ``<answer>`` block: the last ``\\boxed{}`` of the completion
+(of what follows an empty block), else the last number there. From a box the *first* number
+after its last ``=`` is read (the box holds the answer, and words after the number are units:
+``\\boxed{12 \\text{ m}^2}`` is 12, ``\\boxed{x = 18}`` is 18); from unboxed text the *last*
+number (``She makes 18 dollars.``). A box cut off before its ``}`` runs to the end of the block.
 
 Numbers are read leniently: thousands separators (``6,277``, ``6{,}277``, ``6\\,277``), currency
 signs, units and percent signs around the number are ignored; ``\\frac{7}{2}``, ``7/2`` and a
@@ -25,7 +25,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from .base import Example, Task, extract_answer, format_reasoning, last_boxed
+from .base import Example, Task, after_answer, extract_answer, format_reasoning, last_boxed
 from .io import DataError, read_records, require
 
 _NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"
@@ -106,7 +106,7 @@ def split_solution(answer: str, where: str) -> tuple[str, str]:
 def predicted_number(completion: str) -> str | None:
     """The normalised answer of a completion (see the module docstring), or None."""
     tagged = extract_answer(completion)
-    text = completion if tagged is None else tagged
+    text = tagged if tagged else after_answer(completion)
     boxed = last_boxed(text, allow_unclosed=True)
     if boxed is not None:
         number = boxed_number(boxed)

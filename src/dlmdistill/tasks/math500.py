@@ -6,9 +6,9 @@ solution when there is none. The training response is ``<reasoning>`` the soluti
 ``</reasoning><answer>`` the gold answer ``</answer>``.
 
 Verifier: the predicted answer is the content of the last ``\\boxed{}`` inside the last
-``<answer>`` block, else that block's content, else (no block, or an empty one) the last
-``\\boxed{}`` of the completion. A box cut off before its closing brace counts up to the end of
-the block (``<answer>\\boxed{\\frac{1}{2}</answer>`` reads ``\\frac{1}{2}``).
+``<answer>`` block, else that block's content, else the last ``\\boxed{}`` of the completion (if
+it has no block) or of what follows an empty block. A box cut off before its closing brace
+counts up to the end of the block (``<answer>\\boxed{\\frac{1}{2}</answer>`` reads ``\\frac{1}{2}``).
 Prediction and gold are each wrapped in ``\\boxed{}`` and compared with ``math_verify``
 (``parse`` + ``verify``): mathematical equivalence, so ``\\frac{1}{2}`` equals ``0.5`` and
 ``x^2+1`` equals ``1+x^2``. Score 1.0 or 0.0.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .base import Example, Task, extract_answer, format_reasoning, last_boxed
+from .base import Example, Task, after_answer, extract_answer, format_reasoning, last_boxed
 from .io import DataError, read_records, require
 
 __all__ = ["Math500Task", "last_boxed", "math_equal", "predicted_answer"]
@@ -31,7 +31,7 @@ def predicted_answer(completion: str) -> str | None:
     if tagged:
         boxed = last_boxed(tagged, allow_unclosed=True)
         return boxed if boxed is not None else tagged
-    return last_boxed(completion, allow_unclosed=True)
+    return last_boxed(after_answer(completion), allow_unclosed=True)
 
 
 def math_equal(gold: str, predicted: str | None, timeout_seconds: int | None = 5) -> bool:

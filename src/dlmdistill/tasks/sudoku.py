@@ -3,8 +3,8 @@
 Grids are strings of 16 digits read row by row; in a puzzle ``0`` marks a blank. This is the
 planning task of d1 and d-OPSD (their test set: 500 puzzles with 8 blanks each).
 
-Verifier. The answer is the last ``<answer>`` block. Without one, or if it holds no digit, it is
-the last run of grid-like lines (digits and separators only) once tags are removed, else the
+Verifier. The answer is the last ``<answer>`` block. Without one (or, if it holds no digit, in
+what follows it), it is the last run of grid-like lines (digits and separators only) once tags are removed, else the
 last non-empty line: a grid after a stray ``</answer>`` or with no tags at all. Row labels
 (``Row 1:``) are dropped; the remaining digits are read in order, ignoring whitespace, newlines
 and any separators (``|``, commas, brackets), and, as in d1, the first 16 are kept (a shorter
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .base import Example, PromptStyle, Task, check_style, extract_answer, format_reasoning, strip_tags
+from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+                   strip_tags)
 from .io import DataError, first_field, read_records
 
 SIZE = 4
@@ -186,7 +187,8 @@ def answer_text(completion: str) -> str:
     """The answer part of a completion (see the module docstring), row labels removed."""
     text = extract_answer(completion)
     if text is None or not re.search(r"\d", _LABEL.sub(" ", text)):
-        lines = [_LABEL.sub(" ", line).strip() for line in strip_tags(completion).splitlines()]
+        rest = strip_tags(after_answer(completion))
+        lines = [_LABEL.sub(" ", line).strip() for line in rest.splitlines()]
         lines = [line for line in lines if line]
         run: list[str] = []
         for line in reversed(lines):
