@@ -262,3 +262,12 @@ def test_puzzle_size_is_validated(tmp_path):
     f.write_text('{"input": "5", "output": "5"}\n')
     with pytest.raises(DataError, match="one.jsonl:1: a puzzle needs 2 to 12 numbers, got 1"):
         CountdownTask().load(str(f))
+
+
+def test_model_text_raises_no_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not check_answer("30abc + 93 - 100", NUMBERS, TARGET).correct
+        assert not check_answer("0777 + 1", [777, 1], 778).correct

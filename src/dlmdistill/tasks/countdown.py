@@ -41,6 +41,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -104,7 +105,9 @@ def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression, mode="eval")
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: model text, not our code
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ExpressionError("not an arithmetic expression") from None
     literals: list[int] = []
