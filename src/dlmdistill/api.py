@@ -4,7 +4,7 @@
     dd.train("sft", "configs/sft_countdown_tiny.yaml", **{"training.max_steps": 200})
     texts = dd.generate("runs/sft_countdown", ["numbers: 3 5 7 target: 22\\n"], steps=32, gen_length=64)
     report = dd.evaluate("runs/sft_countdown", task="countdown", steps=[8, 16], seeds=[10])
-    summary = dlmdistill.api.score_generations("runs/sft_countdown/eval/countdown", task="countdown")
+    summary = dd.api.score_generations("runs/sft_countdown/eval/countdown", task="countdown")
 """
 
 from __future__ import annotations
