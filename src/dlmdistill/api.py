@@ -4,6 +4,7 @@
     dd.train("sft", "configs/sft_countdown_tiny.yaml", **{"training.max_steps": 200})
     texts = dd.generate("runs/sft_countdown", ["numbers: 3 5 7 target: 22\\n"], steps=32, gen_length=64)
     report = dd.evaluate("runs/sft_countdown", task="countdown", steps=[8, 16], seeds=[10])
+    summary = dd.api.score_generations("runs/sft_countdown/eval/countdown", task="countdown")
 """
 
 from __future__ import annotations
@@ -92,3 +93,11 @@ def evaluate(model: Any, task: str, *, steps: Sequence[int] = (8, 16, 32), seeds
     examples = t.load(source, split=split, limit=limit)
     return evaluate_model(m, tok, t, examples, GenerationConfig(**generation), list(steps), list(seeds),
                           output_dir=output_dir, progress=progress, model_name=str(model) if not isinstance(model, tuple) else "")
+
+
+def score_generations(path: str | Path, task: str, out: str | Path | None = None) -> dict[str, Any]:
+    """Re-score saved generations (our ``generations.jsonl`` or d1's generation JSON) without a
+    model, as ``dlmdistill score`` does; see :func:`dlmdistill.score.score_generations`."""
+    from .score import score_generations as _score
+
+    return _score(path, task, out)

@@ -4,6 +4,7 @@
     dlmdistill generate --model M --prompt "..." [--steps 32 ...]    sample with the diffusion sampler
     dlmdistill evaluate --model M --task T --steps 8 16 32 --seeds 10 20 30
     dlmdistill report RUN_DIR ... [--out report.md]                  tables and plots from runs
+    dlmdistill score --task T FILE [--out PATH]                      re-score saved generations (ours or d1's)
     dlmdistill convert llada|dream|smdm SRC DST                      published checkpoints -> native
     dlmdistill demo                                                  the whole thing, small, on CPU
 
@@ -214,6 +215,12 @@ def cmd_report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+def cmd_score(argv: list[str]) -> int:
+    from .score import main as score_main
+
+    return score_main(argv)
+
+
 def cmd_convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dlmdistill convert", description="convert a published checkpoint into a "
                                 "native transformers DLM folder (see docs/backbones/)")
@@ -276,7 +283,7 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "report": cmd_report, "convert": cmd_convert}
+            "report": cmd_report, "convert": cmd_convert, "score": cmd_score}
 
 
 def main(argv: list[str] | None = None) -> int:

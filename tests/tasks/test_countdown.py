@@ -173,3 +173,101 @@ def test_answer_only_targets_keep_the_format_and_verify():
     ex = task.load(None, split="train", limit=3)[0]
     assert ex.target.startswith("<reasoning></reasoning><answer>") and ex.target.endswith("</answer>")
     assert task.score(ex, ex.target) == 1.0
+
+
+@pytest.mark.parametrize("answer", [
+    "(30+93)-100 # 9**9**9**9",          # ast.parse would drop the comment and accept
+    "(30+93)-100 #",
+    "# comment\n(30+93)-100",
+    "(30+93)-100\n# 9**9**9**9",
+])
+def test_rejects_python_comments(answer):
+    result = check_answer(answer, NUMBERS, TARGET)
+    assert not result.correct and "'#'" in result.reason
+
+
+@pytest.mark.parametrize("answer, numbers, target", [
+    (r"6 \times 8 - 2", [6, 8, 2], 46),
+    (r"84 \div 4 + 9", [84, 4, 9], 30),
+    (r"7 \cdot 5 + 3", [7, 5, 3], 38),
+    ("6 × 8 − 2", [6, 8, 2], 46),
+    ("84 ÷ 4 + 9", [84, 4, 9], 30),
+    (r"\frac{30}{6} + 5", [30, 6, 5], 10),
+    (r"\dfrac{84}{4} + 9", [84, 4, 9], 30),
+    (r"\left(30 + 93\right) - 100", NUMBERS, TARGET),
+    (r"$(30 + 93) - 100$", NUMBERS, TARGET),
+    (r"\((30 + 93) - 100\)", NUMBERS, TARGET),
+    ("{30 + 93} - 100", NUMBERS, TARGET),
+    ("(30 + 93) - 100.", NUMBERS, TARGET),
+    (r"30\,+\,93\,-\,100", NUMBERS, TARGET),
+])
+def test_reads_latex_and_typographic_operators(answer, numbers, target):
+    assert check_answer(answer, numbers, target).correct
+
+
+@pytest.mark.parametrize("answer", [
+    r"\sqrt{30 + 93 - 100}", r"30 + 93 - 100 \times", r"\text{30 + 93 - 100}", r"30 \bmod 93 - 100",
+    r"{}", "30 + 93 - 100 = 24",
+])
+def test_latex_is_only_rewritten_never_trusted(answer):
+    assert not check_answer(answer, NUMBERS, TARGET).correct
+
+
+def test_answer_extraction_from_broken_d1_format():
+    task = CountdownTask()
+    ex = task.example(solve([49, 55, 53], 51))
+    right = ["<answer> \\boxed{49 + 55 - 53} </answer>",
+             "so 49 + 55 = 104\n</reasoning>\n</answer>\n49 + 55 - 53\n</",     # after a stray </answer>
+             "so 49 + 55 = 104\n</reasoning>\n</answer>\n\\boxed{49 + 55 - 53}\n</answ",
+             "<answer>\n\\boxed{49 + 55 - 53\n</answer>",                       # unclosed box
+             "<answer>\nThe expression is:\n49 + 55 - 53\n</answer>",          # last line of the block
+             "<answer>\\boxed{1 + 2}</answer> <answer>\\boxed{49 + 55 - 53}</answer>"]
+    wrong = ["\\boxed{49 + 55 - 53}</reasoning><answer>49 + 55 + 53</answer>",  # the answer block decides
+             "<answer>\\boxed{49 + 55 - 53} # \\boxed{1}</answer>",
+             "49 + 55 = 104. Then 104 - 53 ="]
+    assert [task.score(ex, c) for c in right] == [1.0] * len(right)
+    assert [task.score(ex, c) for c in wrong] == [0.0] * len(wrong)
+    assert task.details(ex, right[1])["expression"] == "49 + 55 - 53"
+
+
+def test_bounded_solver():
+    assert solve([3, 7, 25, 50, 75, 100], 9999, budget=1000).expression == ""   # gives up quickly
+    assert solve([30, 100, 93], 23, budget=1000).expression == "(30+93)-100"     # small searches finish
+
+
+def test_six_number_file_loads_fast(tmp_path):
+    import time
+
+    f = tmp_path / "cd6.jsonl"
+    rows = [([3, 7, 25, 50, 75, 100], 9999), ([1, 2, 3, 4, 5, 6], 7919), ([2, 4, 6, 8, 10, 12], 1),
+            ([5, 10, 15, 20, 25], 9973)] * 10    # unsolvable or hard targets: a full search takes seconds each
+    f.write_text("".join(json.dumps({"input": ",".join(map(str, n)), "output": str(t)}) + "\n" for n, t in rows))
+    task = CountdownTask(test_source=str(f))
+    start = time.perf_counter()
+    test = task.load(split="test")
+    assert time.perf_counter() - start < 2.0
+    assert len(test) == 40 and test[0].meta == {"numbers": [3, 7, 25, 50, 75, 100], "target": 9999}
+    assert test[0].target is None and test[0].references == []
+    ex = test[2]   # not solved when read, but scored: (6+8)/(12-10) - (2+4) = 7 - 6 = 1
+    assert task.score(ex, "<answer>\\boxed{(6 + 8) \\div (12 - 10) - (2 + 4)}</answer>") == 1.0
+    assert task.score(ex, "<answer>\\boxed{(6 + 8) / (12 - 10) - (2 + 4 + 2)}</answer>") == 0.0   # 2 used twice
+    start = time.perf_counter()
+    train = task.load(str(f), split="train", limit=3)    # training needs targets: bounded search per kept record
+    assert time.perf_counter() - start < 5.0
+    assert train == []    # every record is held out (the test file itself)
+
+
+def test_puzzle_size_is_validated(tmp_path):
+    f = tmp_path / "one.jsonl"
+    f.write_text('{"input": "5", "output": "5"}\n')
+    with pytest.raises(DataError, match="one.jsonl:1: a puzzle needs 2 to 12 numbers, got 1"):
+        CountdownTask().load(str(f))
+
+
+def test_model_text_raises_no_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not check_answer("30abc + 93 - 100", NUMBERS, TARGET).correct
+        assert not check_answer("0777 + 1", [777, 1], 778).correct

@@ -68,3 +68,44 @@ def test_shared_gsm8k(shared_data):
     assert test[0].meta["answer"] == "18"
     assert all(task.score(e, e.target) == 1.0 for e in test)
     assert not any("<<" in e.target for e in train)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (r"<answer>\boxed{13} years old in 3 years</answer>", "13"),     # the box, not the last number
+    (r"<answer>\boxed{2:00 pm}</answer>", "2"),                        # d1 reads 2 as well (first number)
+    (r"<answer>\boxed{2:30 pm}</answer>", "2.5"),
+    (r"<answer>\boxed{6,277}</answer>", "6277"),                       # d1 reads 6
+    (r"<answer>\boxed{6{,}277}</answer>", "6277"),
+    (r"<answer>\boxed{6\,277}</answer>", "6277"),
+    (r"<answer>\boxed{1,000,000}</answer>", "1000000"),
+    (r"<answer>\boxed{\frac{7}{2}}</answer>", "3.5"),
+    (r"<answer>\boxed{\dfrac{1}{3}}</answer>", "1/3"),
+    (r"<answer>7/2</answer>", "3.5"),
+    (r"<answer>\boxed{x = 18}</answer>", "18"),
+    (r"<answer>\boxed{5 \times 3 = 15}</answer>", "15"),
+    (r"<answer>\boxed{12 \text{ m}^2}</answer>", "12"),
+    (r"<answer>\boxed{\$18.00}</answer>", "18"),
+    (r"<answer>\boxed{-4}</answer>", "-4"),
+    (r"<answer>\boxed{18</answer>", "18"),                             # unclosed box
+    ("<answer>\n\\boxed{18\n", "18"),                                  # unclosed box and block
+    (r"<reasoning>\boxed{9}</reasoning><answer>\boxed{18}</answer>", "18"),
+    (r"<answer>\boxed{1} then \boxed{18}</answer>", "18"),             # the last box
+    (r"<answer>\boxed{}</answer>", None),
+    (r"<answer>\boxed{none} 18</answer>", "18"),                       # a box without a number: the block's last number
+    (r"no tags, \boxed{18} dollars and 3 cents", "18"),
+    ("9 * 2 = 18.\n</reasoning>\n</answer>\n18\n</", "18"),             # stray </answer>
+])
+def test_boxed_answers(completion, expected):
+    assert predicted_number(completion) == expected
+
+
+def test_gold_comparison_is_exact():
+    task = GSM8KTask()
+    from dlmdistill.tasks.base import Example
+
+    half = Example(prompt="", meta={"answer": "3.5"})
+    assert task.score(half, r"<answer>\boxed{\frac{7}{2}}</answer>") == 1.0
+    assert task.score(half, r"<answer>\boxed{3.50}</answer>") == 1.0
+    assert task.score(half, r"<answer>\boxed{3.51}</answer>") == 0.0
+    third = Example(prompt="", meta={"answer": "0.33"})
+    assert task.score(third, r"<answer>\boxed{\frac{1}{3}}</answer>") == 0.0   # no rounding

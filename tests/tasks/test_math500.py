@@ -79,3 +79,11 @@ def test_shared_math500_gold_agrees_with_boxed_solutions(shared_data):
     records = [json.loads(line) for line in (shared_data / "math500" / "test.jsonl").open()]
     for ex, record in list(zip(examples, records))[::5]:   # every 5th problem keeps this fast
         assert task.score(ex, record["solution"]) == 1.0, ex.source
+
+
+def test_unclosed_boxes_and_broken_tags():
+    assert predicted_answer("<answer>\n\\boxed{\\frac{1}{2}\n</answer>") == r"\frac{1}{2}"
+    assert predicted_answer("half\n</reasoning>\n</answer>\n\\boxed{\\frac{1}{2}}\n</") == r"\frac{1}{2}"
+    assert predicted_answer("<answer>\n</answer> so \\boxed{3}") == "3"          # an empty block falls back
+    assert last_boxed(r"\boxed{\frac{1}{2}", allow_unclosed=True) == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{\frac{1}{2}", allow_unclosed=False) is None

@@ -14,6 +14,7 @@ Scores are floats:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -97,25 +98,92 @@ def format_reasoning(reasoning: str, answer: str) -> str:
 
 _ANSWER_OPEN = "<answer>"
 _ANSWER_CLOSE = "</answer>"
+#: The tags of the response format, removed by the fallbacks that read untagged text.
+_TAG = re.compile(r"</?(?:answer|reasoning)>")
+#: A tag cut off by the end of the generation (``</``, ``</ans``, ``<reason``): no letters may follow it.
+_PARTIAL_TAG = re.compile(r"</?(?:a(?:n(?:s(?:w(?:e(?:r)?)?)?)?)?"
+                          r"|r(?:e(?:a(?:s(?:o(?:n(?:i(?:n(?:g)?)?)?)?)?)?)?)?)?\s*$")
+#: Special tokens left in text decoded with ``skip_special_tokens=False`` (d1's generation files).
+_SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+_END_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>")
+
+
+def clean_completion(text: str) -> str:
+    """The response as our own decoder returns it: cut at the first end token (``<|eot_id|>``,
+    ``<|endoftext|>``, ``<|im_end|>``) and without other special tokens ``<|...|>``. Generation
+    files written with ``skip_special_tokens=False`` (d1's) hold them."""
+    cut = min((i for i in (text.find(t) for t in _END_TOKENS) if i >= 0), default=len(text))
+    return _SPECIAL_TOKEN.sub("", text[:cut])
+
+
+def _drop_partial_tag(text: str) -> str:
+    return _PARTIAL_TAG.sub("", text)
 
 
 def extract_answer(text: str) -> str | None:
     """Content of the last ``<answer>`` block, stripped, or None if there is none.
 
     A final block that was opened but never closed (generation ran out of tokens) still counts:
-    its content runs to the end of the text.
+    its content runs to the end of the text, less a closing tag cut short (``</``, ``</answ``).
     """
     start = text.rfind(_ANSWER_OPEN)
     if start < 0:
         return None
     content = text[start + len(_ANSWER_OPEN):]
     end = content.find(_ANSWER_CLOSE)
-    return (content if end < 0 else content[:end]).strip()
+    return (_drop_partial_tag(content) if end < 0 else content[:end]).strip()
+
+
+def after_answer(text: str) -> str:
+    """Where an untagged answer may be, when :func:`extract_answer` found none or an empty one:
+    the whole text if it has no ``<answer>`` tag, else what follows the last block's closing
+    tag (an empty block answers nothing; the reasoning before it is not an answer)."""
+    start = text.rfind(_ANSWER_OPEN)
+    if start < 0:
+        return text
+    end = text.find(_ANSWER_CLOSE, start)
+    return "" if end < 0 else text[end + len(_ANSWER_CLOSE):]
+
+
+def strip_tags(text: str) -> str:
+    """``text`` with every ``<answer>``/``<reasoning>`` tag (opening or closing) and a tag cut
+    short at the end replaced by a line break: what is left of a completion whose tags are
+    broken (an answer after a stray ``</answer>``, a final ``</``)."""
+    return _TAG.sub("\n", _drop_partial_tag(text))
 
 
 def last_line(text: str) -> str | None:
-    """The last non-empty line of ``text`` (stripped), or None: the fallback answer when a
-    completion has no ``<answer>`` block."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    """The last non-empty line of ``text`` once tags are removed (:func:`strip_tags`), stripped,
+    or None: the fallback answer when a completion has no ``<answer>`` block."""
+    lines = [line.strip() for line in strip_tags(text).splitlines() if line.strip()]
     return lines[-1] if lines else None
 
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def last_boxed(text: str, allow_unclosed: bool = False) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``,
+    with nested braces; None if there is none. A box whose braces never close gives None, or,
+    with ``allow_unclosed``, everything after its ``{`` up to the next tag (a generation cut off
+    inside the box, or a box closed by ``</answer>`` instead of ``}``)."""
+    start, command = max((text.rfind(cmd), cmd) for cmd in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    rest = text[start + len(command):]
+    if rest.startswith(" "):  # "\boxed 5": the next word
+        words = rest.split()
+        return words[0].rstrip("$.") if words else None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, ch in enumerate(rest):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i]
+    if not allow_unclosed:
+        return None
+    return _drop_partial_tag(_TAG.split(rest[1:], maxsplit=1)[0]).strip()

@@ -4,14 +4,25 @@ A puzzle is a list of numbers (three by default) and a positive integer target, 
 30, 100, 93 and target 23; ``(30+93)-100`` solves it. This is the planning task of d1 and
 d-OPSD (their test set: 256 puzzles, numbers and targets in 1..100).
 
-Verifier. The answer is the content of the last ``<answer>`` block (fallback: the last non-empty
-line). An ``expression = target`` form is accepted as the expression. The expression is parsed
-with :mod:`ast` and evaluated by a whitelist evaluator, never ``eval``: only decimal integer
-literals, binary ``+ - * /``, unary minus and parentheses are allowed; names, calls, attributes,
-``**``, ``//``, ``%``, floats, comparisons and everything else are rejected. Arithmetic is exact
-(:class:`fractions.Fraction`), so ``/`` is true division and division by zero is a wrong answer.
-The literals must be exactly the given numbers as a multiset (each used once, none missing, none
-added) and the value must equal the target. Score 1.0 or 0.0; ``details`` says why.
+Verifier. The answer is the content of the last ``<answer>`` block; inside it, the content of
+its last ``\\boxed{}`` if there is one (d1's prompt asks for ``<answer>\\boxed{a + b * c}</answer>``;
+a box cut off before its ``}`` runs to the end of the block). Without a non-empty ``<answer>``
+block: the last ``\\boxed{}`` of the completion (of what follows an empty block), else the last
+non-empty line once the tags are removed (so an expression after a stray ``</answer>`` is read,
+not a final ``</``). If the answer spans several lines and is not an expression as a whole, its
+last line is tried. An ``expression = target`` form is accepted as the expression.
+
+LaTeX and typography are read as arithmetic: ``\\times``, ``\\cdot``, ``\\ast``, ``×``, ``·`` as
+``*``; ``\\div``, ``÷`` as ``/``; ``\\frac{a}{b}`` as ``(a)/(b)``; ``−``, ``–`` as ``-``; braces as
+parentheses; ``$``, ``\\left``, ``\\right``, ``\\(``, ``\\)``, ``\\[``, ``\\]`` and a final full stop are dropped.
+
+The expression is parsed with :mod:`ast` and evaluated by a whitelist evaluator, never ``eval``:
+only decimal integer literals, binary ``+ - * /``, unary minus and parentheses are allowed;
+names, calls, attributes, ``**``, ``//``, ``%``, floats, comparisons and everything else are
+rejected, and so is any ``#`` (``ast.parse`` would silently drop a Python comment). Arithmetic
+is exact (:class:`fractions.Fraction`), so ``/`` is true division and division by zero is a
+wrong answer. The literals must be exactly the given numbers as a multiset (each used once, none
+missing, none added) and the value must equal the target. Score 1.0 or 0.0; ``details`` says why.
 
 Data. Training puzzles come from :func:`generate_countdown`: random numbers combined by a random
 expression whose intermediate results are positive integers; the target is its value. The
@@ -19,7 +30,10 @@ training response is a short trace of the steps and the expression, e.g.
 ``<reasoning>30+93=123, 123-100=23</reasoning><answer>(30+93)-100</answer>``. Test puzzles come
 from a file (d1's ``countdown_cd3_test.jsonl``: ``{"input": "30,100,93", "output": "23"}``) or
 are generated from a separate seed; training data never contains a held-out puzzle (same
-multiset of numbers and same target).
+multiset of numbers and same target). A puzzle read from a file is solved (for its training
+target) by a search bounded to :data:`SOLVE_BUDGET` combinations, and a test puzzle with more
+than four numbers is not solved at all, so 5- and 6-number files load in bounded time; a puzzle
+without a solution has no training target (and no reference expression) but is scored normally.
 """
 
 from __future__ import annotations
@@ -27,20 +41,30 @@ from __future__ import annotations
 import ast
 import random
 import re
+import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import permutations
 from typing import Any
 
-from .base import Example, PromptStyle, Task, check_style, extract_answer, format_reasoning, last_line
+from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+                   last_boxed, last_line)
 from .io import DataError, first_field, read_records
 
 #: Longest answer the verifier parses; longer ones are wrong (bounds the parser's work).
 MAX_EXPRESSION_CHARS = 200
 
+#: Longest answer text read at all (before LaTeX is rewritten); longer ones are wrong.
+MAX_ANSWER_CHARS = 4 * MAX_EXPRESSION_CHARS
+
 _BINARY_OPS: dict[type[ast.operator], str] = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-_UNICODE_OPS = str.maketrans({"×": "*", "÷": "/", "−": "-", "–": "-"})
+_UNICODE_OPS = str.maketrans({"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-", "{": "(", "}": ")",
+                              "$": " "})
+_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\ast", "*"), ("\\div", "/"), ("\\left", ""),
+              ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\!", ""),
+              ("\\right", ""), ("\\(", " "), ("\\)", " "), ("\\[", " "), ("\\]", " "))
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,17 +75,39 @@ class ExpressionError(ValueError):
     """The text is not an allowed arithmetic expression (or divides by zero)."""
 
 
+def normalize_expression(text: str) -> str:
+    """Plain arithmetic from an answer written with LaTeX or typographic operators (see the
+    module docstring): ``"49 \\times 2 \\div (8-1)"`` -> ``"49 * 2 / (8-1)"``. Whitespace runs,
+    line breaks included, become single spaces."""
+    for latex, plain in _LATEX_OPS:
+        text = text.replace(latex, plain)
+    for _ in range(MAX_EXPRESSION_CHARS):  # innermost fractions first; bounded
+        text, n = _LATEX_FRAC.subn(r"(\1)/(\2)", text)
+        if not n:
+            break
+    text = " ".join(text.translate(_UNICODE_OPS).split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
 def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
     """Exact value of an arithmetic expression and the integer literals it uses, in order.
 
-    Only decimal integer literals, ``+ - * /``, unary minus and parentheses are allowed; anything
-    else raises :class:`ExpressionError`, as does division by zero.
+    LaTeX operators are read first (:func:`normalize_expression`). Only decimal integer
+    literals, ``+ - * /``, unary minus and parentheses are allowed; anything else raises
+    :class:`ExpressionError`, as does division by zero. A ``#`` anywhere is rejected before
+    parsing: :func:`ast.parse` would drop a comment and everything after it.
     """
-    expression = " ".join(expression.translate(_UNICODE_OPS).split())  # newlines are not tokens here
+    if "#" in expression:
+        raise ExpressionError("not allowed: '#' (a Python comment)")
+    if len(expression) > MAX_ANSWER_CHARS:
+        raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    expression = normalize_expression(expression)
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression, mode="eval")
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: model text, not our code
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ExpressionError("not an arithmetic expression") from None
     literals: list[int] = []
@@ -127,9 +173,20 @@ class CountdownCheck:
 
 
 def check_answer(answer: str | None, numbers: list[int], target: int) -> CountdownCheck:
-    """Check an answer expression against a puzzle (see the module docstring for the rules)."""
-    if not answer:
+    """Check an answer expression against a puzzle (see the module docstring for the rules). An
+    answer of several lines that is not an expression as a whole is checked by its last line."""
+    if not answer or not answer.strip():
         return CountdownCheck(None, reason="no answer")
+    result = _check_expression(answer.strip(), numbers, target)
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    if result.value is None and len(lines) > 1 and "#" not in answer:
+        last = _check_expression(lines[-1], numbers, target)
+        if last.value is not None:
+            return last
+    return result
+
+
+def _check_expression(answer: str, numbers: list[int], target: int) -> CountdownCheck:
     expression = _drop_equals_target(answer, target)
     try:
         value, used = evaluate_expression(expression)
@@ -146,15 +203,22 @@ def check_answer(answer: str | None, numbers: list[int], target: int) -> Countdo
 def _drop_equals_target(answer: str, target: int) -> str:
     """``"(30+93)-100 = 23"`` -> ``"(30+93)-100"`` when the right side is the target."""
     left, sep, right = answer.partition("=")
-    if sep and right.strip() == str(target):
+    if sep and normalize_expression(right) == str(target):
         return left.strip()
     return answer
 
 
 def answer_text(completion: str) -> str | None:
-    """The answer part of a completion: the last ``<answer>`` block, else the last line."""
+    """The answer part of a completion (see the module docstring): the last ``\\boxed{}`` of the
+    last non-empty ``<answer>`` block, else that block; without one, the last ``\\boxed{}`` of the
+    completion, else its last line once tags are removed."""
     answer = extract_answer(completion)
-    return answer if answer is not None else last_line(completion)
+    if answer:
+        boxed = last_boxed(answer, allow_unclosed=True)
+        return answer if boxed is None else boxed
+    rest = after_answer(completion)
+    boxed = last_boxed(rest, allow_unclosed=True)
+    return boxed if boxed is not None else last_line(rest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,10 +268,23 @@ def _wrap(expression: str) -> str:
     return expression if expression.isdigit() else f"({expression})"
 
 
-def _search(terms: list[_Term], target: int, natural: bool) -> Iterator[_Term]:
+#: Combinations :func:`solve` tries at most for a training puzzle read from a file. An exhaustive
+#: search takes at most 432 for 3 numbers and 20,832 for 4, but 1.7 million for 5 and 2e8 for 6.
+SOLVE_BUDGET = 25_000
+#: Held-out (test) puzzles with more numbers than this are not solved when read: their reference
+#: solution is not needed to score an answer.
+MAX_SOLVED_TEST_NUMBERS = 4
+
+
+class _BudgetSpent(Exception):
+    pass
+
+
+def _search(terms: list[_Term], target: int, natural: bool, budget: list[int] | None = None) -> Iterator[_Term]:
     """All ways to combine ``terms`` into one term of value ``target`` (with repeats).
 
-    ``natural`` restricts intermediate results to positive integers."""
+    ``natural`` restricts intermediate results to positive integers. ``budget`` (a one-item
+    list, counted down) bounds the combinations tried; :class:`_BudgetSpent` when it runs out."""
     if len(terms) == 1:
         if terms[0].value == target:
             yield terms[0]
@@ -215,19 +292,28 @@ def _search(terms: list[_Term], target: int, natural: bool) -> Iterator[_Term]:
     for i, j in permutations(range(len(terms)), 2):
         rest = [t for k, t in enumerate(terms) if k not in (i, j)]
         for op in "+-*/":
+            if budget is not None:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise _BudgetSpent
             term = _combine(terms[i], op, terms[j])
             if term is None or (natural and (term.value.denominator != 1 or term.value <= 0)):
                 continue
-            yield from _search(rest + [term], target, natural)
+            yield from _search(rest + [term], target, natural, budget)
 
 
-def solve(numbers: list[int] | tuple[int, ...], target: int) -> CountdownPuzzle:
+def solve(numbers: list[int] | tuple[int, ...], target: int, budget: int | None = None) -> CountdownPuzzle:
     """Brute-force solution of a puzzle, preferring positive-integer intermediate results; the
-    returned puzzle has an empty expression if there is no solution."""
+    returned puzzle has an empty expression if there is no solution, or if none was found
+    within ``budget`` combinations (None: no bound)."""
     terms = [_leaf(n) for n in numbers]
-    for natural in (True, False):
-        for term in _search(terms, target, natural):
-            return CountdownPuzzle(tuple(numbers), target, term.expression, term.steps)
+    left = None if budget is None else [budget]
+    try:
+        for natural in (True, False):
+            for term in _search(terms, target, natural, left):
+                return CountdownPuzzle(tuple(numbers), target, term.expression, term.steps)
+    except _BudgetSpent:
+        pass
     return CountdownPuzzle(tuple(numbers), target)
 
 
@@ -307,6 +393,10 @@ def _build(tree: int | tuple) -> _Term:
 # the task
 
 
+#: Most numbers a puzzle read from a file may have.
+MAX_NUMBERS = 12
+
+
 def parse_record(record: dict[str, Any], where: str) -> tuple[list[int], int]:
     """Numbers and target of a record: ``input``/``numbers``/``nums`` (list or ``"30,100,93"``)
     and ``output``/``target``."""
@@ -314,9 +404,12 @@ def parse_record(record: dict[str, Any], where: str) -> tuple[list[int], int]:
     raw_target = first_field(record, ("target", "output"), where)
     items = re.split(r"[,\s]+", raw.strip()) if isinstance(raw, str) else raw
     try:
-        return [int(x) for x in items], int(raw_target)
+        numbers, target = [int(x) for x in items], int(raw_target)
     except (TypeError, ValueError):
         raise DataError(f"{where}: numbers and target must be integers, got {raw!r} and {raw_target!r}") from None
+    if not 2 <= len(numbers) <= MAX_NUMBERS:
+        raise DataError(f"{where}: a puzzle needs 2 to {MAX_NUMBERS} numbers, got {len(numbers)}")
+    return numbers, target
 
 
 def example_key(example: Example) -> PuzzleKey:
@@ -382,7 +475,7 @@ class CountdownTask(Task):
             raise ValueError(f"unknown split {split!r} for countdown; valid: train, test")
         held_out = {example_key(ex) for ex in self._held_out(None)}
         if source is not None:
-            return [ex for ex in self._read(source, split) if example_key(ex) not in held_out][:limit]
+            return self._read(source, split, exclude=held_out, limit=limit)
         puzzles = generate_countdown(limit or self.num_train, seed, self.max_number, self.max_target,
                                      exclude=held_out)
         return [self.example(p, f"generated:train:seed={seed}[{i}]") for i, p in enumerate(puzzles)]
@@ -394,11 +487,22 @@ class CountdownTask(Task):
         puzzles = generate_countdown(self.num_test, self.test_seed, self.max_number, self.max_target)
         return [self.example(p, f"generated:test:seed={self.test_seed}[{i}]") for i, p in enumerate(puzzles)]
 
-    def _read(self, source: str, split: str) -> list[Example]:
-        examples = []
+    def _read(self, source: str, split: str, exclude: Collection[PuzzleKey] = (),
+              limit: int | None = None) -> list[Example]:
+        """Examples of a puzzle file, without the puzzles in ``exclude``, at most ``limit``; every
+        record is validated, only the kept ones are solved."""
+        kept = []
         for record, where in read_records(source, split):
             numbers, target = parse_record(record, where)
-            examples.append(self.example(solve(numbers, target), where))
+            if (tuple(sorted(numbers)), target) not in exclude:
+                kept.append((numbers, target, where))
+        examples = []
+        for numbers, target, where in kept[:limit]:
+            if split == "test" and len(numbers) > MAX_SOLVED_TEST_NUMBERS:
+                puzzle = CountdownPuzzle(tuple(numbers), target)
+            else:
+                puzzle = solve(numbers, target, SOLVE_BUDGET)
+            examples.append(self.example(puzzle, where))
         return examples
 
     # scoring --------------------------------------------------------------------------------

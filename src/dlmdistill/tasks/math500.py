@@ -6,7 +6,9 @@ solution when there is none. The training response is ``<reasoning>`` the soluti
 ``</reasoning><answer>`` the gold answer ``</answer>``.
 
 Verifier: the predicted answer is the content of the last ``\\boxed{}`` inside the last
-``<answer>`` block, else that block's content, else the last ``\\boxed{}`` of the completion.
+``<answer>`` block, else that block's content, else the last ``\\boxed{}`` of the completion (if
+it has no block) or of what follows an empty block. A box cut off before its closing brace
+counts up to the end of the block (``<answer>\\boxed{\\frac{1}{2}</answer>`` reads ``\\frac{1}{2}``).
 Prediction and gold are each wrapped in ``\\boxed{}`` and compared with ``math_verify``
 (``parse`` + ``verify``): mathematical equivalence, so ``\\frac{1}{2}`` equals ``0.5`` and
 ``x^2+1`` equals ``1+x^2``. Score 1.0 or 0.0.
@@ -17,42 +19,19 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .base import Example, Task, extract_answer, format_reasoning
+from .base import Example, Task, after_answer, extract_answer, format_reasoning, last_boxed
 from .io import DataError, read_records, require
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``,
-    with nested braces; None if there is none or its braces are unbalanced."""
-    start, command = max((text.rfind(cmd), cmd) for cmd in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    rest = text[start + len(command):]
-    if rest.startswith(" "):  # "\boxed 5": the next word
-        words = rest.split()
-        return words[0].rstrip("$.") if words else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, ch in enumerate(rest):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:i]
-    return None
+__all__ = ["Math500Task", "last_boxed", "math_equal", "predicted_answer"]
 
 
 def predicted_answer(completion: str) -> str | None:
     """The answer string of a completion (see the module docstring), or None."""
     tagged = extract_answer(completion)
-    if tagged is not None:
-        boxed = last_boxed(tagged)
+    if tagged:
+        boxed = last_boxed(tagged, allow_unclosed=True)
         return boxed if boxed is not None else tagged
-    return last_boxed(completion)
+    return last_boxed(after_answer(completion), allow_unclosed=True)
 
 
 def math_equal(gold: str, predicted: str | None, timeout_seconds: int | None = 5) -> bool:

@@ -3,9 +3,12 @@
 Grids are strings of 16 digits read row by row; in a puzzle ``0`` marks a blank. This is the
 planning task of d1 and d-OPSD (their test set: 500 puzzles with 8 blanks each).
 
-Verifier. The answer is the last ``<answer>`` block (fallback: the last non-empty line); its
-digits are read in order, ignoring whitespace, newlines and any separators, and, as in d1, the
-first 16 are kept (a shorter answer is padded with blanks). The answer *solves* the puzzle when
+Verifier. The answer is the last ``<answer>`` block. Without one (or, if it holds no digit, in
+what follows it), it is the last run of grid-like lines (digits and separators only) once tags are removed, else the
+last non-empty line: a grid after a stray ``</answer>`` or with no tags at all. Row labels
+(``Row 1:``) are dropped; the remaining digits are read in order, ignoring whitespace, newlines
+and any separators (``|``, commas, brackets), and, as in d1, the first 16 are kept (a shorter
+answer is padded with blanks). The answer *solves* the puzzle when
 it is a valid grid (rows, columns and boxes are permutations of 1..4) that keeps every given
 digit. A 4x4 puzzle can have several solutions, so any valid completion counts, not only the
 reference solution. The score is graded as in d1: 1.0 for a solved puzzle, otherwise the
@@ -30,7 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .base import Example, PromptStyle, Task, check_style, extract_answer, format_reasoning, last_line
+from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+                   strip_tags)
 from .io import DataError, first_field, read_records
 
 SIZE = 4
@@ -173,13 +177,33 @@ def fill_order(puzzle: SudokuPuzzle) -> list[str]:
 # verification
 
 
+#: Labels whose digits are not cells: ``Row 1:``, ``row 2 -``, ``Line 3.``.
+_LABEL = re.compile(r"(?i)\b(?:row|line)\s*\d\s*[:=.)\-]?")
+#: A line of a written grid: digits and separators only.
+_GRID_LINE = re.compile(r"[\d\s|,;.:\-+\[\](){}`*_/]*\d[\d\s|,;.:\-+\[\](){}`*_/]*")
+
+
+def answer_text(completion: str) -> str:
+    """The answer part of a completion (see the module docstring), row labels removed."""
+    text = extract_answer(completion)
+    if text is None or not re.search(r"\d", _LABEL.sub(" ", text)):
+        rest = strip_tags(after_answer(completion))
+        lines = [_LABEL.sub(" ", line).strip() for line in rest.splitlines()]
+        lines = [line for line in lines if line]
+        run: list[str] = []
+        for line in reversed(lines):
+            if _GRID_LINE.fullmatch(line):
+                run.insert(0, line)
+            elif run:
+                break
+        text = "\n".join(run) if run else (lines[-1] if lines else "")
+    return _LABEL.sub(" ", text)
+
+
 def parse_grid(completion: str) -> str | None:
     """The 16-digit answer of a completion (see the module docstring), or None if it has no
     digits."""
-    text = extract_answer(completion)
-    if text is None:
-        text = last_line(completion) or ""
-    digits = "".join(re.findall(r"[0-9]", text))
+    digits = "".join(re.findall(r"[0-9]", answer_text(completion)))
     return (digits[:CELLS]).ljust(CELLS, "0") if digits else None
 
 
