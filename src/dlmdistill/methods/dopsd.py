@@ -40,7 +40,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ..config import ConfigError, field
-from ..losses.divergences import ClipMode, DivergenceKind, check_clip_mode, distillation_divergence, topk_overlap
+from ..losses.divergences import DivergenceKind, check_clip_mode, distillation_divergence, topk_overlap
 from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig, Trajectory, topk_mask
 from ..training.trainer import TrainingConfig
@@ -49,6 +49,11 @@ from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batche
                        response_lengths, with_prompt_columns)
 
 log = logging.getLogger(__name__)
+
+
+#: ``clip_mode`` as a setting: the clip modes plus the old name ``per_token``, accepted by the config
+#: loader only so that ``validate`` can reject it with an error that names its replacement
+ClipModeSetting = Literal["per_term", "per_position", "per_position_scale", "off", "per_token"]
 
 
 def _paper_rollout() -> GenerationConfig:
@@ -86,7 +91,7 @@ class DOPSDConfig:
     vocab_top_k: int = field(0, help="restrict both distributions to the teacher's top-K ids, renormalised; "
                              "0 = full vocabulary (the paper's text; the reference scripts use 20)")
     clip: float = field(0.05, help="clipping threshold c of the divergence (see clip_mode)")
-    clip_mode: ClipMode = field("per_term", help="per_term: cap each vocabulary term at c (reference code; the "
+    clip_mode: ClipModeSetting = field("per_term", help="per_term: cap each vocabulary term at c (reference code; the "
                                 "paper's 'per-token pointwise clipping'); per_position: cap a position's divergence at "
                                 "c, dropping the gradient of positions above it (formerly 'per_token'); "
                                 "per_position_scale: same value, but positions above c keep their gradient scaled "
@@ -105,23 +110,27 @@ class DOPSDConfig:
                                        "without an accepted trajectory (0 = never)")
 
     def validate(self) -> None:
-        self.rollout.validate()
+        """Raise ``ConfigError`` (naming the field) for an invalid option."""
+        try:
+            self.rollout.validate()
+        except ValueError as e:
+            raise ConfigError(f"rollout: {e}") from None
         if self.pass_k < 1 or self.micro_batch_size < 1 or self.overlap_k < 1:
-            raise ValueError("pass_k, micro_batch_size and overlap_k must be >= 1")
+            raise ConfigError("pass_k, micro_batch_size and overlap_k must be >= 1")
         if not 0.0 <= self.rho <= 1.0:
-            raise ValueError("rho must be in [0, 1]")
+            raise ConfigError(f"rho must be in [0, 1] (got {self.rho})")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError("jsd_beta must be in (0, 1)")
+            raise ConfigError(f"jsd_beta must be in (0, 1) (got {self.jsd_beta})")
         try:
             check_clip_mode(self.clip_mode)
         except ValueError as e:
-            raise ConfigError(f"method.clip_mode: {e}") from None
+            raise ConfigError(str(e)) from None
         if self.train_steps not in ("all", "informative"):
-            raise ConfigError(f"method.train_steps: {self.train_steps!r} is not one of ['all', 'informative']")
+            raise ConfigError(f"train_steps: {self.train_steps!r} is not one of ['all', 'informative']")
         if self.clip_mode != "off" and self.clip <= 0:
-            raise ValueError("clip must be > 0 (or clip_mode: off)")
+            raise ConfigError(f"clip must be > 0 (or clip_mode: off; got {self.clip})")
         if self.vocab_top_k < 0 or self.max_consecutive_skips < 0:
-            raise ValueError("vocab_top_k and max_consecutive_skips must be >= 0")
+            raise ConfigError("vocab_top_k and max_consecutive_skips must be >= 0")
 
 
 #: learning rate from which docs/results.md saw per-term clipping collapse under full fine-tuning
