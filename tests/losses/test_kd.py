@@ -75,7 +75,8 @@ def test_the_kd_and_divergence_modules_agree():
 
     t, s = _logits()
     for kind in ("forward_kl", "reverse_kl"):
-        want = distillation_divergence(student_logits=s / 2, teacher_logits=t / 2, kind=kind, clip_mode="off").divergence
+        want = distillation_divergence(student_logits=s / 2, teacher_logits=t / 2, kind=kind,
+                                       clip_mode="off").divergence
         torch.testing.assert_close(kl_per_row(student_logits=s, teacher_logits=t, temperature=2.0, kind=kind), want)
     with pytest.raises(ValueError, match="forward_kl"):
         kl_per_row(student_logits=s, teacher_logits=t, kind="forward")

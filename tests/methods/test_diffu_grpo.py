@@ -197,7 +197,8 @@ def test_tokens_after_the_first_eos_are_not_scored_in_a_trainer_step(tokenizer, 
     t.rollout = rollout
     seen = []
     real_loss = dg.ppo_clip_loss
-    monkeypatch.setattr(dg, "ppo_clip_loss", lambda logp, *a, **k: seen.append(logp.numel()) or real_loss(logp, *a, **k))
+    monkeypatch.setattr(dg, "ppo_clip_loss",
+                        lambda logp, *a, **k: seen.append(logp.numel()) or real_loss(logp, *a, **k))
     stepped, m = t.training_step([t.train_dataset[i] for i in range(2)])
     n = 8  # 2 prompts x 4 completions
     assert stepped and seen == [sum(2 * r + 1 for r in range(n))]  # tokens up to and including the first EOS

@@ -18,9 +18,10 @@ Per rollout batch of prompts:
 4. **Loss (eq. 12).** ``L_t = mean_{i in K_t} D(P_student^i || P_teacher^i)`` (teacher detached;
    reverse KL by default, optional teacher top-K vocabulary and clipping), averaged over the
    trained steps of a trajectory (``train_steps``: all recorded steps, the last block included, or
-   only the informative ones), then over the trained trajectories of the global batch. The step states of all trajectories are stacked into micro-batches of
-   ``micro_batch_size`` states; each micro-batch is one student and one teacher forward with the LM
-   head only at the needed positions, and one backward; one optimizer step per rollout batch.
+   only the informative ones), then over the trained trajectories of the global batch. The step
+   states of all trajectories are stacked into micro-batches of ``micro_batch_size`` states; each
+   micro-batch is one student and one teacher forward with the LM head only at the needed
+   positions, and one backward; one optimizer step per rollout batch.
 
 The teacher is the initial policy (LoRA adapters disabled, or a frozen copy under full
 fine-tuning) or, with ``teacher=current``, the current policy without gradient.
@@ -45,8 +46,8 @@ from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig, Trajectory, topk_mask
 from ..training.trainer import TrainingConfig
 from .common import finish, prepare, run_config_class, write_run_metadata
-from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batches, prompt_and_response_inputs, prompt_items,
-                       response_lengths, with_prompt_columns)
+from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batches, prompt_and_response_inputs,
+                       prompt_items, response_lengths, with_prompt_columns)
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,11 @@ class DOPSDConfig:
     vocab_top_k: int = field(0, help="restrict both distributions to the teacher's top-K ids, renormalised; "
                              "0 = full vocabulary (the paper's text; the reference scripts use 20)")
     clip: float = field(0.05, help="clipping threshold c of the divergence (see clip_mode)")
-    clip_mode: ClipModeSetting = field("per_term", help="per_term: cap each vocabulary term at c (reference code; the "
-                                "paper's 'per-token pointwise clipping'); per_position: cap a position's divergence at "
-                                "c, dropping the gradient of positions above it (formerly 'per_token'); "
-                                "per_position_scale: same value, but positions above c keep their gradient scaled "
-                                "by c / D; off")
+    clip_mode: ClipModeSetting = field(
+        "per_term", help="per_term: cap each vocabulary term at c (reference code; the paper's 'per-token "
+        "pointwise clipping'); per_position: cap a position's divergence at c, dropping the gradient of positions "
+        "above it (formerly 'per_token'); per_position_scale: same value, but positions above c keep their "
+        "gradient scaled by c / D; off")
     train_steps: Literal["all", "informative"] = field(
         "all", help="which recorded steps are trained: all, or informative = steps where masks remain before the "
         "first EOS of the final answer and (self_future) the teacher sees at least one revealed position, so "
@@ -140,8 +141,8 @@ COLLAPSE_LR = 1e-4
 def collapse_warnings(method: DOPSDConfig, *, learning_rate: float, lora: bool) -> list[str]:
     """Settings our own measurements show collapsing (docs/results.md, section 2; docs/methods/dopsd.md).
 
-    With full fine-tuning at lr 1e-4 (no LoRA run was measured), per-term clipping collapsed in 3 of 3
-    seeds on Sudoku (the tiny model, 60 steps), and a moving teacher (``teacher: current``, every
+    With full fine-tuning at lr 1e-4 (no LoRA run was measured), per-term clipping collapsed in 3 of
+    3 seeds on Sudoku (the tiny model, 60 steps), and a moving teacher (``teacher: current``, every
     step trained) collapsed in its one-seed ablation.
     Returns the warnings to log at start-up (empty when none applies).
     """
@@ -150,9 +151,9 @@ def collapse_warnings(method: DOPSDConfig, *, learning_rate: float, lora: bool) 
         return out
     if method.clip_mode == "per_term":
         out.append(f"d-OPSD: clip_mode per_term with full fine-tuning at learning_rate {learning_rate:g} (>= "
-                   f"{COLLAPSE_LR:g}) collapsed in every seed of docs/results.md section 2: the per-term clipped KL is "
-                   f"minimised away from the teacher (docs/methods/dopsd.md). Consider clip_mode per_position or "
-                   f"per_position_scale, LoRA, or a smaller learning rate")
+                   f"{COLLAPSE_LR:g}) collapsed in every seed of docs/results.md section 2: the per-term clipped "
+                   f"KL is minimised away from the teacher (docs/methods/dopsd.md). Consider clip_mode per_position "
+                   f"or per_position_scale, LoRA, or a smaller learning rate")
     if method.teacher == "current" and method.train_steps == "all":
         out.append(f"d-OPSD: teacher current with train_steps all, full fine-tuning and learning_rate "
                    f"{learning_rate:g} collapsed in the (one-seed) ablation of docs/results.md section 2")
