@@ -447,3 +447,5 @@ def test_example_configs_parse(path):
 
     cfg = load_config(DOPSDRunConfig, ROOT / "configs" / path)
     assert cfg.method.rollout.num_blocks > 1  # the self-future teacher needs blocks
+    # shipped recipes avoid the combinations our own runs saw collapse
+    assert collapse_warnings(cfg.method, learning_rate=cfg.training.learning_rate, lora=cfg.model.lora_r > 0) == []
