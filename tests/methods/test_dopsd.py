@@ -223,10 +223,15 @@ def test_loss_value_matches_eq_12_by_hand_with_step_weights_and_the_process_scal
     loss, sums = t.micro_batch_loss(steps, roll, loss_scale(1, 2))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert sums[0].item() / 2 == pytest.approx(expected, rel=1e-5)  # the logged loss
-    # two processes: each rank's sum scaled by world / N_global, DDP's mean over ranks = mean over all 4
-    rank_a, rank_b = [1.0, 2.0], [3.0, 10.0]
-    scale = loss_scale(2, 4)
-    assert (scale * sum(rank_a) + scale * sum(rank_b)) / 2 == pytest.approx(4.0)
+    # two processes, one trajectory each: every rank scales its sum by world / N_global = 2 / 2, and DDP's
+    # average of the two ranks' gradients is the gradient of the same global mean
+    per_rank = []
+    for row in (0, 1):
+        part = flatten_trajectories(hand_trajectory(t.unwrapped.mask_id), [row], block_length=2,
+                                    mask_id=t.unwrapped.mask_id)
+        per_rank.append(t.micro_batch_loss(part, roll, loss_scale(2, 2))[0].item())
+    assert per_rank == pytest.approx([l0, l1], rel=1e-5)
+    assert sum(per_rank) / 2 == pytest.approx(expected, rel=1e-5)
 
 
 def test_informative_steps_and_reweighting_by_hand():
