@@ -65,7 +65,7 @@ def full_logits_step(model, steps: StepStates, prompt: list[int], pad_id: int) -
         teacher_all = model(t_ids, t_attn)[:, p:]                     # [n, G, V]
     chosen = confident_positions(teacher_all[steps.candidates], steps.candidates, steps.k)
     student_all = model(s_ids, s_attn)[:, p:]                         # [n, G, V] with grad
-    div = distillation_divergence(student_all[chosen], teacher_all[chosen]).divergence
+    div = distillation_divergence(student_logits=student_all[chosen], teacher_logits=teacher_all[chosen]).divergence
     div.sum().backward()
 
 
@@ -77,7 +77,7 @@ def head_at_k_step(model, steps: StepStates, prompt: list[int], pad_id: int) -> 
         with torch.no_grad():
             return fn(ids, attn, pos)
     out = step_logits(fn, teacher, steps, [prompt] * len(steps), [prompt] * len(steps), pad_id=pad_id)
-    distillation_divergence(out.student, out.teacher).divergence.sum().backward()
+    distillation_divergence(student_logits=out.student, teacher_logits=out.teacher).divergence.sum().backward()
 
 
 def bench_memory(device: str, vocab: int, gen_length: int, states: int) -> list[str]:

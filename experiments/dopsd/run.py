@@ -40,9 +40,9 @@ SCALES: dict[str, dict[str, Any]] = {
                   ablation_seeds=[0], accept=0.0),
 }
 
-#: the ablations vary one setting of d-OPSD with per-token clipping: with the paper's per-term clipping
-#: d-OPSD collapses at this scale (the main table), and an ablation of a collapsed run measures nothing.
-ABLATION_BASE: dict[str, Any] = {"clip_mode": "per_token"}
+#: the ablations vary one setting of d-OPSD with per-position clipping (formerly "per_token"): with the
+#: paper's per-term clipping d-OPSD collapses at this scale (the main table), and an ablation of a collapsed run measures nothing.
+ABLATION_BASE: dict[str, Any] = {"clip_mode": "per_position"}
 
 #: Tables 5-11 rows that fit a CPU budget: name -> method overrides (on top of ABLATION_BASE)
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -118,12 +118,12 @@ def post_config(method: str, root: Path, name: str, s: dict[str, Any], task: str
 
 #: the main comparison: label -> (method, run-name prefix, method overrides). The second d-OPSD row
 #: differs only in clipping: the paper's per-term clipping has a minimum away from the teacher
-#: (docs/methods/dopsd.md), per-token clipping does not.
+#: (docs/methods/dopsd.md), per-position clipping (formerly "per_token") does not.
 MAIN_RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "d-OPSD": ("dopsd", "dopsd", {}),
     "diffu-GRPO": ("diffu-grpo", "diffu-grpo", {}),
     "SFT": ("sft", "sft", {}),
-    "d-OPSD, per-token clipping": ("dopsd", "dopsd_pertoken", {"clip_mode": "per_token"}),
+    "d-OPSD, per-position clipping": ("dopsd", "dopsd_pertoken", {"clip_mode": "per_position"}),
 }
 
 
@@ -169,7 +169,7 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
 
 def ablations(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
     rows, out = [], {}
-    for label, prefix in [("d-OPSD, per-token clipping (the ablation base)", "dopsd_pertoken"),
+    for label, prefix in [("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken"),
                           ("d-OPSD, per-term clipping (paper default)", "dopsd")]:
         rows.append([label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
                                  for seed in s["ablation_seeds"]])])
@@ -185,7 +185,7 @@ def ablations(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, 
 
 
 def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
-    from dlmdistill.methods.dopsd import compare_teacher_overlap, regenerate_from_self_teacher
+    from dlmdistill.analysis.dopsd import compare_teacher_overlap, regenerate_from_self_teacher
     from dlmdistill.models.loading import load_model
     from dlmdistill.sampling import GenerationConfig
     from dlmdistill.tasks.registry import get_task

@@ -65,8 +65,8 @@ def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: i
         cfg["method"] = {"rollout": {"gen_length": size["gen_length"], "block_length": size["block_length"],
                                      "steps": size["rollout_steps"], "temperature": 0.9, "batch_size": 64},
                          "pass_k": 4, "accept_threshold": 0.25 if task == "sudoku" else None,
-                         # the paper's per-term clipping collapses this tiny model (docs/methods/dopsd.md)
-                         "clip_mode": "per_token"}
+                         # per-term clipping collapses this tiny model (docs/methods/dopsd.md); formerly "per_token"
+                         "clip_mode": "per_position"}
     return cfg
 
 

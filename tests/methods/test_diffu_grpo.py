@@ -139,3 +139,67 @@ def test_example_configs_parse(path):
     from dlmdistill.config import load_config
 
     assert load_config(DiffuGRPORunConfig, ROOT / "configs" / path).method.num_iterations >= 1
+
+
+def test_ratio_is_taken_against_the_rollout_policy_under_the_same_mask(tokenizer, tmp_path, monkeypatch):
+    import copy
+
+    import dlmdistill.methods.diffu_grpo as dg
+
+    t = make_trainer(tokenizer, tmp_path, num_iterations=3, micro_batch_size=64, beta=0.0)
+    t.score = lambda indices, responses: torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0])  # non-zero advantages
+    initial = copy.deepcopy(t.unwrapped).eval()
+    calls, seeds = [], []
+    real_loss, real_seeds = dg.ppo_clip_loss, t.mask_seeds
+    monkeypatch.setattr(dg, "ppo_clip_loss", lambda logp, old, *a, **k: calls.append((logp.detach(), old))
+                        or real_loss(logp, old, *a, **k))
+    t.mask_seeds = lambda: seeds.extend(real_seeds()) or list(seeds)
+    real_rollout = t.rollout
+    t.rollout = lambda *a, **k: calls.append(real_rollout(*a, **k)[0]) or (calls[-1], None)
+    stepped, _ = t.training_step([t.train_dataset[i] for i in range(2)])
+    assert stepped
+    responses, iters = calls[0], calls[1:]
+    assert len(iters) == 3  # one micro-batch per inner iteration
+    prompts = [list(t.train_dataset[i]["prompt_ids"]) for i in range(2) for _ in range(4)]
+    ids, attn, p = dg.prompt_and_response_inputs(prompts, responses, t.pad_id)
+    resp = dg.with_prompt_columns(torch.ones_like(responses, dtype=torch.bool), p)
+    prompt_mask = attn.bool() & ~resp
+    lengths = dg.response_lengths(responses, t.unwrapped.eos_id)
+    scored = dg.with_prompt_columns(torch.arange(GEN.gen_length)[None] <= lengths[:, None], p)
+    fn = lambda i, a, pos: initial(i, a, positions=pos)  # noqa: E731
+    for it, (logp, old) in enumerate(iters):
+        noisy = t._noisy(ids, prompt_mask, resp, seeds[it])
+        with torch.no_grad():
+            want = token_logps(fn, noisy, attn, ids, scored)
+        torch.testing.assert_close(old, want, rtol=1e-5, atol=1e-5)  # the rollout policy, this iteration's mask
+        ratio = torch.exp(logp - old)
+        if it == 0:
+            assert torch.equal(ratio, torch.ones_like(ratio))
+        else:
+            assert (ratio - 1).abs().max() > 1e-4  # the policy moved: the ratio is no longer 1
+
+
+def test_tokens_after_the_first_eos_are_not_scored_in_a_trainer_step(tokenizer, tmp_path, monkeypatch):
+    import dlmdistill.methods.diffu_grpo as dg
+
+    t = make_trainer(tokenizer, tmp_path, num_iterations=1, micro_batch_size=64, beta=0.04)
+    eos, g = t.unwrapped.eos_id, GEN.gen_length
+    real_rollout = t.rollout
+
+    def rollout(*a, **k):
+        responses, traj = real_rollout(*a, **k)
+        responses = torch.where(responses == eos, torch.full_like(responses, 10), responses)
+        for r in range(responses.shape[0]):  # completion r ends at position 2 r (the last has no EOS)
+            if 2 * r < g:
+                responses[r, 2 * r] = eos
+        return responses, traj
+
+    t.rollout = rollout
+    seen = []
+    real_loss = dg.ppo_clip_loss
+    monkeypatch.setattr(dg, "ppo_clip_loss",
+                        lambda logp, *a, **k: seen.append(logp.numel()) or real_loss(logp, *a, **k))
+    stepped, m = t.training_step([t.train_dataset[i] for i in range(2)])
+    n = 8  # 2 prompts x 4 completions
+    assert stepped and seen == [sum(2 * r + 1 for r in range(n))]  # tokens up to and including the first EOS
+    assert m["completion_length"] == pytest.approx(sum(2 * r for r in range(n)) / n)

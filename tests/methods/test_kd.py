@@ -26,10 +26,10 @@ def test_ar_teacher_row_for_position_i_depends_only_on_the_clean_prefix(tokenize
     teacher = tiny_ar(tokenizer)
     mask_id = tokenizer.mask_token_id
     ids = torch.randint(5, 30, (1, 12), generator=torch.Generator().manual_seed(0))
-    torch.ones_like(ids)
     masked = torch.zeros_like(ids, dtype=torch.bool)
     masked[0, 6] = True  # the student's masked position i = 6
     ref = _tl(teacher, ids, masked, mask_id)
+    assert ref.shape == (1, teacher.hf_model.config.vocab_size)  # one row per masked position
 
     later = ids.clone()
     later[0, 6:] = (later[0, 6:] - 5 + 3) % 25 + 5  # change y_i and everything after it
@@ -89,7 +89,7 @@ def test_kd_with_an_identical_dlm_teacher_has_zero_kd_loss(tokenizer, tmp_path):
 def test_kd_runs_a_few_steps_and_accounts_costs(tokenizer, tmp_path, kind):
     teacher = tiny_model(tokenizer, seed=1)[0] if kind == "dlm" else tiny_ar(tokenizer, seed=1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    trainer = make_kd(tokenizer, tmp_path, teacher, divergence="reverse" if kind == "ar" else "forward",
+    trainer = make_kd(tokenizer, tmp_path, teacher, divergence="reverse_kl" if kind == "ar" else "forward_kl",
                       temperature=2.0)
     trainer.train()
     logs = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]

@@ -99,6 +99,37 @@ def test_loss_is_the_sum_of_its_terms_and_uses_one_forward(tokenizer):
     torch.testing.assert_close(step.loss, step.terms["diff_hard"] + step.terms["diff_easy"] + 0.5 * step.terms["kd"])
 
 
+@pytest.mark.parametrize("which", ["both", "either"])
+def test_easy_and_hard_rows_of_the_distillation_set_are_aligned_position_by_position(which, monkeypatch):
+    import dlmdistill.methods.selffusion as sf
+
+    b, length, prompt = 8, 16, 4
+    vocab = 2 * b * length  # a logit row encodes (copy, sample, column): easy copy rows 0..B-1, hard B..2B-1
+
+    def model(ids, attn, positions, calibrate=None):
+        rows, cols = positions.nonzero(as_tuple=True)
+        return torch.nn.functional.one_hot(rows * length + cols, vocab).float() * 20.0
+
+    dm = type("DM", (), {"mask_id": 1})()
+    ids = torch.randint(5, 30, (b, length), generator=torch.Generator().manual_seed(0))
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, prompt:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+    seen = {}
+    real_d, real_kd = sf.distillation_positions, sf.bidirectional_kd_loss
+    monkeypatch.setattr(sf, "distillation_positions", lambda *a, **k: seen.setdefault("D", real_d(*a, **k)))
+    monkeypatch.setattr(sf, "bidirectional_kd_loss",
+                        lambda e, h, *a, **k: seen.update(easy=e, hard=h) or real_kd(e, h, *a, **k))
+    sf.selffusion_batch_loss(model, dm, batch, SelfFusionConfig(distill_positions=which), calibrated=False,
+                             generator=torch.Generator().manual_seed(0))
+    d_rows, d_cols = seen["D"].nonzero(as_tuple=True)
+    assert d_rows.numel() > 5 and d_rows.unique().numel() > 1
+    easy_code, hard_code = seen["easy"].argmax(-1), seen["hard"].argmax(-1)
+    # row n of both sides is the same (sample, column) of D, in row-major order; easy from the easy copy
+    assert torch.equal(easy_code, d_rows * length + d_cols)
+    assert torch.equal(hard_code, (d_rows + b) * length + d_cols)
+
+
 def make_trainer(tokenizer, out, method=None, cls=SelfFusionTrainer, **kw):
     model, tok = tiny_model(tokenizer, seed=0)
     cfg = TrainingConfig(output_dir=str(out), per_device_train_batch_size=32, learning_rate=3e-3, weight_decay=0.0,

@@ -94,11 +94,88 @@ def test_non_finite_loss_names_the_step_and_keeps_checkpoints(tokenizer, tmp_pat
     assert latest_checkpoint(tmp_path).name == "step-0000002"
 
 
-def test_sequence_normalisation_and_cfg_options_train(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, max_steps=3)
-    trainer.method = SFTConfig(normalization="sequence", cfg_prob=0.5)
-    trainer.train()
-    assert trainer.state.global_step == 3
+def _hand_noised(ids, masked, p_mask, mask_id):
+    from dlmdistill.diffusion import NoisedBatch
+
+    return NoisedBatch(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p_mask, p_mask)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_loss_normalisation_by_hand(monkeypatch, normalization):
+    import math
+
+    import dlmdistill.methods.sft as sft
+
+    # two samples: response lengths 4 and 2; masked positions 2 + 1 (sample 0) and 1 (sample 1)
+    ids = torch.tensor([[7, 8, 3, 4, 5, 6], [7, 8, 3, 4, 0, 0]])
+    resp = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    masked = torch.tensor([[0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    p_mask = torch.tensor([0.5, 0.25])
+    monkeypatch.setattr(sft, "forward_process", lambda *a, **k: _hand_noised(ids, masked, p_mask, 1))
+    vocab = 10
+    model = lambda x, attn, positions: torch.zeros(int(positions.sum()), vocab)  # noqa: E731  uniform: nll = log V
+    batch = {"input_ids": ids, "response_mask": resp, "attention_mask": torch.ones_like(ids),
+             "prompt_mask": ~resp & (ids != 0)}
+    loss, _ = sft.diffusion_batch_loss(model, batch, mask_id=1, normalization=normalization)
+    nll = math.log(vocab)
+    if normalization == "token":  # SMDM: sum_i nll_i / p_i over masked, / response tokens in the batch (6)
+        want = (3 * nll / 0.5 + nll / 0.25) / 6
+    else:  # LLaDA: per sample, sum / (p * L_b), then the mean over the 2 samples
+        want = ((3 * nll / 0.5) / 4 + (nll / 0.25) / 2) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("cfg_prob", [0.0, 1.0])
+def test_cfg_training_masks_the_whole_prompt(monkeypatch, cfg_prob):
+    import dlmdistill.methods.sft as sft
+
+    ids = torch.tensor([[0, 7, 8, 3, 4, 5], [7, 8, 9, 3, 4, 6]])  # sample 0 has one left-padding position
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, 3:] = True
+    masked = torch.zeros_like(resp)
+    masked[:, 4] = True
+    monkeypatch.setattr(sft, "forward_process", lambda *a, **k: _hand_noised(ids, masked, torch.ones(2), 1))
+    seen = []
+    model = lambda x, attn, positions: seen.append(x) or torch.zeros(int(positions.sum()), 10)  # noqa: E731
+    batch = {"input_ids": ids, "response_mask": resp, "attention_mask": (ids != 0).long(),
+             "prompt_mask": ~resp & (ids != 0)}
+    sft.diffusion_batch_loss(model, batch, mask_id=1, cfg_prob=cfg_prob)
+    x = seen[0]
+    want = ids.clone()
+    want[:, 4] = 1
+    if cfg_prob == 1.0:  # every prompt token masked, padding and response untouched
+        want[0, 1:3] = 1
+        want[1, :3] = 1
+    assert torch.equal(x, want)
+
+
+def test_cfg_sampling_mixes_conditional_and_unconditional_logits_as_un_plus_w1_times_the_difference(tokenizer):
+    # Stub logits over the tokens a, b, c: conditional (1.0, 0, 1.2), unconditional (prompt masked) (0, 0, 1.5).
+    # Guided, by hand: un + (w + 1)(cond - un) = (1 + w, 0, 1.2 - 0.3 w), so token a wins iff w > 2 / 13 = 0.154.
+    # Other mixes differ: un + w (cond - un) = (w, 0, 1.5 - 0.3 w) would still pick c at w = 1.
+    from dlmdistill.sampling import GenerationConfig, generate
+
+    model, tok = tiny_model(tokenizer)
+    a, b, c = 10, 11, 12
+    prompt = tok("abc=", add_special_tokens=False).input_ids
+
+    def forward(x, attn, positions):
+        rows = positions.nonzero(as_tuple=True)[0]
+        uncond = (x[:, :len(prompt)] == model.mask_id).all(1)[rows]
+        out = torch.full((rows.numel(), model.vocab_size), -30.0)
+        out[:, a] = torch.where(uncond, 0.0, 1.0)
+        out[:, b] = 0.0
+        out[:, c] = torch.where(uncond, 1.5, 1.2)
+        return out
+
+    def first_token(w):
+        gen = GenerationConfig(gen_length=2, steps=2, temperature=0.0, cfg_scale=w)
+        return int(generate(model, [prompt], gen, forward=forward).responses[0, 0])
+
+    assert first_token(0.0) == c  # no guidance: the conditional logits alone
+    assert first_token(0.1) == c  # (1.1, 0, 1.17)
+    assert first_token(0.2) == a  # (1.2, 0, 1.14)
+    assert first_token(1.0) == a  # w = 1, SelfFusion's evaluation setting: (2.0, 0, 0.9)
 
 
 def test_lora_checkpoint_holds_only_trainable_weights_and_resumes(tokenizer, tmp_path):

@@ -1,10 +1,11 @@
-"""Logit-level knowledge distillation: KL divergences between row-aligned logits.
+"""Logit-level knowledge distillation: tempered KL divergences between row-aligned logits.
 
 Every function takes logits already gathered at the N positions that are distilled (the model
 wrappers compute the LM head only there), as ``[N, V]`` tensors whose row ``n`` of the teacher and
-row ``n`` of the student describe the same token. All arithmetic is in float32 whatever the
-logits' dtype: a bf16 KL is dominated by rounding at the small probabilities that carry most of
-its terms. The teacher side is always detached here, so a caller cannot leak gradient into it.
+row ``n`` of the student describe the same token. These are thin wrappers over the package's one
+divergence API (``losses.divergences``): the same keyword-only ``student_logits=...,
+teacher_logits=...`` arguments, the same ``kind`` names (``forward_kl`` / ``reverse_kl``), float32
+arithmetic, and the teacher side detached in ``divergences.divergence_terms``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Divergence = Literal["forward", "reverse"]
+from .divergences import distillation_divergence
+
+KLKind = Literal["forward_kl", "reverse_kl"]
+
+__all__ = ["KLKind", "kl_per_row", "logit_kd_loss", "tempered_log_probs"]
 
 
 def tempered_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -25,39 +30,28 @@ def tempered_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.
     return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
-def kl_per_row(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
-               divergence: Divergence = "forward") -> torch.Tensor:
-    """KL divergence per row between the tempered teacher and student distributions.
+def kl_per_row(*, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               kind: KLKind = "forward_kl") -> torch.Tensor:
+    """KL divergence per row between the tempered teacher and student distributions: [N, V] x2 -> [N] float32.
 
-    teacher_logits: [N, V] (detached here); student_logits: [N, V]. Returns [N] float32.
-
-    * ``"forward"``: ``KL(P_teacher,T || P_student,T)`` (Hinton et al.; SelfFusion eq. 6);
-    * ``"reverse"``: ``KL(P_student,T || P_teacher,T)`` (mode seeking, as in MiniLLM).
+    * ``"forward_kl"``: ``KL(P_teacher,T || P_student,T)`` (Hinton et al.; SelfFusion eq. 6);
+    * ``"reverse_kl"``: ``KL(P_student,T || P_teacher,T)`` (mode seeking, as in MiniLLM).
 
     Zero-probability entries contribute 0 (``0 log 0 = 0``), so a teacher logit of ``-inf`` is allowed
-    under the forward KL.
+    under the forward KL. The teacher is detached.
     """
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
-                         f"{tuple(student_logits.shape)}")
-    log_t = tempered_log_probs(teacher_logits.detach(), temperature)
-    log_s = tempered_log_probs(student_logits, temperature)
-    if divergence == "forward":
-        p, log_p, log_q = log_t.exp(), log_t, log_s
-    elif divergence == "reverse":
-        p, log_p, log_q = log_s.exp(), log_s, log_t
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}; expected 'forward' or 'reverse'")
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+    if kind not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"unknown KL kind {kind!r}; expected 'forward_kl' or 'reverse_kl'")
+    return distillation_divergence(student_logits=student_logits, teacher_logits=teacher_logits, kind=kind,
+                                   clip_mode="off", temperature=temperature).divergence
 
 
-def logit_kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
-                  divergence: Divergence = "forward") -> torch.Tensor:
+def logit_kd_loss(*, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  kind: KLKind = "forward_kl") -> torch.Tensor:
     """``T^2 / N * sum_n KL_n``: the mean KL over the N rows, scaled by ``T^2`` (Hinton et al.) so the
     gradient magnitude does not shrink as ``1/T^2`` when the temperature grows.
 
-    teacher_logits, student_logits: [N, V]. Returns a float32 scalar; 0 (with a graph) when N = 0.
+    student_logits, teacher_logits: [N, V]. Returns a float32 scalar; 0 (with a graph) when N = 0.
     """
-    kl = kl_per_row(teacher_logits, student_logits, temperature, divergence)
+    kl = kl_per_row(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature, kind=kind)
     return temperature ** 2 * kl.sum() / max(kl.shape[0], 1)

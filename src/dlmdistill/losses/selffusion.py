@@ -139,7 +139,7 @@ def bidirectional_kd_loss(easy_logits: torch.Tensor, hard_logits: torch.Tensor, 
     sel = easy_teaches[:, None]
     teacher = torch.where(sel, easy_logits, hard_logits)
     student = torch.where(sel, hard_logits, easy_logits)
-    return logit_kd_loss(teacher, student, temperature, "forward")
+    return logit_kd_loss(student_logits=student, teacher_logits=teacher, temperature=temperature, kind="forward_kl")
 
 
 @torch.no_grad()

@@ -16,19 +16,19 @@ Per rollout batch of prompts:
    sampler committed at that step for that sample, so ``sum_t |K_t| = gen_length``. Options: rank by
    the student's confidence, or take the positions the sampler actually committed.
 4. **Loss (eq. 12).** ``L_t = mean_{i in K_t} D(P_student^i || P_teacher^i)`` (teacher detached;
-   reverse KL by default, optional teacher top-K vocabulary and pointwise clipping), averaged over
-   all steps of a trajectory (the last block included), then over the accepted trajectories of
-   the global batch. The step states of all trajectories are stacked into micro-batches of
-   ``micro_batch_size`` states; each micro-batch is one student and one teacher forward with the LM
-   head only at the needed positions, and one backward; one optimizer step per rollout batch.
+   reverse KL by default, optional teacher top-K vocabulary and clipping), averaged over the
+   trained steps of a trajectory (``train_steps``: all recorded steps, the last block included, or
+   only the informative ones), then over the trained trajectories of the global batch. The step
+   states of all trajectories are stacked into micro-batches of ``micro_batch_size`` states; each
+   micro-batch is one student and one teacher forward with the LM head only at the needed
+   positions, and one backward; one optimizer step per rollout batch.
 
 The teacher is the initial policy (LoRA adapters disabled, or a frozen copy under full
 fine-tuning) or, with ``teacher=current``, the current policy without gradient.
 
     dlmdistill train dopsd --config configs/dopsd_countdown_tiny.yaml
 
-``regenerate_from_self_teacher`` (the paper's Table 3 toy) and ``compare_teacher_overlap``
-(Figure 3) are the analysis helpers the experiments call.
+The analysis helpers of the paper's Table 3 toy and Figure 3 live in ``dlmdistill.analysis.dopsd``.
 """
 
 from __future__ import annotations
@@ -40,18 +40,21 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from ..config import field
-from ..data import encode_prompt
-from ..losses.divergences import ClipMode, DivergenceKind, distillation_divergence, topk_overlap
+from ..config import ConfigError, field
+from ..losses.divergences import DivergenceKind, check_clip_mode, distillation_divergence, topk_overlap
 from ..models.backbone import DiffusionModel
-from ..sampling import GenerationConfig, Trajectory, generate, topk_mask
-from ..tasks.base import Example, Task
+from ..sampling import GenerationConfig, Trajectory, topk_mask
 from ..training.trainer import TrainingConfig
 from .common import finish, prepare, run_config_class, write_run_metadata
-from .onpolicy import (LogitsFn, OnPolicyTrainer, micro_batches, prompt_and_response_inputs, prompt_items,
-                       response_lengths, with_prompt_columns)
+from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batches, prompt_and_response_inputs,
+                       prompt_items, response_lengths, with_prompt_columns)
 
 log = logging.getLogger(__name__)
+
+
+#: ``clip_mode`` as a setting: the clip modes plus the old name ``per_token``, accepted by the config
+#: loader only so that ``validate`` can reject it with an error that names its replacement
+ClipModeSetting = Literal["per_term", "per_position", "per_position_scale", "off", "per_token"]
 
 
 def _paper_rollout() -> GenerationConfig:
@@ -88,9 +91,19 @@ class DOPSDConfig:
     jsd_beta: float = field(0.5, help="beta of the generalised JSD (0 < beta < 1)")
     vocab_top_k: int = field(0, help="restrict both distributions to the teacher's top-K ids, renormalised; "
                              "0 = full vocabulary (the paper's text; the reference scripts use 20)")
-    clip: float = field(0.05, help="pointwise clipping threshold of the divergence")
-    clip_mode: ClipMode = field("per_term", help="per_term: cap each vocabulary term (reference code); "
-                                "per_token: cap each position's divergence; off")
+    clip: float = field(0.05, help="clipping threshold c of the divergence (see clip_mode)")
+    clip_mode: ClipModeSetting = field(
+        "per_term", help="per_term: cap each vocabulary term at c (reference code; the paper's 'per-token "
+        "pointwise clipping'); per_position: cap a position's divergence at c, dropping the gradient of positions "
+        "above it (formerly 'per_token'); per_position_scale: same value, but positions above c keep their "
+        "gradient scaled by c / D; off")
+    train_steps: Literal["all", "informative"] = field(
+        "all", help="which recorded steps are trained: all, or informative = steps where masks remain before the "
+        "first EOS of the final answer and (self_future) the teacher sees at least one revealed position, so "
+        "never a step whose teacher input equals the student's (e.g. the last block); the reference code trains "
+        "only the latter")
+    student_dropout: bool = field(False, help="keep dropout (e.g. LoRA dropout) on in the student's loss forward; "
+                                  "false = dropout off, like the rollouts that produced the trajectories")
     micro_batch_size: int = field(8, help="step states per forward pass (student and teacher each); the "
                                   "gradient is accumulated over micro-batches, one optimizer step per rollout batch")
     overlap_k: int = field(20, help="K of the logged top-K overlap between student and teacher (eq. 13)")
@@ -98,17 +111,53 @@ class DOPSDConfig:
                                        "without an accepted trajectory (0 = never)")
 
     def validate(self) -> None:
-        self.rollout.validate()
+        """Raise ``ConfigError`` (naming the field) for an invalid option."""
+        try:
+            self.rollout.validate()
+        except ValueError as e:
+            raise ConfigError(f"rollout: {e}") from None
         if self.pass_k < 1 or self.micro_batch_size < 1 or self.overlap_k < 1:
-            raise ValueError("pass_k, micro_batch_size and overlap_k must be >= 1")
+            raise ConfigError("pass_k, micro_batch_size and overlap_k must be >= 1")
         if not 0.0 <= self.rho <= 1.0:
-            raise ValueError("rho must be in [0, 1]")
+            raise ConfigError(f"rho must be in [0, 1] (got {self.rho})")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError("jsd_beta must be in (0, 1)")
+            raise ConfigError(f"jsd_beta must be in (0, 1) (got {self.jsd_beta})")
+        try:
+            check_clip_mode(self.clip_mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.train_steps not in ("all", "informative"):
+            raise ConfigError(f"train_steps: {self.train_steps!r} is not one of ['all', 'informative']")
         if self.clip_mode != "off" and self.clip <= 0:
-            raise ValueError("clip must be > 0 (or clip_mode: off)")
+            raise ConfigError(f"clip must be > 0 (or clip_mode: off; got {self.clip})")
         if self.vocab_top_k < 0 or self.max_consecutive_skips < 0:
-            raise ValueError("vocab_top_k and max_consecutive_skips must be >= 0")
+            raise ConfigError("vocab_top_k and max_consecutive_skips must be >= 0")
+
+
+#: learning rate from which docs/results.md saw per-term clipping collapse under full fine-tuning
+COLLAPSE_LR = 1e-4
+
+
+def collapse_warnings(method: DOPSDConfig, *, learning_rate: float, lora: bool) -> list[str]:
+    """Settings our own measurements show collapsing (docs/results.md, section 2; docs/methods/dopsd.md).
+
+    With full fine-tuning at lr 1e-4 (no LoRA run was measured), per-term clipping collapsed in 3 of
+    3 seeds on Sudoku (the tiny model, 60 steps), and a moving teacher (``teacher: current``, every
+    step trained) collapsed in its one-seed ablation.
+    Returns the warnings to log at start-up (empty when none applies).
+    """
+    out = []
+    if lora or learning_rate < COLLAPSE_LR:
+        return out
+    if method.clip_mode == "per_term":
+        out.append(f"d-OPSD: clip_mode per_term with full fine-tuning at learning_rate {learning_rate:g} (>= "
+                   f"{COLLAPSE_LR:g}) collapsed in every seed of docs/results.md section 2: the per-term clipped "
+                   f"KL is minimised away from the teacher (docs/methods/dopsd.md). Consider clip_mode per_position "
+                   f"or per_position_scale, LoRA, or a smaller learning rate")
+    if method.teacher == "current" and method.train_steps == "all":
+        out.append(f"d-OPSD: teacher current with train_steps all, full fine-tuning and learning_rate "
+                   f"{learning_rate:g} collapsed in the (one-seed) ablation of docs/results.md section 2")
+    return out
 
 
 DOPSDRunConfig = run_config_class("DOPSDRunConfig", DOPSDConfig, "Configuration of a d-OPSD run.")
@@ -197,6 +246,42 @@ def flatten_trajectories(trajectory: Trajectory, rows: Sequence[int], *, block_l
     keep = k > 0
     out = StepStates(rows_t.repeat_interleave(s), step, states, states, candidates, committed, k, weights)
     return out.part(keep)
+
+
+def informative_steps(states: torch.Tensor, teacher: torch.Tensor, finals: torch.Tensor, *, mask_id: int,
+                      eos_id: int | None, require_reveal: bool = True) -> torch.Tensor:
+    """[R] bool: the step states that carry a self-distillation signal.
+
+    states, teacher: [R, G] the student's and the teacher's response states; finals: [R, G] each
+    row's final answer ``y_0``. A step is informative when some position *before* the first EOS of
+    ``y_0`` (all of ``y_0`` when it has none) is still masked in ``y_t`` and, with
+    ``require_reveal``, the teacher's input differs from the student's in at least one position.
+    The others -- every step of the last block, steps that only decode the EOS tail, and steps
+    where ``floor(rho * n)`` rounds to 0 -- compare the model with itself on the same input.
+    """
+    g = states.shape[1]
+    first_eos = response_lengths(finals, eos_id)
+    before_eos = torch.arange(g, device=states.device)[None, :] < first_eos[:, None]
+    keep = ((states == mask_id) & before_eos).any(1)
+    if require_reveal:
+        keep &= (teacher != states).any(1)
+    return keep
+
+
+def reweighted(steps: StepStates) -> StepStates:
+    """``steps`` with ``weights = 1 / (T_j * k)`` recomputed, ``T_j`` = the rows of trajectory j left."""
+    if not len(steps):
+        return steps
+    _, inverse, counts = torch.unique(steps.rows, return_inverse=True, return_counts=True)
+    weights = 1.0 / (counts[inverse].float() * steps.k.clamp(min=1).float())
+    return replace(steps, weights=weights)
+
+
+def loss_scale(num_processes: int, n_trained_global: float) -> float:
+    """The factor of each rank's summed loss ``sum_rows w * D``: DDP averages gradients over the
+    ranks, so ``num_processes / N_global`` makes the update the gradient of the mean, over the
+    ``N_global`` trained trajectories of all ranks, of each trajectory's step-averaged loss (eq. 12)."""
+    return num_processes / n_trained_global
 
 
 @dataclass
@@ -299,6 +384,8 @@ class DOPSDTrainer(OnPolicyTrainer):
         if m.teacher_context == "self_future" and m.rollout.num_blocks == 1:
             log.warning("d-OPSD: the self-future teacher reveals only positions outside the current block; with a "
                         "single block (rollout.block_length null) the teacher sees exactly the student's input")
+        for warning in collapse_warnings(m, learning_rate=self.config.learning_rate, lora=self.unwrapped.is_peft):
+            log.warning(warning)
         if m.pass_k > 1 and m.rollout.temperature == 0 and m.rollout.remasking == "low_confidence":
             log.warning("d-OPSD: greedy low-confidence rollouts are deterministic, so pass@k resamples repeat "
                         "the first attempt; set rollout.temperature > 0")
@@ -342,7 +429,9 @@ class DOPSDTrainer(OnPolicyTrainer):
                        accepted, attempts, *first)
 
     def step_states(self, roll: Rollout, rows: Sequence[int]) -> StepStates:
-        """The step states of the trained trajectories, with the teacher's states filled in."""
+        """The step states of the trained trajectories, with the teacher's states filled in; with
+        ``train_steps: informative`` only the informative ones (``informative_steps``), re-weighted
+        so that each trajectory's kept steps still average to its loss."""
         m = self.method
         block = m.rollout.block_length or m.rollout.gen_length
         mask_id = self.unwrapped.mask_id
@@ -352,6 +441,11 @@ class DOPSDTrainer(OnPolicyTrainer):
             steps.teacher = self_future_teacher_states(
                 steps.states, roll.finals[steps.rows], blocks, block_length=block, mask_id=mask_id, rho=m.rho,
                 generator=self.generator("teacher"), eos_id=self.unwrapped.eos_id if m.exclude_after_eos else None)
+        if m.train_steps == "informative" and len(steps):
+            keep = informative_steps(steps.states, steps.teacher, roll.finals[steps.rows], mask_id=mask_id,
+                                     eos_id=self.unwrapped.eos_id,
+                                     require_reveal=m.teacher_context == "self_future")
+            steps = reweighted(steps.part(keep))
         return steps
 
     def padding_steps(self, roll: Rollout) -> StepStates:
@@ -377,10 +471,10 @@ class DOPSDTrainer(OnPolicyTrainer):
         rows = steps.rows.tolist()
         out = step_logits(self.policy_logits, self.teacher_logits_fn(), steps, [roll.prompts[r] for r in rows],
                           [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions)
-        div = distillation_divergence(out.student, out.teacher, m.divergence, beta=m.jsd_beta, top_k=m.vocab_top_k,
-                                      clip=m.clip, clip_mode=m.clip_mode)
+        div = distillation_divergence(student_logits=out.student, teacher_logits=out.teacher, kind=m.divergence,
+                                      beta=m.jsd_beta, top_k=m.vocab_top_k, clip=m.clip, clip_mode=m.clip_mode)
         w = steps.weights[out.row]
-        overlap = topk_overlap(out.student.detach(), out.teacher, m.overlap_k)
+        overlap = topk_overlap(student_logits=out.student.detach(), teacher_logits=out.teacher, k=m.overlap_k)
         sums = torch.stack([(w * div.divergence.detach()).sum(), (w * div.clipped).sum(), (w * overlap).sum()])
         return (w * div.divergence).sum() * scale, sums.double()
 
@@ -397,20 +491,28 @@ class DOPSDTrainer(OnPolicyTrainer):
         metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n, "accepted": float(totals[3]) / n,
                    "attempts": float(totals[4]) / n, "completion_length": float(totals[5]) / n}
         if n_train == 0:
-            return self._skip(metrics)
-        self._consecutive_skips = 0
+            return self._skip(metrics, "no accepted trajectory")
         steps = self.step_states(roll, rows)
+        recorded = int(roll.trajectory.committed[:, rows].any(-1).sum()) if rows else 0  # steps with k_t > 0
+        counts = self.global_sum([float(steps.rows.unique().numel()), float(len(steps)), float(recorded)])
+        n_train = float(counts[0])  # trajectories with at least one trained step
+        metrics.update(trained_steps=float(counts[1]) / max(n_train, 1.0),
+                       trained_step_fraction=float(counts[1]) / max(float(counts[2]), 1.0))
+        if n_train == 0:
+            return self._skip(metrics, "no informative step in any accepted trajectory")
+        self._consecutive_skips = 0
         parts = micro_batches(len(steps), m.micro_batch_size)
         n_parts = self.global_max(len(parts))
-        scale = self.accelerator.num_processes / n_train  # DDP averages over ranks -> mean over trajectories
+        scale = loss_scale(self.accelerator.num_processes, n_train)
         sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
-        for i in range(n_parts):
-            last = i == n_parts - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
-                part = steps.part(parts[i]) if i < len(parts) else self.padding_steps(roll)
-                loss, part_sums = self.micro_batch_loss(part, roll, scale)
-                self.backward(loss)
-            sums += part_sums
+        with self.student_mode():
+            for i in range(n_parts):
+                last = i == n_parts - 1
+                with nullcontext() if last else self.accelerator.no_sync(self.model):
+                    part = steps.part(parts[i]) if i < len(parts) else self.padding_steps(roll)
+                    loss, part_sums = self.micro_batch_loss(part, roll, scale)
+                    self.backward(loss)
+                sums += part_sums
         sums = self.global_sum(sums)
         if not self.check_finite(sums[0]):
             self.optimizer.zero_grad(set_to_none=True)
@@ -422,25 +524,32 @@ class DOPSDTrainer(OnPolicyTrainer):
             metrics["grad_norm"] = grad_norm
         return True, metrics
 
-    def _skip(self, metrics: dict[str, float]) -> tuple[bool, dict[str, float]]:
-        """No accepted trajectory anywhere: no forward, no optimizer step, the global step stays."""
+    def student_mode(self):
+        """Context of the student's loss forwards and backwards: dropout modules at p = 0 unless
+        ``student_dropout`` (the module stays in train mode, so gradient checkpointing still works;
+        the backward is inside, so a checkpoint's recomputation sees the same p)."""
+        return nullcontext() if self.method.student_dropout else dropout_disabled(self.model)
+
+    def _skip(self, metrics: dict[str, float], reason: str) -> tuple[bool, dict[str, float]]:
+        """Nothing to train anywhere: no forward, no optimizer step, the global step stays."""
         self.state.skipped_steps += 1
         self._consecutive_skips += 1
         limit = self.method.max_consecutive_skips
         if limit and self._consecutive_skips >= limit:
-            raise RuntimeError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had no accepted "
-                               f"trajectory (pass_k={self.method.pass_k}, accept_threshold="
-                               f"{self.method.accept_threshold}). Start from a model that sometimes solves the "
-                               f"task (e.g. after SFT), raise pass_k, or lower accept_threshold")
+            raise RuntimeError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had nothing to train "
+                               f"(last: {reason}; pass_k={self.method.pass_k}, accept_threshold="
+                               f"{self.method.accept_threshold}, train_steps={self.method.train_steps}). Start from a "
+                               f"model that sometimes solves the task (e.g. after SFT), raise pass_k, or lower "
+                               f"accept_threshold")
         metrics.update(skipped=1.0, skipped_batches=float(self.state.skipped_steps))
         return False, metrics
-
 
 def run(cfg: Any) -> dict[str, float]:
     """Train with d-OPSD; returns the final evaluation metrics."""
     from ..tasks.registry import get_task
 
     m: DOPSDConfig = cfg.method
+    m.validate()  # before the model loads: a bad option fails fast
     prep = prepare(cfg, need_targets=False)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     template = m.reference_template if m.teacher_context == "reference_prefix" else None
@@ -454,156 +563,6 @@ def run(cfg: Any) -> dict[str, float]:
     return finish(trainer, trainer.train())
 
 
-# --------------------------------------------------------------------------------------------
-# analysis helpers (the paper's toy verification and Figure 3)
-
-
-def _no_grad_logits(model: DiffusionModel) -> LogitsFn:
-    def fn(ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(ids, attn, positions=positions)
-    return fn
-
-
-def _pass_at_k(model: DiffusionModel, tokenizer, task: Task, examples: Sequence[Example], prompts: list[list[int]],
-               gen: GenerationConfig, generator: torch.Generator, pass_k: int, threshold: float | None,
-               trajectory: bool) -> dict[str, Any]:
-    """Pass@k sampling without a trainer: kept answers (and trajectories), first/any correctness."""
-    from ..sampling import decode_responses
-
-    n, g, s = len(prompts), gen.gen_length, gen.steps
-    device = model.device
-    finals = torch.full((n, g), model.mask_id, dtype=torch.long, device=device)
-    states = torch.zeros((s, n, g), dtype=torch.long, device=device)
-    committed = torch.zeros((s, n, g), dtype=torch.bool, device=device)
-    best = torch.full((n,), float("-inf"))
-    accepted = torch.zeros(n, dtype=torch.bool)
-    first_correct = torch.zeros(n, dtype=torch.bool)
-    pending = list(range(n))
-    for attempt in range(pass_k):
-        for c in range(0, len(pending), gen.batch_size):
-            chunk = pending[c:c + gen.batch_size]
-            out = generate(model, [prompts[i] for i in chunk], gen, generator=generator, return_trajectory=trajectory)
-            texts = decode_responses(tokenizer, out.responses.cpu(), model.eos_id)
-            for p, i in enumerate(chunk):
-                score = float(task.score(examples[i], texts[p]))
-                ok = task.is_correct(score, threshold)
-                if attempt == 0:
-                    first_correct[i] = task.is_correct(score)
-                if ok or score > best[i]:
-                    finals[i], best[i], accepted[i] = out.responses[p], score, ok
-                    if trajectory:
-                        states[:, i], committed[:, i] = out.trajectory.states[:, p], out.trajectory.committed[:, p]
-        pending = [i for i in pending if not accepted[i]]
-        if not pending:
-            break
-    blocks = torch.arange(s, device=device) // gen.steps_per_block
-    return {"finals": finals, "accepted": accepted, "first_correct": first_correct,
-            "trajectory": Trajectory(states, committed, blocks) if trajectory else None}
-
-
-@torch.no_grad()
-def regenerate_from_self_teacher(model: DiffusionModel, tokenizer, task: Task, examples: Sequence[Example],
-                                 generation: GenerationConfig, *, rhos: Sequence[float] = (0.1, 0.25, 0.5),
-                                 pass_k: int = 8, accept_threshold: float | None = None,
-                                 prompt_format: str = "plain", exclude_after_eos: bool = False,
-                                 seed: int = 0) -> dict[str, Any]:
-    """The paper's toy verification (Table 3, appendix D.2): can the self-teacher recover the answer?
-
-    For each example: sample with pass@``pass_k`` (kept answer ``y_0``: the first accepted, else
-    the best-scoring attempt); then, for each ``rho``, start from a fully masked response with
-    ``floor(rho * n)`` of the ``n`` positions outside the first block (up to the first EOS with
-    ``exclude_after_eos``) revealed from ``y_0``, and regenerate with ``clear_block_on_entry=True``
-    (each block is re-masked when decoding reaches it, so the answer is never copied inside the
-    block being decoded). Accuracy is the task's own notion of correct.
-
-    Returns ``{"n", "student": first-attempt accuracy %, "pass@k": %, "self_teacher": {rho: %},
-    "revealed_fraction": {rho: mean revealed / gen_length}}``.
-    """
-    from ..sampling import decode_responses
-
-    device = model.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = [encode_prompt(tokenizer, ex.prompt, prompt_format) for ex in examples]
-    res = _pass_at_k(model, tokenizer, task, examples, prompts, generation, gen, pass_k, accept_threshold, False)
-    n, g = len(examples), generation.gen_length
-    block = generation.block_length or g
-    report: dict[str, Any] = {"n": n, "student": 100.0 * res["first_correct"].float().mean().item(),
-                              f"pass@{pass_k}": 100.0 * res["accepted"].float().mean().item(),
-                              "self_teacher": {}, "revealed_fraction": {}}
-    masked = torch.full((n, g), model.mask_id, dtype=torch.long, device=device)
-    for rho in rhos:
-        init = self_future_teacher_states(masked, res["finals"], torch.zeros(n, dtype=torch.long, device=device),
-                                          block_length=block, mask_id=model.mask_id, rho=rho, generator=gen,
-                                          eos_id=model.eos_id if exclude_after_eos else None)
-        correct = 0
-        for c in range(0, n, generation.batch_size):
-            sl = slice(c, c + generation.batch_size)
-            out = generate(model, prompts[sl], generation, init_response=init[sl], clear_block_on_entry=True,
-                           generator=gen)
-            texts = decode_responses(tokenizer, out.responses.cpu(), model.eos_id)
-            correct += sum(task.is_correct(float(task.score(ex, t))) for ex, t in zip(examples[sl], texts))
-        report["self_teacher"][rho] = 100.0 * correct / n
-        report["revealed_fraction"][rho] = (init != model.mask_id).float().mean().item()
-    return report
-
-
-@torch.no_grad()
-def compare_teacher_overlap(model: DiffusionModel, tokenizer, task: Task, examples: Sequence[Example],
-                            generation: GenerationConfig, *, rho: float = 0.25, k: int = 20, pass_k: int = 1,
-                            accept_threshold: float | None = None,
-                            reference_template: str = "{prompt}{target}\n", prompt_format: str = "plain",
-                            select: Literal["teacher", "student", "committed"] = "teacher",
-                            micro_batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Top-K overlap (eq. 13) of the student with the d-OPSD teacher vs the AR-style teacher (Figure 3).
-
-    Samples one trajectory per example (pass@``pass_k``), then at every step compares the
-    student's top-``k`` vocabulary at K_t with that of the self-future teacher (``rho``) and of the
-    reference-prefix teacher (``reference_template``; examples need a ``target``). The teacher is
-    ``model`` itself, i.e. the initial policy. Returns, per construction, ``{"mean": overall mean
-    over trajectories and steps, "per_step": [mean at step t]}``.
-    """
-    for ex in examples:
-        if ex.target is None:
-            raise ValueError(f"{ex.source or 'an example'}: the AR-style teacher needs a reference solution (target)")
-    was_training = model.training
-    model.eval()
-    try:
-        device = model.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        prompts = [encode_prompt(tokenizer, ex.prompt, prompt_format) for ex in examples]
-        teacher_prompts = [encode_prompt(tokenizer, reference_template.format(prompt=ex.prompt, target=ex.target),
-                                         prompt_format) for ex in examples]
-        res = _pass_at_k(model, tokenizer, task, examples, prompts, generation, gen, pass_k, accept_threshold, True)
-        block = generation.block_length or generation.gen_length
-        steps = flatten_trajectories(res["trajectory"], range(len(examples)), block_length=block,
-                                     mask_id=model.mask_id)
-        future = self_future_teacher_states(steps.states, res["finals"][steps.rows], res["trajectory"].block[steps.step],
-                                            block_length=block, mask_id=model.mask_id, rho=rho, generator=gen)
-        fn = _no_grad_logits(model)
-        pad = model.pad_id if model.pad_id is not None else model.mask_id
-        report = {}
-        for name, teacher_states, t_prompts in [("self_future", future, prompts),
-                                                ("reference_prefix", steps.states, teacher_prompts)]:
-            total = torch.zeros(generation.steps, dtype=torch.float64)
-            count = torch.zeros(generation.steps, dtype=torch.float64)
-            for sl in micro_batches(len(steps), micro_batch_size):
-                part = replace(steps.part(sl), teacher=teacher_states[sl])
-                rows = part.rows.tolist()
-                out = step_logits(fn, fn, part, [prompts[r] for r in rows], [t_prompts[r] for r in rows], pad_id=pad,
-                                  select=select)
-                per_pos = topk_overlap(out.student, out.teacher, k).double().cpu()
-                # a trajectory-step's mean over K_t = sum of its positions' overlap / k_t
-                w = (1.0 / part.k[out.row].double()).cpu()
-                total.index_add_(0, part.step[out.row].cpu(), per_pos * w)
-                count.index_add_(0, part.step.cpu(), torch.ones(len(part), dtype=torch.float64))
-            per_step = (total / count.clamp(min=1)).tolist()
-            report[name] = {"mean": float(total.sum() / count.sum().clamp(min=1)), "per_step": per_step}
-        return report
-    finally:
-        model.train(was_training)
-
-
-__all__ = ["DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
-           "compare_teacher_overlap", "confident_positions", "current_block_mask", "flatten_trajectories",
-           "regenerate_from_self_teacher", "run", "self_future_teacher_states", "step_logits"]
+__all__ = ["COLLAPSE_LR", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
+           "collapse_warnings", "confident_positions", "current_block_mask", "flatten_trajectories",
+           "informative_steps", "loss_scale", "reweighted", "run", "self_future_teacher_states", "step_logits"]

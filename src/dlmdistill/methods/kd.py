@@ -2,7 +2,7 @@
 
 The student is trained with ``ce_weight * L_diff + kd_weight * L_kd`` where ``L_kd`` is the mean,
 over the student's masked positions, of ``T^2 * KL(P_teacher,T || P_student,T)`` (forward KL by
-default; ``divergence: reverse`` for ``KL(student || teacher)``). The teacher is frozen, in eval
+default; ``divergence: reverse_kl`` for ``KL(student || teacher)``). The teacher is frozen, in eval
 mode, on the student's device, and its LM head is computed only where it is needed:
 
 * a **DLM teacher** sees exactly the student's noisy input and predicts the same masked positions;
@@ -31,7 +31,7 @@ from ..config import field
 from ..diffusion import EPS, forward_process
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
-from ..losses.kd import Divergence, logit_kd_loss
+from ..losses.kd import KLKind, logit_kd_loss
 from ..losses.selffusion import ModeNormalization, mode_loss_weights
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
@@ -51,8 +51,8 @@ class KDConfig:
     kd_weight: float = field(1.0, help="weight of the KD term")
     ce_weight: float = field(1.0, help="weight of the masked-diffusion cross-entropy on the ground truth")
     temperature: float = field(1.0, help="KD temperature T (the loss is scaled by T^2)")
-    divergence: Divergence = field("forward", help="'forward': KL(teacher || student); "
-                                   "'reverse': KL(student || teacher)")
+    divergence: KLKind = field("forward_kl", help="'forward_kl': KL(teacher || student); 'reverse_kl': "
+                               "KL(student || teacher) (renamed from 'forward' / 'reverse', the names d-OPSD uses)")
     normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
                                              "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
     eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
@@ -125,7 +125,8 @@ class KDTrainer(Trainer):
         with self.accelerator.autocast():
             t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, kd_pos)
         v = min(s_logits.shape[-1], t_logits.shape[-1])
-        kd = logit_kd_loss(t_logits[:, :v], s_logits[:, :v], cfg.temperature, cfg.divergence)
+        kd = logit_kd_loss(student_logits=s_logits[:, :v], teacher_logits=t_logits[:, :v], temperature=cfg.temperature,
+                           kind=cfg.divergence)
         loss = cfg.ce_weight * ce + cfg.kd_weight * kd
         metrics = {"loss/ce": float(ce.detach()), "loss/kd": float(kd.detach()),
                    "mask_ratio": float(noised.masked.sum() / resp.sum().clamp(min=1)),

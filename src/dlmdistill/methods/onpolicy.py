@@ -86,6 +86,26 @@ def seed_from(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+@contextmanager
+def dropout_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Every dropout module under ``module`` (``torch.nn.Dropout`` and its relatives, LoRA dropout
+    included) at ``p = 0`` inside the block, restored afterwards.
+
+    Unlike ``module.eval()`` this leaves the train/eval flags alone, so gradient checkpointing
+    (active only in train mode) keeps working and a ``train()`` call inside the block (e.g. after a
+    no-grad teacher pass in eval mode) does not switch dropout back on. Functional dropout that a
+    model applies from its config (``attention_dropout``) is not affected.
+    """
+    saved = [(m, m.p) for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    try:
+        for m, _ in saved:
+            m.p = 0.0
+        yield
+    finally:
+        for m, p in saved:
+            m.p = p
+
+
 class OnPolicyTrainer(Trainer):
     """Base of the on-policy recipes: one rollout batch of prompts per ``training_step``.
 
