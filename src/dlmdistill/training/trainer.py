@@ -47,7 +47,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "logs.jsonl"
 #: what a previous run leaves in its folder; any of these makes output_dir "an existing run"
-RUN_RESULTS = ("checkpoints", LOG_FILE, "final", "final_metrics.json")
+RUN_RESULTS = ("checkpoints", LOG_FILE, "tb", "final", "final_metrics.json")
 #: what overwrite_output_dir deletes (in this order: checkpoints first, so a stale one is never resumed)
 RUN_OUTPUTS = ("checkpoints", "final", "final_metrics.json", LOG_FILE, "eval", "tb", "flops.json", "tokenizer")
 
