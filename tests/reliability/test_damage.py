@@ -262,6 +262,12 @@ def test_cli_refuses_to_train_into_an_existing_run_and_changes_nothing(tmp_path)
     err = [line for line in again.stderr.splitlines() if "already holds a run" in line]
     assert len(err) == 1 and str(out) in err[0] and "--overwrite_output_dir" in err[0] and "--resume" in err[0]
     assert _snapshot(out) == before  # nothing written, nothing removed
+    (out / "notes.txt").write_text("mine")
+    forced = _cli("train", "sft", *TINY_SFT, "--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
+                  "--overwrite_output_dir", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert max(r["step"] for r in _strict_rows(out / "logs.jsonl")) == 2 and (out / "notes.txt").exists()
 
 
 def test_overwrite_output_dir_starts_clean_and_keeps_foreign_files(tokenizer, tmp_path):
@@ -339,6 +345,17 @@ def test_report_deduplicates_old_logs_by_step_last_wins(tmp_path):
     run = load_run(tmp_path)
     assert series(run, "loss") == ([1, 2, 3], [3.0, 2.5, 1.5])
     assert series(run, "eval/accuracy") == ([2], [10.0])
+
+
+def test_resume_without_a_checkpoint_starts_over_with_an_empty_log(tokenizer, tmp_path):
+    common = dict(max_steps=10, save_steps=0, logging_steps=1)
+    _run_with_crash(tokenizer, tmp_path, **common)  # steps 1-6 logged, no checkpoint
+    assert latest_checkpoint(tmp_path) is None and len(_strict_rows(tmp_path / "logs.jsonl")) == 6
+    make_trainer(tokenizer, tmp_path, resume=True, **common).train()
+    make_trainer(tokenizer, tmp_path / "ref", **common).train()
+    drop = {"elapsed_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _strict_rows(tmp_path / "logs.jsonl")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in _strict_rows(tmp_path / "ref" / "logs.jsonl")]
 
 
 # ---------------------------------------------------------------------------------------- 6. convert
