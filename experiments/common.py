@@ -90,7 +90,7 @@ def eval_curve(run: Path, key: str, x_key: str = "step") -> tuple[list[float], l
     for rec in read_logs(run):
         if x_key in rec:
             last_x = rec[x_key]
-        if key in rec:
+        if rec.get(key) is not None:  # a non-finite value is logged as null
             xs.append(float(rec.get(x_key, last_x if x_key != "step" else rec["step"])))
             ys.append(float(rec[key]))
     return xs, ys
