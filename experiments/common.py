@@ -34,9 +34,9 @@ def train_once(method: str, config: dict[str, Any]) -> Path:
     if (out / "final" / "config.json").exists() or (out / "final" / "adapter_config.json").exists():
         log.info("skip %s (done): %s", method, out)
         return out
-    from dlmdistill.training import latest_checkpoint
-
-    resume = latest_checkpoint(out) is not None
+    # a folder left by an interrupted run is continued (from its last checkpoint, or from scratch with its
+    # log cleared when it has none); training refuses an existing run folder without resume
+    resume = out.is_dir()
     log.info("%s %s -> %s", "resume" if resume else "train", method, out)
     t0 = time.time()
     train(method, {**config, "training": {**config["training"], "resume": resume}})
@@ -90,7 +90,7 @@ def eval_curve(run: Path, key: str, x_key: str = "step") -> tuple[list[float], l
     for rec in read_logs(run):
         if x_key in rec:
             last_x = rec[x_key]
-        if key in rec:
+        if rec.get(key) is not None:  # a non-finite value is logged as null
             xs.append(float(rec.get(x_key, last_x if x_key != "step" else rec["step"])))
             ys.append(float(rec[key]))
     return xs, ys

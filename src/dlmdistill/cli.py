@@ -250,18 +250,14 @@ def cmd_convert(argv: list[str]) -> int:
 
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.family == "ar":
-        from .convert.common import ConversionError, prepare_destination
-        from .models.loading import ModelConfig, build_model
+        from .convert.ar import convert_ar
+        from .convert.common import ConversionError
 
-        dst = Path(a.dst)
         try:
-            prepare_destination(Path(a.src), dst)
+            model, tok = convert_ar(a.src, a.dst, dtype=a.dtype, mask_token=a.mask_token, shift_logits=a.shift_logits,
+                                    gguf_file=a.gguf_file, revision=a.revision, trust_remote_code=a.trust_remote_code)
         except ConversionError as e:
             raise SystemExit(f"convert: {e}") from None
-        model, tok = build_model(ModelConfig(name_or_path=a.src, gguf_file=a.gguf_file, revision=a.revision,
-                                             dtype=a.dtype or "float32", trust_remote_code=a.trust_remote_code,
-                                             mask_token=a.mask_token, shift_logits=True if a.shift_logits else None))
-        model.save_pretrained(dst, tok)
         print(f"wrote {a.dst} (mask id {model.mask_id}, vocabulary {len(tok)}, bidirectional"
               f"{', shifted logits' if model.shift_logits else ''})")
         return 0

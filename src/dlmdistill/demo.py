@@ -42,7 +42,7 @@ def base_config(out: Path, size: dict[str, Any], task: str, seed: int) -> dict[s
         "training": {"output_dir": str(out / "base"), "max_steps": size["base_steps"], "learning_rate": 1e-3,
                      "per_device_train_batch_size": size["batch"], "weight_decay": 0.0, "warmup_ratio": 0.05,
                      "adam_beta2": 0.99, "logging_steps": max(size["base_steps"] // 20, 1), "save_steps": 0,
-                     "seed": seed, "report_to": ["jsonl"]},
+                     "seed": seed, "report_to": ["jsonl"], "overwrite_output_dir": True},  # a rerun replaces it
         "eval": {"enabled": False},
     }
 
@@ -54,7 +54,8 @@ def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: i
         "training": {"output_dir": str(out / method), "max_steps": size["post_steps"], "learning_rate": 1e-4,
                      "per_device_train_batch_size": size["batch"], "weight_decay": 0.0, "warmup_ratio": 0.0,
                      "lr_scheduler_type": "constant", "adam_beta2": 0.99, "seed": seed, "save_steps": 0,
-                     "logging_steps": max(size["post_steps"] // 10, 1), "report_to": ["jsonl"]},
+                     "logging_steps": max(size["post_steps"] // 10, 1), "report_to": ["jsonl"],
+                     "overwrite_output_dir": True},
         "eval": {"enabled": False},
     }
     if method == "dopsd":

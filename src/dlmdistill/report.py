@@ -39,12 +39,25 @@ def load_run(path: str | Path) -> dict[str, Any]:
                     run["logs"].append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{logs}:{i}: malformed JSON line ({e.msg})") from None
+    run["logs"] = dedupe_logs(run["logs"])
     final = path / "final_metrics.json"
     if final.exists():
         run["final"] = json.loads(final.read_text())
     for m in sorted(path.glob("eval/*/metrics.json")):
         run["evals"][m.parent.name] = json.loads(m.read_text())
     return run
+
+
+def dedupe_logs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (step, kind) -- kind: training metrics or ``eval/*`` -- the last one written wins
+    (logs of runs resumed by older versions repeat the steps after the checkpoint); sorted by step.
+    Non-finite values are written as null and are skipped by :func:`series`."""
+    last: dict[tuple[Any, bool], dict[str, Any]] = {}
+    for rec in rows:
+        key = (rec.get("step"), any(k.startswith("eval/") for k in rec))
+        last.pop(key, None)  # re-inserted: keeps the order of the last occurrence
+        last[key] = rec
+    return sorted(last.values(), key=lambda r: r["step"] if isinstance(r.get("step"), (int, float)) else -1)
 
 
 def series(run: dict[str, Any], key: str) -> tuple[list[float], list[float]]:

@@ -15,10 +15,13 @@ names of a native ``transformers`` class. Every converter follows the same three
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +68,33 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def prepare_destination(src: Path, dst: Path) -> None:
-    """Create ``dst``; refuse to write into ``src`` or into a non-empty folder."""
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse to write into ``src``, into a non-empty folder or over a file (nothing is created)."""
     if dst.resolve() == src.resolve():
         raise ConversionError(f"destination {dst} is the source folder")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"destination {dst} exists and is not a folder")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"destination {dst} exists and is not empty")
-    dst.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged_destination(src: Path, dst: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``dst`` to write the converted model into; on success it
+    is renamed to ``dst`` (so ``dst`` appears complete or not at all), on any error it is removed and
+    ``dst`` is left as it was. Refuses (before creating anything) what :func:`check_destination` refuses."""
+    check_destination(src, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        check_destination(src, dst)  # nothing appeared there meanwhile
+        if dst.exists():
+            dst.rmdir()  # empty (checked above)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def layer_index(name: str, prefix: str) -> tuple[int, str] | None:

@@ -43,7 +43,7 @@ from .common import (
     Remap,
     check_mask_token_id,
     expected_parameters,
-    prepare_destination,
+    staged_destination,
     read_json,
     safetensors_shards,
     save_config,
@@ -153,10 +153,10 @@ def convert_dream(src: str | Path, dst: str | Path, dtype: torch.dtype | None = 
     validate_mapping(shards, remap, expected_parameters(Qwen2ForCausalLM, config))
     out_dtype = storage_dtype(shards, "model.embed_tokens.weight", dtype)
 
-    prepare_destination(src, dst)
-    if save_tokenizer(src, dst, mask_id, new_mask_token="<|mask|>", fallback_class="Qwen2Tokenizer") is None:
-        log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
-    write_weights(shards, remap, dst, dtype)
-    save_config(config, dst, architecture="Qwen2ForCausalLM", mask_token_id=mask_id,
-                shift_logits=True, dtype=out_dtype)
+    with staged_destination(src, dst) as out:
+        if save_tokenizer(src, out, mask_id, new_mask_token="<|mask|>", fallback_class="Qwen2Tokenizer") is None:
+            log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
+        write_weights(shards, remap, out, dtype)
+        save_config(config, out, architecture="Qwen2ForCausalLM", mask_token_id=mask_id,
+                    shift_logits=True, dtype=out_dtype)
     return dst

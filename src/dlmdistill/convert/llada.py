@@ -61,7 +61,7 @@ from .common import (
     check_mask_token_id,
     expected_parameters,
     layer_index,
-    prepare_destination,
+    staged_destination,
     read_json,
     safetensors_shards,
     save_config,
@@ -241,10 +241,10 @@ def convert_llada(src: str | Path, dst: str | Path, dtype: torch.dtype | None = 
     validate_mapping(shards, llada_remap, expected_parameters(LlamaForCausalLM, config))
     out_dtype = storage_dtype(shards, "model.transformer.wte.weight", dtype)
 
-    prepare_destination(src, dst)
-    if save_tokenizer(src, dst, mask_id) is None:
-        log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
-    write_weights(shards, llada_remap, dst, dtype)
-    save_config(config, dst, architecture="LlamaForCausalLM", mask_token_id=mask_id,
-                shift_logits=False, dtype=out_dtype)
+    with staged_destination(src, dst) as out:
+        if save_tokenizer(src, out, mask_id) is None:
+            log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
+        write_weights(shards, llada_remap, out, dtype)
+        save_config(config, out, architecture="LlamaForCausalLM", mask_token_id=mask_id,
+                    shift_logits=False, dtype=out_dtype)
     return dst

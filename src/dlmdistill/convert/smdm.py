@@ -60,7 +60,7 @@ from .common import (
     Shard,
     expected_parameters,
     layer_index,
-    prepare_destination,
+    staged_destination,
     safetensors_file,
     save_config,
     save_tokenizer,
@@ -327,14 +327,14 @@ def convert_smdm(src_pth: str | Path, dst: str | Path, config_name: str | dict =
     validate_mapping([shard], remap, expected_parameters(LlamaForCausalLM, config))
     out_dtype = storage_dtype([shard], "transformer.wte.weight", dtype)
 
-    prepare_destination(src_pth.parent, dst)
-    if tokenizer is not None:
-        tok = save_tokenizer(Path(tokenizer), dst, mask_id, fallback_class="LlamaTokenizer")
-        if tok is None:
-            raise ConversionError(f"no tokenizer files in {tokenizer}")
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    write_weights([shard], remap, dst, dtype)
-    save_config(config, dst, architecture="LlamaForCausalLM", mask_token_id=mask_id,
-                shift_logits=False, dtype=out_dtype)
+    with staged_destination(src_pth.parent, dst) as out:
+        if tokenizer is not None:
+            tok = save_tokenizer(Path(tokenizer), out, mask_id, fallback_class="LlamaTokenizer")
+            if tok is None:
+                raise ConversionError(f"no tokenizer files in {tokenizer}")
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+                tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        write_weights([shard], remap, out, dtype)
+        save_config(config, out, architecture="LlamaForCausalLM", mask_token_id=mask_id,
+                    shift_logits=False, dtype=out_dtype)
     return dst

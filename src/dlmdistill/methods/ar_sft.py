@@ -80,6 +80,9 @@ def build_ar_model(cfg: Any) -> tuple[CausalLM, Any]:
     """The AR model of a run config; a preset's tokenizer is built from the task data exactly as the
     DLM recipes build theirs (so an AR teacher and a DLM student trained from scratch on the same data
     config share a tokenizer), or reloaded from the run folder on resume."""
+    from ..training.trainer import check_output_dir
+
+    check_output_dir(cfg.training)  # before a saved tokenizer is read from the folder
     tokenizer = None
     if is_preset(cfg.model):
         evals = load_examples(dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit), "eval") \

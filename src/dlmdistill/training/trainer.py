@@ -8,7 +8,11 @@ loop a researcher expects around it, readable top to bottom:
 * gradient clipping, a non-finite-loss guard that names the step, JSONL + TensorBoard logs, a
   progress bar, periodic evaluation;
 * atomic checkpoints (written to a temporary folder, then renamed) of model, optimizer, scheduler,
-  RNG and loop position, and ``resume`` from the latest complete one.
+  RNG and loop position, in safetensors and JSON only (nothing is unpickled on resume), and
+  ``resume`` from the latest intact one (a damaged newer one is set aside with a warning);
+* a refusal to train into a folder that holds another run (unless ``resume`` or
+  ``overwrite_output_dir``), and a guard that never applies a non-finite gradient nor writes a
+  checkpoint with non-finite weights.
 
 Methods subclass ``Trainer`` (TRL style). Offline methods (SFT, SelfFusion, KD) implement
 ``compute_loss(model, batch) -> (loss, metrics)``; on-policy methods (d-OPSD, diffu-GRPO) override
@@ -31,19 +35,26 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import field
+from ..config import ConfigError, field
 from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
+from . import checkpoint as ckio
+from .checkpoint import MODEL_FILE, PARTIAL_FILE
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
-PARTIAL_FILE = "partial_model.safetensors"
+LOG_FILE = "logs.jsonl"
+#: what a previous run leaves in its folder; any of these makes output_dir "an existing run"
+RUN_RESULTS = ("checkpoints", LOG_FILE, "tb", "final", "final_metrics.json")
+#: what overwrite_output_dir deletes (in this order: checkpoints first, so a stale one is never resumed)
+RUN_OUTPUTS = ("checkpoints", "final", "final_metrics.json", LOG_FILE, "eval", "tb", "flops.json", "tokenizer")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step. Checkpoints already written are intact."""
+    """The loss, the gradient norm or the weights became NaN or infinite; the message names the step
+    and the last checkpoint, which is intact (a checkpoint with non-finite weights is never written)."""
 
 
 @dataclass
@@ -80,12 +91,64 @@ class TrainingConfig:
     use_cpu: bool = field(False, help="train on the CPU even when an accelerator is present (multi-process CPU "
                           "runs under torchrun/accelerate launch use gloo automatically when no GPU exists)")
     on_nonfinite_loss: Literal["error", "skip"] = field("error", help="NaN/inf loss: stop with an error, or skip the batch")
+    nonfinite_grad: Literal["stop", "skip"] = field(
+        "stop", help="NaN/inf gradient norm, checked before every optimizer step: stop with an error naming the "
+        "step and the last good checkpoint, or skip the update (no optimizer or schedule step; counted in "
+        "skipped_steps). Under fp16 the gradient scaler handles overflows itself")
+    overwrite_output_dir: bool = field(
+        False, help="allow training into an output_dir that already holds a run (without resume): its "
+        "checkpoints/, logs.jsonl, final/, final_metrics.json, eval/, tb/, flops.json and tokenizer/ are "
+        "deleted first (checkpoints first, so a stale one can never be resumed); other files are left alone. "
+        "Without it such a folder is refused")
 
     def validate(self) -> None:
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient_accumulation_steps must be >= 1")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir exclude each other: pick one")
+
+
+def existing_run(output_dir: str | Path) -> list[str]:
+    """The results of a previous run found in ``output_dir`` (empty: none, the folder may be used)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for name in RUN_RESULTS:
+        p = out / name
+        if p.is_dir() and any(p.iterdir()) or p.is_file():
+            found.append(name + ("/" if p.is_dir() else ""))
+    return found
+
+
+def check_output_dir(config: TrainingConfig) -> None:
+    """Refuse to train into a folder holding a previous run unless ``resume`` (continue it) or
+    ``overwrite_output_dir`` (its outputs are deleted here, by the main process) is set.
+
+    Raises :class:`ConfigError` with a one-line message. Safe to call more than once."""
+    if config.resume:
+        return
+    found = existing_run(config.output_dir)
+    if not found:
+        return
+    out = Path(config.output_dir)
+    if not config.overwrite_output_dir:
+        raise ConfigError(f"training.output_dir {out} already holds a run ({', '.join(found)}); pass --resume to "
+                          f"continue it, --overwrite_output_dir to replace it, or choose another output_dir")
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        for name in RUN_OUTPUTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        log.warning("overwrite_output_dir: deleted the previous run's %s in %s", ", ".join(found), out)
+    state.wait_for_everyone()
 
 
 def use_cpu(config: TrainingConfig) -> bool:
@@ -170,6 +233,7 @@ class Trainer:
             log_with=[r for r in config.report_to if r != "jsonl"] or None,
             project_dir=str(self.output_dir),
         )
+        check_output_dir(config)
         set_seed(config.seed, device_specific=True)
         if len(train_dataset) == 0:
             raise ValueError("the training set is empty")
@@ -191,10 +255,11 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
         self.total_steps = self._total_steps()
         self.scheduler = self._make_scheduler()
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        # (not registered with Accelerate's checkpointing: it would pickle the schedule and unpickle it on
+        # resume; every piece of checkpoint state is written as safetensors or JSON by save_checkpoint)
         self.state = TrainerState()
         self._jsonl = None
-        self._register_partial_checkpointing()
+        self._skipped_update = False
 
     # ------------------------------------------------------------------ hooks for methods
     def accumulation_steps(self) -> int:
@@ -252,23 +317,48 @@ class Trainer:
         msg = (f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
                f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
         if self.config.on_nonfinite_loss == "error":
-            last = latest_checkpoint(self.output_dir)
-            raise NonFiniteLossError(msg + (f"last good checkpoint: {last}" if last else "no checkpoint was written yet")
-                                     + ". Lower the learning rate or use float32/bf16.")
+            raise NonFiniteLossError(msg + self._last_good() + ". Lower the learning rate or use float32/bf16.")
         log.warning(msg + "skipping the batch")
         return False
 
     def optimizer_step(self) -> float | None:
-        """Clip, step the optimizer and the schedule, zero the gradients; returns the gradient norm."""
-        grad_norm = None
-        if self.config.max_grad_norm > 0:
-            gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            grad_norm = float(gn) if gn is not None else None
+        """Clip, check the gradient norm, step the optimizer and the schedule, zero the gradients; returns
+        the gradient norm (before clipping).
+
+        A non-finite gradient norm is never applied: per ``nonfinite_grad`` the run stops with
+        :class:`NonFiniteLossError`, or the update is skipped (``self.last_update_skipped`` is then True).
+        Under fp16 the gradient scaler skips overflowing steps itself."""
+        acc = self.accelerator
+        self._skipped_update = False
+        # an infinite clipping norm measures without changing the gradients (they are scaled by exactly 1)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        gn = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(gn) if gn is not None else None
+        if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+            msg = (f"non-finite gradient norm ({grad_norm}) at optimizer step {self.state.global_step + 1} "
+                   f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
+            if self.config.nonfinite_grad == "stop":
+                raise NonFiniteLossError(msg + self._last_good() + ". The update was not applied. Lower the "
+                                         "learning rate, or set nonfinite_grad: skip.")
+            log.warning(msg + "update skipped")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            self._skipped_update = True
+            return grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
-        return grad_norm
+        return grad_norm if self.config.max_grad_norm > 0 else None
+
+    @property
+    def last_update_skipped(self) -> bool:
+        """True when the last ``optimizer_step`` dropped a non-finite gradient (``nonfinite_grad: skip``)."""
+        return self._skipped_update
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
 
     def training_step(self, batch: Any) -> tuple[bool, dict[str, float]]:
         """One micro-batch. Returns (an optimizer step happened, metrics)."""
@@ -281,6 +371,8 @@ class Trainer:
             stepped = self.accelerator.sync_gradients
             if stepped:
                 gn = self.optimizer_step()
+                if self.last_update_skipped:
+                    return False, {}
                 if gn is not None:
                     metrics["grad_norm"] = gn
         metrics.setdefault("loss", float(loss.detach()))
@@ -362,15 +454,39 @@ class Trainer:
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if acc.is_main_process and "jsonl" in self.config.report_to:
             if self._jsonl is None:
-                self._jsonl = open(self.output_dir / "logs.jsonl", "a", buffering=1)
+                self._jsonl = open(self.output_dir / LOG_FILE, "a", buffering=1)
             record = {"step": step, "optimizer_steps": self.state.optimizer_steps, "method": self.method_name,
                       **_round(metrics)}
-            self._jsonl.write(json.dumps(record) + "\n")
+            # strict JSON: a non-finite value is written as null (see _round)
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+    def _trainable_only(self) -> set[str] | None:
+        """Names of the trainable parameters when some are frozen (LoRA, frozen teachers), else None."""
+        named = list(self.unwrapped.named_parameters())
+        if all(p.requires_grad for _, p in named):
+            return None
+        return {n for n, p in named if p.requires_grad}
+
+    def _check_weights_finite(self) -> None:
+        bad = [n for n, p in self.unwrapped.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite weights at optimizer step {self.state.global_step} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}); no checkpoint written for this step; {self._last_good()}. "
+                "Lower the learning rate.")
+
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically (temporary folder + rename) and rotate old ones."""
+        """Write ``checkpoints/step-N`` atomically (temporary folder + rename) and rotate old ones.
+
+        Every file is safetensors or JSON (see :mod:`dlmdistill.training.checkpoint`); ``trainer_state.json``
+        is written last and lists every file with its size. Weights that are not finite are refused
+        (:class:`NonFiniteLossError`), so a checkpoint on disk is always one to resume from."""
         acc = self.accelerator
+        self._check_weights_finite()
         root = self.output_dir / CHECKPOINT_DIR
         final = root / f"step-{self.state.global_step:07d}"
         tmp = root / f".tmp-step-{self.state.global_step:07d}"
@@ -378,11 +494,32 @@ class Trainer:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        if self._sharded():
+            # FSDP/DeepSpeed shard model and optimizer: Accelerate writes them (model as safetensors; it
+            # reads its files back with torch.load(weights_only=True)); nothing is registered with it
+            acc.save_state(str(tmp), safe_serialization=True)
+        elif acc.is_main_process:
+            from safetensors.torch import save_file, save_model
+
+            keep = self._trainable_only()
+            if keep is None:
+                save_model(self.unwrapped, str(tmp / MODEL_FILE), force_contiguous=True)
+            else:
+                sd = self.unwrapped.state_dict()
+                save_file({k: v.detach().contiguous() for k, v in sd.items() if k in keep}, str(tmp / PARTIAL_FILE))
+            ckio.save_optimizer(self.optimizer, tmp)
+        ckio.save_rng(tmp, acc.process_index)
         acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({**self.state.__dict__, "method": self.method_name}))
+            ckio.write_json(tmp / ckio.SCHEDULER_FILE, self.scheduler.state_dict())
+            if acc.scaler is not None:
+                ckio.write_json(tmp / ckio.SCALER_FILE, acc.scaler.state_dict())
+            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            ckio.write_json(tmp / STATE_FILE, {**self.state.__dict__, "method": self.method_name,
+                                               "accelerator_step": acc.step,
+                                               "files": ckio.file_sizes(tmp, names)})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -398,55 +535,77 @@ class Trainer:
         for old in ckpts[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _resumable_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint; damaged newer ones are renamed ``damaged-step-N`` (kept for
+        inspection) with a warning naming the problem. Raises if checkpoints exist but none is intact."""
+        complete = complete_checkpoints(self.output_dir)
+        damaged = []
+        for ckpt in reversed(complete):
+            problem = ckio.checkpoint_problem(ckpt, STATE_FILE)
+            if problem is None:
+                break
+            log.warning("checkpoint %s cannot be resumed from: %s; falling back to the previous one", ckpt, problem)
+            damaged.append(ckpt)
+        else:
+            if complete:
+                raise ConfigError(f"training.output_dir {self.output_dir}: no intact checkpoint to resume from "
+                                  f"({', '.join(p.name for p in complete)} are damaged; see the warnings)")
+            return None
+        self.accelerator.wait_for_everyone()  # every rank has judged the same folders
+        if self.accelerator.is_main_process:
+            for bad in damaged:
+                os.replace(bad, bad.with_name("damaged-" + bad.name))
+        self.accelerator.wait_for_everyone()
+        return ckpt
+
     def resume(self) -> None:
-        ckpt = latest_checkpoint(self.output_dir)
+        acc = self.accelerator
+        ckpt = self._resumable_checkpoint()
         if ckpt is None:
             log.warning("resume requested but %s has no complete checkpoint; starting from scratch", self.output_dir)
+            self._trim_log(0)
             return
-        self.accelerator.load_state(str(ckpt))
-        saved = json.loads((ckpt / STATE_FILE).read_text())
-        saved.pop("method", None)
+        if self._sharded():
+            acc.load_state(str(ckpt))
+        else:
+            from safetensors.torch import load_file, load_model
+
+            device = str(self.unwrapped.device)
+            keep = self._trainable_only()
+            if keep is None:
+                load_model(self.unwrapped, str(ckpt / MODEL_FILE), strict=True, device=device)
+            else:
+                path = ckpt / PARTIAL_FILE
+                missing, unexpected = self.unwrapped.load_state_dict(load_file(str(path), device=device), strict=False)
+                bad = [k for k in missing if k in keep]
+                if bad or unexpected:
+                    raise RuntimeError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
+                                       f"unexpected {list(unexpected)[:5]})")
+            ckio.load_optimizer(self.optimizer, ckpt)
+        self.scheduler.load_state_dict(ckio.read_json(ckpt / ckio.SCHEDULER_FILE))
+        if acc.scaler is not None and (ckpt / ckio.SCALER_FILE).exists():
+            acc.scaler.load_state_dict(ckio.read_json(ckpt / ckio.SCALER_FILE))
+        if not ckio.load_rng(ckpt, acc.process_index):
+            log.warning("%s has no RNG state for process %d; the run continues but not bit-exactly", ckpt,
+                        acc.process_index)
+        saved = ckio.read_json(ckpt / STATE_FILE)
+        acc.step = saved.pop("accelerator_step", acc.step)
+        for extra in ("method", "files"):
+            saved.pop(extra, None)
         self.state = TrainerState(**saved)
         if self.state.batches_in_epoch >= len(self.train_loader):
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
+        self._trim_log(self.state.global_step)
         log.info("resumed from %s at step %d", ckpt, self.state.global_step)
 
-    def _register_partial_checkpointing(self) -> None:
-        """With frozen parameters (LoRA, frozen teachers) checkpoint only the trainable ones."""
-        acc = self.accelerator
-        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            return
-        model = self.unwrapped
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        if not frozen:
-            return
-        keep = {n for n, p in model.named_parameters() if p.requires_grad}
-
-        def save_hook(models, weights, output_dir):
-            from safetensors.torch import save_file
-
-            if acc.is_main_process:
-                sd = {k: v.detach().contiguous() for k, v in weights[0].items() if k in keep}
-                save_file(sd, os.path.join(output_dir, PARTIAL_FILE))
-            weights.pop(0)
-
-        def load_hook(models, input_dir):
-            from safetensors.torch import load_file
-
-            path = os.path.join(input_dir, PARTIAL_FILE)
-            if not os.path.exists(path):
-                return
-            sd = load_file(path, device=str(self.unwrapped.device))
-            missing, unexpected = self.unwrapped.load_state_dict(sd, strict=False)
-            bad = [k for k in missing if k in keep]
-            if bad or unexpected:
-                raise RuntimeError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
-                                   f"unexpected {list(unexpected)[:5]})")
-            models.pop(0)
-
-        acc.register_save_state_pre_hook(save_hook)
-        acc.register_load_state_pre_hook(load_hook)
+    def _trim_log(self, step: int) -> None:
+        """Drop the log rows written after ``step`` (they will be logged again), atomically."""
+        if self.accelerator.is_main_process:
+            removed = ckio.trim_log(self.output_dir / LOG_FILE, step)
+            if removed:
+                log.info("%s: removed %d rows logged after step %d", self.output_dir / LOG_FILE, removed, step)
+        self.accelerator.wait_for_everyone()
 
     def export(self, path: Path) -> None:
         """Export the trained model (transformers format) and tokenizer; auxiliary modules are left out."""
@@ -458,17 +617,29 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written) or None."""
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (trainer_state.json written), oldest first."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.exists():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one whose trainer_state.json was written) or None."""
+    done = complete_checkpoints(output_dir)
     return done[-1] if done else None
 
 
-def _round(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+def _round(value: Any) -> Any:
+    """Round floats for the log; NaN and infinities become None (JSON null: logs.jsonl stays strict JSON)."""
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round(v) for v in value]
+    return value
 
 
 def _flat_scalars(cfg: Any) -> dict[str, Any]:
