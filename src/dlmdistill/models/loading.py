@@ -147,7 +147,8 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
     family = REMOTE_CODE_FAMILIES.get(model_type)
     if tokenizer is None:
         tokenizer_src = src if (local / "tokenizer_config.json").exists() else (cfg.tokenizer or model_src)
-        _require_tokenizer_files(tokenizer_src, src)
+        if not (cfg.gguf_file and tokenizer_src == cfg.name_or_path):  # a GGUF file carries its own tokenizer
+            _require_tokenizer_files(tokenizer_src, src)
         tokenizer = load_tokenizer(cfg, path=tokenizer_src)
     kwargs: dict[str, Any] = dict(common, dtype=DTYPES[cfg.dtype])
     if cfg.gguf_file:  # trainable dense weights, not packed GGUF blocks
