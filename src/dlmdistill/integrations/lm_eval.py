@@ -49,6 +49,11 @@ DEFAULT_MAX_GEN_TOKS = 256
 _GEN_FIELDS = {f.name: f for f in dataclasses.fields(GenerationConfig)}
 
 
+#: ModelConfig fields that make sense when loading a trained model for evaluation
+_LOAD_FIELDS = {"tokenizer", "revision", "trust_remote_code", "mask_token", "shift_logits", "attn_implementation",
+                "gguf_file"}
+
+
 class ModelArgsError(ValueError):
     """A bad ``model_args`` value (a user mistake, reported without a traceback by the CLI)."""
 
@@ -200,8 +205,8 @@ class DLMDistillLM(TemplateLM):
         add_bos_token:  prepend the tokenizer's BOS token to every prompt (default false).
         max_length:     context limit in tokens (default: the model's ``max_position_embeddings``).
         seed:           seed of the estimator's and the sampler's random numbers (default 1234).
-        Other ``ModelConfig`` fields (``trust_remote_code``, ``revision``, ``mask_token``,
-        ``shift_logits``, ``attn_implementation``, ...) are passed to the loader.
+        ``tokenizer``, ``revision``, ``trust_remote_code``, ``mask_token``, ``shift_logits``,
+        ``attn_implementation``, ``gguf_file``: passed to the loader (see ``ModelConfig``).
     """
 
     backend = "causal"
@@ -216,19 +221,19 @@ class DLMDistillLM(TemplateLM):
 
         if not pretrained:
             raise ModelArgsError("model_args: pretrained=PATH is required (a run folder, model folder or hub id)")
-        model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)} if dataclasses.is_dataclass(ModelConfig) else {}
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} & _LOAD_FIELDS
         gen_kwargs, load_kwargs, unknown = {}, {}, []
         for k, v in kwargs.items():
             if k in _GEN_FIELDS:
                 gen_kwargs[k] = v
-            elif k in model_fields and k != "name_or_path":
+            elif k in model_fields:
                 load_kwargs[k] = v
             else:
                 unknown.append(k)
         if unknown:
             accepted = sorted({"pretrained", "dtype", "device", "batch_size", "mc_num", "mc_batch_size", "check_greedy",
                                "add_bos_token", "max_length", "seed"} | set(_GEN_FIELDS)
-                              | (set(model_fields) - {"name_or_path"}))
+                              | model_fields)
             raise ModelArgsError(f"model_args: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}")
 
         # ----- generation settings: the ones the user set, checked now
@@ -264,7 +269,10 @@ class DLMDistillLM(TemplateLM):
         from .. import load_model
 
         self.pretrained = str(pretrained)
-        model, tok = load_model(self.pretrained, dtype=dtype, **load_kwargs)
+        try:
+            model, tok = load_model(self.pretrained, dtype=dtype, **load_kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelArgsError(f"model_args: pretrained={self.pretrained}: could not load the model: {e}") from e
         self.model = model.to(device).eval()
         self.tokenizer = tok
         self._device = torch.device(device)
