@@ -303,3 +303,27 @@ def test_command_line_registers_and_runs(model_dir, tmp_path, monkeypatch, capsy
 def test_loglikelihood_rolling_says_why_not(lm):
     with pytest.raises(NotImplementedError, match="lower bound"):
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("abc",), 0)])
+
+
+def test_chat_template_is_applied_to_the_prompts(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tok = char_tokenizer([CHARS])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    model, tok = tiny_model(tok)
+    mdir = tmp_path / "chat_model"
+    model.save_pretrained(mdir, tokenizer=tok)
+    _write_tasks(tmp_path)
+    res = lm_eval.simple_evaluate(
+        model="dlmdistill", model_args=f"pretrained={mdir},gen_length=4,steps=4,device=cpu",
+        tasks=["dlmdistill_tiny_gen"], limit=2, apply_chat_template=True, log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    prompt = res["samples"]["dlmdistill_tiny_gen"][0]["arguments"][0][0]
+    assert prompt == "<user>1+2=\n<assistant>"
+    # without a template in the tokenizer: a named error, not a jinja traceback
+    lm = adapter.DLMDistillLM.__new__(adapter.DLMDistillLM)
+    lm.tokenizer, lm.pretrained = char_tokenizer([CHARS]), "x"
+    with pytest.raises(adapter.ModelArgsError, match="no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "hi"}])
