@@ -327,3 +327,10 @@ def test_chat_template_is_applied_to_the_prompts(tmp_path):
     lm.tokenizer, lm.pretrained = char_tokenizer([CHARS]), "x"
     with pytest.raises(adapter.ModelArgsError, match="no chat template"):
         lm.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_task_length_incompatible_with_user_steps_says_where_it_came_from(lm):
+    # steps=8 (user) but the task asks for 4 tokens: 4 rounds up to one block of 4 < 8 steps
+    req = Instance("generate_until", {}, ("1+1=", {"until": [], "max_gen_toks": 3}), 0)
+    with pytest.raises(adapter.ModelArgsError, match=r"steps \(8\) cannot exceed gen_length \(4\).*max_gen_toks=3"):
+        lm.generate_until([req], disable_tqdm=True)

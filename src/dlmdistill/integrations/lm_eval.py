@@ -380,11 +380,15 @@ class DLMDistillLM(TemplateLM):
         values["batch_size"] = self.batch_size
         return GenerationConfig(**values)
 
-    def _check_gen_config(self, cfg: GenerationConfig) -> None:
+    def _check_gen_config(self, cfg: GenerationConfig, gen_kwargs: dict[str, Any] | None = None) -> None:
         try:
             cfg.validate()
         except ValueError as e:
-            raise ModelArgsError(f"model_args: {e}") from None
+            hint = ""
+            if gen_kwargs is not None and "gen_length" not in self._user_gen:
+                hint = (f" (gen_length {cfg.gen_length} came from the task's max_gen_toks="
+                        f"{gen_kwargs.get('max_gen_toks', DEFAULT_MAX_GEN_TOKS)}; set gen_length in model_args to fix it)")
+            raise ModelArgsError(f"model_args: {e}{hint}") from None
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm.auto import tqdm
@@ -401,7 +405,7 @@ class DLMDistillLM(TemplateLM):
                 until = [until]
             stops.append(list(until))
             cfg = self._resolve_gen_config(gen_kwargs)
-            self._check_gen_config(cfg)
+            self._check_gen_config(cfg, gen_kwargs)
             key = tuple(sorted(dataclasses.asdict(cfg).items()))
             configs[key] = cfg
             groups.setdefault(key, []).append(i)
