@@ -30,6 +30,8 @@ import dataclasses
 import logging
 import math
 import sys
+import types
+import typing
 from typing import Any, Sequence
 
 import torch
@@ -146,7 +148,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         raise ModelArgsError(f"model_args: {name}={value!r} is not a boolean (true/false)")
-    if isinstance(default, int) or (default is None and name in ("block_length",)):
+    if isinstance(default, int):
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -158,6 +160,29 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ModelArgsError(f"model_args: {name}={value!r} is not a number") from None
+    return value
+
+
+def _coerce_field(name: str, value: Any, hint: Any) -> Any:
+    """Type a ``model_args`` value by a dataclass field's annotation (bool, int, float, str,
+    ``X | None`` and ``Literal[...]``, the kinds ``GenerationConfig`` uses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    none_ok = type(None) in args
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if none_ok or hint is type(None):
+            return None
+        raise ModelArgsError(f"model_args: {name} cannot be none")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ModelArgsError(f"model_args: {name}={value!r}; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _coerce_field(name, value, members[0])
+        return value
+    if hint in (bool, int, float):
+        return _coerce(name, value, hint(0) if hint is not bool else False)
     return value
 
 
@@ -237,13 +262,9 @@ class DLMDistillLM(TemplateLM):
             raise ModelArgsError(f"model_args: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}")
 
         # ----- generation settings: the ones the user set, checked now
-        defaults = GenerationConfig()
-        self._user_gen: dict[str, Any] = {}
-        for k, v in gen_kwargs.items():
-            self._user_gen[k] = _coerce(k, v, getattr(defaults, k))
-        batch = _parse_batch_size(batch_size, defaults.batch_size)
-        self._user_gen.pop("batch_size", None)
-        self.batch_size = batch
+        hints = typing.get_type_hints(GenerationConfig)
+        self._user_gen: dict[str, Any] = {k: _coerce_field(k, v, hints.get(k, Any)) for k, v in gen_kwargs.items()}
+        self.batch_size = _parse_batch_size(batch_size, GenerationConfig().batch_size)
         if "gen_length" in self._user_gen:
             self._check_gen_config(self._resolve_gen_config({}))
 
