@@ -1,0 +1,1 @@
+"""Adapters that plug dlmdistill models into other libraries (lm-evaluation-harness)."""
