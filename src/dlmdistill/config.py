@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value or key is invalid. The message names where it came from."""
 
 
@@ -142,6 +145,21 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where=where)
     return value
+
+
+def check_ranges(obj: Any, *, at_least: dict[str, float] | None = None, unit: dict[str, bool] | None = None) -> None:
+    """Range checks for a config's ``validate``: every field in ``at_least`` must be a finite number
+    >= its bound; every field in ``unit`` must lie in [0, 1] (``True``) or [0, 1) (``False``).
+    Raises ``ValueError`` naming the field and the value (``from_dict`` adds where it came from)."""
+    for name, low in (at_least or {}).items():
+        value = getattr(obj, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    for name, closed in (unit or {}).items():
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and 0 <= value and (value <= 1 if closed else value < 1)
+        if not ok:
+            raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,13 +313,26 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; a missing file, a folder, text that is not UTF-8 or invalid
+    YAML is a :class:`ConfigError` naming the file (and line)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: invalid YAML{at}: {' '.join(str(problem).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
