@@ -27,7 +27,11 @@ def get_method(name: str):
 
 
 def check_run_config(cfg: Any) -> None:
-    """Checks of a training run's configuration against the file system, before anything is written."""
+    """Checks of a training run's configuration before anything is written: every section's values
+    (defaults included) and the output folder."""
+    from .config import validate_tree
+
+    validate_tree(cfg)
     out = Path(cfg.training.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"training.output_dir {str(out)!r} is an existing file, not a folder; choose another path")

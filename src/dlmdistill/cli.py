@@ -121,9 +121,18 @@ class GenerateRunConfig:
 
 
 def _device(name: str | None):
+    """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _read_prompts(path: str) -> list[tuple[str, str]]:
@@ -161,12 +170,13 @@ def cmd_generate(argv: list[str]) -> int:
     if not sourced:
         raise ConfigError("give at least one --prompt or a --prompts_file")
     prompts = [p for p, _ in sourced]
+    device = _device(cfg.device)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
     model, tok = load_for_inference(cfg.model)
     all_ids = [encode_prompt(tok, p, cfg.prompt_format) for p in prompts]
     for x, (_, where) in zip(all_ids, sourced):  # every prompt checked before anything is generated or written
         check_prompt_fits(len(x), cfg.generation.gen_length, context_limit(model), where)
-    model.to(_device(cfg.device))
+    model.to(device)
     torch.manual_seed(cfg.seed)  # an AR model samples from the global generator
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     out = open(cfg.output, "w") if cfg.output else None
@@ -213,14 +223,17 @@ def cmd_evaluate(argv: list[str]) -> int:
         print(format_help(EvalRunConfig))
         return 0
     cfg = load_config(EvalRunConfig, config, rest)
+    device = _device(cfg.device)
     run_dir = Path(cfg.model.name_or_path)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
     model, tok = load_for_inference(cfg.model)  # a causal checkpoint is evaluated as an AR model
-    model.to(_device(cfg.device))
+    model.to(device)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     examples = load_examples(cfg.data, "eval")
     out_dir = cfg.output_dir or (str(run_dir / "eval" / task.name) if (run_dir / "final").exists()
                                  else str(Path("eval") / task.name))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"output_dir {out_dir!r} is an existing file, not a folder; choose another path")
     report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
                             prompt_format=cfg.data.prompt_format, progress=cfg.progress_bar,
                             model_name=str(run_dir))

@@ -33,6 +33,10 @@ class ConfigError(UserError):
     """A configuration value or key is invalid. The message names where it came from."""
 
 
+class InvalidValueError(ConfigError):
+    """A section's ``validate()`` rejected its values (raised by ``from_dict``)."""
+
+
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
     """``dataclasses.field`` with mandatory help text."""
     if default_factory is not dataclasses.MISSING:
@@ -192,13 +196,28 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {e}") from None
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{where}: {e}") from None
-    return obj
+            raise InvalidValueError(f"{where}: {e}") from None
+
+
+def validate_tree(obj: Any, where: str = "config") -> None:
+    """Run ``validate()`` of every section of a config tree, sections left at their defaults included
+    (``from_dict`` checks the sections it was given). For a run about to start: a section may be
+    incomplete until then, e.g. a KD run's ``method.teacher``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_tree(value, f"{where}.{f.name}")
+    _validate(obj, where)
 
 
 def _shallow_dict(obj: Any) -> dict[str, Any]:
@@ -346,8 +365,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         data = load_yaml(path)
         where = str(path)
     if overrides:
-        # validate the YAML alone first so that its errors name the file
-        from_dict(cls, data, where=where)
+        # check the YAML's keys and types alone first so that their errors name the file; value checks
+        # (validate()) wait for the command line, which may supply what the file lacks (e.g. a teacher)
+        try:
+            from_dict(cls, data, where=where)
+        except InvalidValueError:
+            pass
         data = deep_merge(data, parse_overrides(cls, overrides))
         where = f"{where} + command line" if path else "command line"
     return from_dict(cls, data, where=where)

@@ -6,12 +6,20 @@ is wrong and names the file, line, key or value, so it can be shown as one line 
 traceback. ``dlmdistill`` (``cli.main``) prints such errors as ``dlmdistill: error: MESSAGE``
 and exits with status 2; everything else is a bug and keeps its traceback.
 
-``UserError`` subclasses ``ValueError`` so that code catching ``ValueError`` keeps working.
+``UserError`` subclasses ``ValueError`` so that code catching ``ValueError`` keeps working. The
+project's convention is older than ``UserError``: a ``raise ValueError(...)`` statement in
+dlmdistill's own code is a message about the input. :func:`is_user_error` honours it, so a check
+written that way is never shown as a crash; a ``ValueError`` raised anywhere else (inside torch,
+transformers, a builtin such as ``int()``) is not covered and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class UserError(ValueError):
@@ -20,10 +28,13 @@ class UserError(ValueError):
 
 def is_user_error(exc: BaseException) -> bool:
     """True for exceptions caused by the user's input or environment rather than by a bug:
-    :class:`UserError` and its subclasses, file-system errors (missing file, folder given for a
-    file, permission denied, disk full), undecodable text, malformed YAML, a failed checkpoint
+    :class:`UserError` and its subclasses, a ``ValueError`` raised by a ``raise`` statement in
+    dlmdistill's code (see the module docstring), file-system errors (missing file, folder given for
+    a file, permission denied, disk full), undecodable text, malformed YAML, a failed checkpoint
     conversion, and a training run stopped by a non-finite loss."""
     if isinstance(exc, (UserError, OSError, UnicodeError)):
+        return True
+    if isinstance(exc, ValueError) and _raised_here(exc):
         return True
     yaml = sys.modules.get("yaml")
     if yaml is not None and isinstance(exc, yaml.YAMLError):
@@ -35,6 +46,16 @@ def is_user_error(exc: BaseException) -> bool:
         if cls is not None and isinstance(exc, cls):
             return True
     return False
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """True when the innermost frame of ``exc``'s traceback is a ``raise`` statement in this package."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if not frames:
+        return False
+    last = frames[-1]
+    return (os.path.abspath(last.filename).startswith(_PACKAGE_DIR)
+            and (last.line or "").lstrip().startswith("raise"))
 
 
 def describe(exc: BaseException) -> str:

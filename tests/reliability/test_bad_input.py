@@ -400,3 +400,38 @@ def test_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     assert isinstance(metrics, dict)
     assert isinstance(texts, list) and len(texts) == 1 and isinstance(texts[0], str)
     assert report["task"] == "countdown" and report["n"] == 4 and set(report["results"]) == {"8", "16"}
+
+
+# ------------------------------------------------------------------------------------ more cases found on the way
+def test_kd_without_a_teacher(capsys, work):
+    bad_input(capsys, work, ["train", "kd", "--task", "countdown", "--output_dir", str(work / "run"), *TINY],
+              "method.teacher is required")
+
+
+def test_a_required_value_may_come_from_the_command_line(work):
+    from dlmdistill.api import get_method
+    from dlmdistill.config import load_config
+
+    (work / "kd.yaml").write_text("method:\n  temperature: 2.0\n")  # no teacher in the file
+    cfg = load_config(get_method("kd")[0], work / "kd.yaml", ["--teacher", "runs/teacher"])
+    assert cfg.method.teacher == "runs/teacher" and cfg.method.temperature == 2.0
+
+
+def test_teacher_with_another_tokenizer(capsys, work, model_dir):
+    # a check written as `raise ValueError(...)` in dlmdistill's code (methods/distillation.py) is a user error
+    bad_input(capsys, work, ["train", "kd", "--task", "countdown", "--train_limit", "8", "--teacher", str(model_dir),
+                             "--eval.enabled", "false", "--output_dir", str(work / "run"), *TINY],
+              "same tokenizer", str(model_dir))
+
+
+@pytest.mark.parametrize("device, words", [("gpu0", ["'gpu0'"]), ("cuda:99", ["'cuda:99'", "CUDA device"])])
+def test_bad_device(capsys, work, model_dir, device, words):
+    bad_input(capsys, work, ["generate", "--model", str(model_dir), "--prompt", "1 2", "--gen_length", "8",
+                             "--steps", "8", "--device", device, "--output", "out.jsonl"], *words)
+
+
+def test_evaluate_output_dir_is_an_existing_file(capsys, work, model_dir):
+    (work / "ev").write_text("keep me\n")
+    bad_input(capsys, work, ["evaluate", "--model", str(model_dir), "--task", "countdown", "--limit", "2",
+                             "--steps", "8", "--seeds", "1", "--gen_length", "8", "--output_dir", "ev"],
+              "'ev'", "existing file")

@@ -132,6 +132,8 @@ def check_model_source(src: str, gguf_file: str | None = None) -> None:
     clearly local (``/``, ``./``, ``../``, ``~`` or more than one ``/``: a hub id is ``name`` or
     ``owner/name``), a file, or a folder without ``config.json`` (or a LoRA ``adapter_config.json``,
     or a GGUF file)."""
+    if not src.strip():
+        raise UserError("no model given (model.name_or_path or the teacher is empty)")
     path = Path(src).expanduser()
     if path.is_dir():
         if (gguf_file or (path / "config.json").exists() or (path / "adapter_config.json").exists()
