@@ -19,6 +19,7 @@ of input errors too.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -145,7 +146,8 @@ def _read_prompts(path: str) -> list[tuple[str, str]]:
     if p.suffix in (".jsonl", ".json"):
         prompts = [(str(require(rec, "prompt", src)), src) for rec, src in read_records(p)]
     else:
-        prompts = [(line, f"{path}:{i}") for i, line in enumerate(read_text(p).splitlines(), 1) if line.strip()]
+        lines = io.StringIO(read_text(p), newline=None)  # numbered as an editor does (\n, \r\n or \r)
+        prompts = [(line.rstrip("\n"), f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise UserError(f"prompts_file {path}: no prompts in it")
     return prompts

@@ -56,7 +56,7 @@ class DataConfig:
         for name in ("train_limit", "eval_limit", "response_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or null for no limit), got {value}")
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
 
