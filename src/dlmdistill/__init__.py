@@ -23,7 +23,9 @@ class _Package(_types.ModuleType):
     Importing a submodule makes Python set it as an attribute of its package, which would replace the
     function (``dd.evaluate(...)`` -> "'module' object is not callable"). The package keeps the function:
     the submodule stays importable (``from dlmdistill.evaluate import evaluate_model``) and is always in
-    ``sys.modules["dlmdistill.evaluate"]``; only the attribute ``dlmdistill.evaluate`` is the function."""
+    ``sys.modules["dlmdistill.evaluate"]``; only the attribute ``dlmdistill.evaluate`` is the function
+    (so ``import dlmdistill.evaluate as m``, which reads that attribute, gives the function: use
+    ``from dlmdistill.evaluate import NAME`` or ``importlib.import_module("dlmdistill.evaluate")``)."""
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in _API and isinstance(value, _types.ModuleType):
