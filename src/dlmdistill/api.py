@@ -14,6 +14,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError, deep_merge, from_dict, leaf_paths, load_yaml, to_dict
+from .errors import UserError
+
+
+def get_method(name: str):
+    """``(run-config class, run function)`` of training method ``name``; an unknown name is a
+    :class:`UserError` listing the valid ones."""
+    from .methods import METHODS, get_method as _get
+
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return _get(name)
+
+
+def check_run_config(cfg: Any) -> None:
+    """Checks of a training run's configuration before anything is written: every section's values
+    (defaults included) and the output folder."""
+    from .config import validate_tree
+
+    validate_tree(cfg)
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"training.output_dir {str(out)!r} is an existing file, not a folder; choose another path")
 
 
 def _nest(flat: dict[str, Any], cls: type) -> dict[str, Any]:
@@ -40,8 +62,6 @@ def _nest(flat: dict[str, Any], cls: type) -> dict[str, Any]:
 
 def make_config(method: str, config: str | Path | dict | Any | None = None, **overrides: Any) -> Any:
     """The run configuration of ``method`` from a YAML path, a mapping or a config object, plus overrides."""
-    from .methods import get_method
-
     cls, _ = get_method(method)
     if config is None:
         data: dict[str, Any] = {}
@@ -57,10 +77,10 @@ def make_config(method: str, config: str | Path | dict | Any | None = None, **ov
 
 def train(method: str, config: str | Path | dict | Any | None = None, **overrides: Any) -> dict[str, float]:
     """Train with ``method`` (``sft``, ``selffusion``, ``kd``, ``dopsd``, ...); returns the final metrics."""
-    from .methods import get_method
-
     _, run = get_method(method)
-    return run(make_config(method, config, **overrides))
+    cfg = make_config(method, config, **overrides)
+    check_run_config(cfg)
+    return run(cfg)
 
 
 def _load(model: Any, **model_kwargs: Any):
@@ -74,10 +94,16 @@ def _load(model: Any, **model_kwargs: Any):
 
 def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, **generation: Any) -> list[str]:
     """Completions for ``prompts``; ``model`` is a path/id or a ``(DiffusionModel, tokenizer)`` pair."""
+    from .evaluate import check_prompt_fits, context_limit
     from .sampling import GenerationConfig, generate_texts
 
+    gen = GenerationConfig(**generation)
+    gen.validate()
     m, tok = _load(model)
-    return generate_texts(m, tok, list(prompts), GenerationConfig(**generation), seed=seed)
+    for i, p in enumerate(prompts):
+        check_prompt_fits(len(tok(p, add_special_tokens=False).input_ids), gen.gen_length, context_limit(m),
+                          f"prompt {i}")
+    return generate_texts(m, tok, list(prompts), gen, seed=seed)
 
 
 def evaluate(model: Any, task: str, *, steps: Sequence[int] = (8, 16, 32), seeds: Sequence[int] = (10, 20, 30),

@@ -10,18 +10,26 @@
 
 Options after the sub-command are configuration keys: dotted (``--training.learning_rate 1e-4``)
 or a unique leaf name (``--learning_rate 1e-4``). ``dlmdistill train sft --help`` lists them all.
+
+A mistake in the input (a bad option or value, a missing or malformed file, an unknown name) is
+reported as one line, ``dlmdistill: error: ...``, with exit status 2. Any other failure is a bug
+and prints its traceback (exit status 1). ``dlmdistill --debug COMMAND ...`` shows the traceback
+of input errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, field, format_help, load_config
+from .errors import UserError, describe, is_user_error
 from .models.loading import ModelConfig
 from .sampling import GenerationConfig
 
@@ -70,7 +78,8 @@ def _aliases(argv: list[str], table: dict[str, str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ train
 def cmd_train(argv: list[str]) -> int:
-    from .methods import METHODS, get_method
+    from .api import check_run_config, get_method
+    from .methods import METHODS
 
     if not argv or argv[0].startswith("-"):
         print("usage: dlmdistill train METHOD [--config FILE] [--key value ...]\n\nmethods:")
@@ -85,6 +94,7 @@ def cmd_train(argv: list[str]) -> int:
         print(format_help(cfg_cls))
         return 0
     cfg = load_config(cfg_cls, config, _aliases(rest, {"--init-from": "--model.name_or_path"}))
+    check_run_config(cfg)
     metrics = run(cfg)
     if metrics:
         print(json.dumps(metrics, indent=2))
@@ -105,26 +115,50 @@ class GenerateRunConfig:
     trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
     device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
 
+    def validate(self) -> None:
+        if self.generation.batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
+        if self.prompt_format not in ("plain", "chat"):
+            raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
+
 
 def _device(name: str | None):
+    """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
-def _read_prompts(path: str) -> list[str]:
-    from .tasks.io import read_records, require
+def _read_prompts(path: str) -> list[tuple[str, str]]:
+    """``(prompt, source)`` pairs from a JSONL/JSON file (field ``prompt``) or a text file (one per line)."""
+    from .tasks.io import read_records, read_text, require
 
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        return [require(rec, "prompt", src) for rec, src in read_records(path)]
-    return [line.rstrip("\n") for line in open(path) if line.strip()]
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts_file {path}: " + ("is a folder, not a file" if p.is_dir() else "no such file"))
+    if p.suffix in (".jsonl", ".json"):
+        prompts = [(str(require(rec, "prompt", src)), src) for rec, src in read_records(p)]
+    else:
+        lines = io.StringIO(read_text(p), newline=None)  # numbered as an editor does (\n, \r\n or \r)
+        prompts = [(line.rstrip("\n"), f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts_file {path}: no prompts in it")
+    return prompts
 
 
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
     from .data import encode_prompt
-    from .evaluate import resolve_model_path
+    from .evaluate import check_prompt_fits, context_limit, resolve_model_path
     from .models.autoregressive import CausalLM, load_for_inference
     from .sampling import decode_responses, generate
 
@@ -134,19 +168,25 @@ def cmd_generate(argv: list[str]) -> int:
         print(format_help(GenerateRunConfig))
         return 0
     cfg = load_config(GenerateRunConfig, config, rest)
-    prompts = list(cfg.prompt) + (_read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
-    if not prompts:
+    sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
+    sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file else []
+    if not sourced:
         raise ConfigError("give at least one --prompt or a --prompts_file")
+    prompts = [p for p, _ in sourced]
+    device = _device(cfg.device)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
     model, tok = load_for_inference(cfg.model)
-    model.to(_device(cfg.device))
+    all_ids = [encode_prompt(tok, p, cfg.prompt_format) for p in prompts]
+    for x, (_, where) in zip(all_ids, sourced):  # every prompt checked before anything is generated or written
+        check_prompt_fits(len(x), cfg.generation.gen_length, context_limit(model), where)
+    model.to(device)
     torch.manual_seed(cfg.seed)  # an AR model samples from the global generator
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     out = open(cfg.output, "w") if cfg.output else None
     bs = cfg.generation.batch_size
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
-        ids = [encode_prompt(tok, p, cfg.prompt_format) for p in chunk]
+        ids = all_ids[start:start + bs]
         if isinstance(model, CausalLM):  # left to right; sampler settings other than length/temperature unused
             responses = model.generate_responses(ids, cfg.generation)
         else:
@@ -186,14 +226,17 @@ def cmd_evaluate(argv: list[str]) -> int:
         print(format_help(EvalRunConfig))
         return 0
     cfg = load_config(EvalRunConfig, config, rest)
+    device = _device(cfg.device)
     run_dir = Path(cfg.model.name_or_path)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
     model, tok = load_for_inference(cfg.model)  # a causal checkpoint is evaluated as an AR model
-    model.to(_device(cfg.device))
+    model.to(device)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     examples = load_examples(cfg.data, "eval")
     out_dir = cfg.output_dir or (str(run_dir / "eval" / task.name) if (run_dir / "final").exists()
                                  else str(Path("eval") / task.name))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"output_dir {out_dir!r} is an existing file, not a folder; choose another path")
     report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
                             prompt_format=cfg.data.prompt_format, progress=cfg.progress_bar,
                             model_name=str(run_dir))
@@ -284,6 +327,9 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evalua
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    if debug:
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -294,20 +340,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv[0]
     if cmd not in COMMANDS:
-        print(f"unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"dlmdistill: error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     _setup_logging()
     try:
         return COMMANDS[cmd](argv[1:])
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        # data and input errors carry the file/line/field in their message
-        if type(e).__name__ in ("DataError", "ConversionError"):
-            print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("dlmdistill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns exceptions into messages
+        if debug:
+            raise
+        if is_user_error(e):
+            print(f"dlmdistill: error: {describe(e)}", file=sys.stderr)
             return 2
-        raise
+        traceback.print_exc()
+        print(f"dlmdistill: internal error ({type(e).__name__}): this is a bug in dlmdistill; please report it "
+              f"with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,9 +26,15 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value or key is invalid. The message names where it came from."""
+
+
+class InvalidValueError(ConfigError):
+    """A section's ``validate()`` rejected its values (raised by ``from_dict``)."""
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
@@ -144,6 +151,21 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def check_ranges(obj: Any, *, at_least: dict[str, float] | None = None, unit: dict[str, bool] | None = None) -> None:
+    """Range checks for a config's ``validate``: every field in ``at_least`` must be a finite number
+    >= its bound; every field in ``unit`` must lie in [0, 1] (``True``) or [0, 1) (``False``).
+    Raises ``ValueError`` naming the field and the value (``from_dict`` adds where it came from)."""
+    for name, low in (at_least or {}).items():
+        value = getattr(obj, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    for name, closed in (unit or {}).items():
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and 0 <= value and (value <= 1 if closed else value < 1)
+        if not ok:
+            raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
@@ -174,13 +196,28 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {e}") from None
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{where}: {e}") from None
-    return obj
+            raise InvalidValueError(f"{where}: {e}") from None
+
+
+def validate_tree(obj: Any, where: str = "config") -> None:
+    """Run ``validate()`` of every section of a config tree, sections left at their defaults included
+    (``from_dict`` checks the sections it was given). For a run about to start: a section may be
+    incomplete until then, e.g. a KD run's ``method.teacher``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_tree(value, f"{where}.{f.name}")
+    _validate(obj, where)
 
 
 def _shallow_dict(obj: Any) -> dict[str, Any]:
@@ -295,13 +332,26 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; a missing file, a folder, text that is not UTF-8 or invalid
+    YAML is a :class:`ConfigError` naming the file (and line)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: invalid YAML{at}: {' '.join(str(problem).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
@@ -315,8 +365,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         data = load_yaml(path)
         where = str(path)
     if overrides:
-        # validate the YAML alone first so that its errors name the file
-        from_dict(cls, data, where=where)
+        # check the YAML's keys and types alone first so that their errors name the file; value checks
+        # (validate()) wait for the command line, which may supply what the file lacks (e.g. a teacher)
+        try:
+            from_dict(cls, data, where=where)
+        except InvalidValueError:
+            pass
         data = deep_merge(data, parse_overrides(cls, overrides))
         where = f"{where} + command line" if path else "command line"
     return from_dict(cls, data, where=where)

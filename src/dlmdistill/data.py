@@ -45,6 +45,21 @@ class DataConfig:
     prompt_format: Literal["plain", "chat"] = field("plain", help="'chat' wraps prompts in the tokenizer's chat template")
     seed: int = field(0, help="seed for generated data and subsampling")
 
+    def validate(self) -> None:
+        from .tasks.registry import task_options
+
+        options = task_options(self.task)  # an unknown task name is an error here, before anything runs
+        unknown = [k for k in self.task_kwargs if k not in options]
+        if unknown:
+            raise ValueError(f"task_kwargs: task {self.task!r} has no option {', '.join(repr(k) for k in unknown)}; "
+                             f"its options: {', '.join(options) or 'none'}")
+        for name in ("train_limit", "eval_limit", "response_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
+
 
 def load_examples(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Example]:
     """The task's examples for the training or the evaluation split of ``cfg``."""
@@ -52,8 +67,15 @@ def load_examples(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Exam
 
     task = get_task(cfg.task, **cfg.task_kwargs)
     if split == "train":
-        return task.load(cfg.train_source, split=cfg.train_split, limit=cfg.train_limit, seed=cfg.seed)
-    return task.load(cfg.eval_source, split=cfg.eval_split, limit=cfg.eval_limit, seed=cfg.seed)
+        source, examples = cfg.train_source, task.load(cfg.train_source, split=cfg.train_split,
+                                                       limit=cfg.train_limit, seed=cfg.seed)
+    else:
+        source, examples = cfg.eval_source, task.load(cfg.eval_source, split=cfg.eval_split,
+                                                      limit=cfg.eval_limit, seed=cfg.seed)
+    if not examples:
+        raise DataError(f"{source or f'the {task.name} task'}: no {'training' if split == 'train' else 'evaluation'} "
+                        f"examples (split {cfg.train_split if split == 'train' else cfg.eval_split!r})")
+    return examples
 
 
 def format_prompt(tokenizer, prompt: str, fmt: str = "plain") -> str:

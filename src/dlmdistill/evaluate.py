@@ -22,9 +22,10 @@ import torch
 
 from .config import field
 from .data import DataConfig, encode_prompt
+from .errors import UserError
 from .models.autoregressive import CausalLM
 from .models.backbone import DiffusionModel
-from .models.loading import ModelConfig
+from .models.loading import ModelConfig, check_model_source
 from .sampling import GenerationConfig, decode_responses, generate
 from .tasks.base import Example, Task
 
@@ -48,15 +49,23 @@ class EvalRunConfig:
     progress_bar: bool = field(True, help="show progress bars")
 
     def validate(self) -> None:
+        if not self.steps or not self.seeds:
+            raise ValueError("give at least one step count (steps) and one seed (seeds)")
+        if self.generation.batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
         for s in self.steps:
             replace(self.generation, steps=s).validate()
 
 
 def resolve_model_path(path: str) -> str:
-    """A run folder resolves to its exported ``final/`` model."""
+    """A run folder resolves to its exported ``final/`` model. A local path that cannot hold a model
+    (missing, a file, a folder without ``config.json``) is a ``UserError`` naming it."""
+    if path.startswith("preset:"):
+        return path
     p = Path(path)
     if (p / "final" / "config.json").exists() or (p / "final" / "adapter_config.json").exists():
         return str(p / "final")
+    check_model_source(path)
     return path
 
 
@@ -98,14 +107,25 @@ def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list
     return [texts[i] for i in range(len(prompts))]
 
 
+def context_limit(model: torch.nn.Module) -> int | None:
+    """The number of positions the model can attend over (``max_position_embeddings``), if it has one."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_prompt_fits(n_prompt: int, gen_length: int, limit: int | None, where: str) -> None:
+    """A prompt of ``n_prompt`` tokens plus ``gen_length`` generated ones must fit the model's ``limit``
+    positions; otherwise a ``UserError`` naming ``where`` (shared by evaluate, generate and the API)."""
+    if limit is not None and n_prompt + gen_length > limit:
+        raise UserError(f"{where}: prompt of {n_prompt} tokens + gen_length {gen_length} = {n_prompt + gen_length} "
+                        f"exceeds the model's {limit} positions; shorten the prompt or lower gen_length")
+
+
 def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: GenerationConfig, limit: int | None
                    ) -> list[list[int]]:
     ids = []
     for i, ex in enumerate(examples):
         x = encode_prompt(tokenizer, ex.prompt, fmt)
-        if limit is not None and len(x) + gen.gen_length > limit:
-            raise ValueError(f"{ex.source or f'example {i}'}: prompt of {len(x)} tokens + gen_length {gen.gen_length} "
-                             f"exceeds the model's {limit} positions")
+        check_prompt_fits(len(x), gen.gen_length, limit, ex.source or f"example {i}")
         ids.append(x)
     return ids
 
@@ -117,8 +137,8 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
     """Evaluate at every (steps, seed); returns and (optionally) writes the metrics. A ``CausalLM`` is
     sampled left to right (``gen.gen_length`` new tokens at ``gen.temperature``) under the step key "ar"."""
     if not examples:
-        raise ValueError("no evaluation examples")
-    limit = getattr(model.config, "max_position_embeddings", None)
+        raise UserError("no evaluation examples")
+    limit = context_limit(model)
     prompts = encode_prompts(tokenizer, examples, prompt_format, gen, limit)
     results: dict[str, dict[str, Any]] = {}
     out_dir = Path(output_dir) if output_dir else None

@@ -20,31 +20,61 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 #: metrics plotted first and in this order, when present
 PREFERRED = ["eval/accuracy", "eval/rouge_l", "loss", "masked_acc", "reward", "accuracy"]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def load_run(path: str | Path) -> dict[str, Any]:
+    """A run folder's metadata, logs and metrics. A missing folder, a folder with none of the files
+    ``dlmdistill train``/``evaluate`` write, and a malformed file are :class:`UserError` naming the
+    path (and line)."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such run folder")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a run folder")
+        raise UserError(f"{path}: not a run folder (it is a file)")
     run: dict[str, Any] = {"path": str(path), "name": path.name, "logs": [], "evals": {}, "final": {}}
     meta = path / "run.json"
-    run["method"] = json.loads(meta.read_text()).get("method", "?") if meta.exists() else "?"
+    run["method"] = "?"
+    if meta.exists():
+        info = _read_json(meta)
+        run["method"] = info.get("method", "?") if isinstance(info, dict) else "?"
     logs = path / "logs.jsonl"
     if logs.exists():
-        for i, line in enumerate(logs.read_text().splitlines(), 1):
+        for i, line in enumerate(_read_text(logs).splitlines(), 1):
             if line.strip():
                 try:
-                    run["logs"].append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{logs}:{i}: malformed JSON line ({e.msg})") from None
+                    raise UserError(f"{logs}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                    raise UserError(f"{logs}:{i}: expected a JSON object with a numeric 'step', got {line.strip()[:80]}")
+                run["logs"].append(rec)
     run["logs"] = dedupe_logs(run["logs"])
     final = path / "final_metrics.json"
     if final.exists():
-        run["final"] = json.loads(final.read_text())
+        run["final"] = _read_json(final)
     for m in sorted(path.glob("eval/*/metrics.json")):
-        run["evals"][m.parent.name] = json.loads(m.read_text())
+        run["evals"][m.parent.name] = _read_json(m)
+    if not (meta.exists() or logs.exists() or final.exists() or run["evals"]):
+        raise UserError(f"{path}: not a run folder (no run.json, logs.jsonl, final_metrics.json or "
+                        f"eval/*/metrics.json in it)")
     return run
 
 

@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .common import (
@@ -285,17 +285,36 @@ def smdm_remap(cfg: dict) -> Remap:
     return remap
 
 
+def _torch_load_reason(exc: BaseException) -> str:
+    """The informative part of a ``torch.load`` error, on one line."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return text[:300] or type(exc).__name__
+
+
 def load_smdm_checkpoint(path: Path) -> Shard:
     """Open an SMDM checkpoint: ``.safetensors`` (streamed), or ``.pth``/``.pt`` loaded with
     ``torch.load(weights_only=True, mmap=True)``; a Fabric checkpoint's ``"model"`` entry is used."""
     if not path.is_file():
-        raise ConversionError(f"{path} not found")
+        raise ConversionError(f"{path} not found" if not path.exists() else f"{path} is a folder, not a checkpoint file")
     if path.suffix == ".safetensors":
-        return safetensors_file(path)
+        try:
+            return safetensors_file(path)
+        except SafetensorError as e:
+            raise ConversionError(f"{path} is not a valid safetensors checkpoint ({e})") from None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path} cannot be loaded with torch.load(weights_only=True): {e}") from e
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # a checkpoint in torch's legacy (non-zip) format cannot be memory-mapped: read it whole
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load of arbitrary bytes raises many types (IndexError, ...)
+        raise ConversionError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
+                              f"({_torch_load_reason(e)})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict):

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import field
+from ..errors import UserError
 from .backbone import DiffusionModel
 from .presets import PRESETS, preset_config
 from .tokenizer import ensure_mask_token, ensure_pad_token
@@ -101,8 +102,9 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, Any]:
     if is_preset(cfg):
         if tokenizer is None:
             if cfg.tokenizer is None or cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:"):
-                raise ValueError("a preset model needs a tokenizer: pass one built from the data (tokenizer: char "
-                                 "or bpe:N in a training config) or set model.tokenizer to a path/id")
+                raise UserError(f"{cfg.name_or_path} is a new, untrained model and needs a tokenizer: set "
+                                f"model.tokenizer to a tokenizer folder or hub id (char and bpe:N are built from "
+                                f"the data, in training only); to sample from a trained model, give its run folder")
             tokenizer = load_tokenizer(cfg)
         mask_id, _ = ensure_mask_token(tokenizer, cfg.mask_token)
         ensure_pad_token(tokenizer)
@@ -125,6 +127,28 @@ def _lora_base(path: Path) -> str | None:
     return json.loads(f.read_text()).get("base_model_name_or_path") if f.exists() else None
 
 
+def check_model_source(src: str, gguf_file: str | None = None) -> None:
+    """Fail early, naming ``src``, when a local model path cannot be a model: a missing path that is
+    clearly local (``/``, ``./``, ``../``, ``~`` or more than one ``/``: a hub id is ``name`` or
+    ``owner/name``), a file, or a folder without ``config.json`` (or a LoRA ``adapter_config.json``,
+    or a GGUF file)."""
+    if not src.strip():
+        raise UserError("no model given (model.name_or_path or the teacher is empty)")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if (gguf_file or (path / "config.json").exists() or (path / "adapter_config.json").exists()
+                or any(path.glob("*.gguf"))):
+            return
+        hint = ""
+        if (path / "checkpoints").is_dir() or (path / "run.json").exists():
+            hint = "; it is a run folder without a final/ model (training did not finish): continue it with --resume"
+        raise UserError(f"{src}: not a model folder (no config.json){hint}")
+    if path.exists():
+        raise UserError(f"{src}: is a file; give the model folder (a run folder, its final/ export or a saved model)")
+    if src.startswith(("/", "./", "../", "~")) or "\\" in src or src.count("/") > 1:
+        raise UserError(f"{src}: no such model folder")
+
+
 def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -135,14 +159,20 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
     if cfg.gguf_file:
         common["gguf_file"] = cfg.gguf_file
     model_src = adapter_base or src
+    check_model_source(src, cfg.gguf_file)
     try:
         config = AutoConfig.from_pretrained(model_src, **common)
     except ValueError as e:
         if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
-            raise ValueError(f"{model_src}: this checkpoint ships its own modeling code. Either convert it to native "
-                             f"classes ('dlmdistill convert llada|dream SRC DST', recommended) or set "
-                             f"model.trust_remote_code=true if you trust it") from None
-        raise
+            raise UserError(f"{model_src}: this checkpoint ships its own modeling code. Either convert it to native "
+                            f"classes ('dlmdistill convert llada|dream SRC DST', recommended) or set "
+                            f"model.trust_remote_code=true if you trust it") from None
+        raise UserError(f"{model_src}: not a model transformers can load ({e})") from None
+    except OSError as e:
+        if Path(model_src).expanduser().exists():
+            raise
+        raise UserError(f"{model_src}: no such local folder, and loading it as a Hugging Face Hub id failed: "
+                        f"{e}") from None
     model_type = getattr(config, "model_type", "")
     family = REMOTE_CODE_FAMILIES.get(model_type)
     if tokenizer is None:

@@ -10,15 +10,19 @@ record can be reported precisely:
 * ``openai/gsm8k:main:test[3]``: row 3 of a Hugging Face dataset split.
 
 Malformed input raises :class:`DataError` (a ``ValueError``) naming the file and line, and
-:func:`require` raises it naming the file, line and the missing field.
+:func:`require` raises it naming the file, line and the missing field. A file with no records
+and text that is not UTF-8 are errors too (the latter naming the line).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from ..errors import UserError
 
 Record = dict[str, Any]
 
@@ -35,7 +39,7 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file is missing, malformed, or lacks a field. The message names the source."""
 
 
@@ -98,13 +102,29 @@ def read_file(path: Path) -> list[tuple[Record, str]]:
     readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(SUFFIXES)})")
-    return readers[path.suffix](path)
+    records = readers[path.suffix](path)
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); text that is not UTF-8 is a
+    :class:`DataError` naming the line and the offending byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start - start + 1}); "
+                        f"save the file as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[Record, str]]:
     """One JSON object per line; blank lines are skipped."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline=None) as f:  # universal newlines, as open() in text mode
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -120,7 +140,7 @@ def read_jsonl(path: Path) -> list[tuple[Record, str]]:
 def read_json(path: Path) -> list[tuple[Record, str]]:
     """A JSON list of objects."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
@@ -131,7 +151,7 @@ def read_json(path: Path) -> list[tuple[Record, str]]:
 def read_csv(path: Path) -> list[tuple[Record, str]]:
     """A CSV file with a header row; every row must have as many fields as the header."""
     records = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         for row in reader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+from ..errors import UserError
 from .base import Example, Task
 from .io import first_field, read_records
 
@@ -29,7 +30,8 @@ class TextTask(Task):
     def load(self, source: str | None = None, split: str = "train", limit: int | None = None,
              seed: int = 0) -> list[Example]:
         if source is None:
-            raise ValueError("the text task needs a source (data.train_source)")
+            raise UserError(f"the text task has no default data for split {split!r}: set data.train_source (or "
+                            f"data.eval_source) to a JSONL/JSON/CSV file, a folder or a dataset id")
         examples = []
         for record, where in read_records(source, split):
             parts = [str(record[f]) for f in self.fields if record.get(f)]

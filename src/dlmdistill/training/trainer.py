@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import ConfigError, field
+from ..config import ConfigError, check_ranges, field
 from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
 from . import checkpoint as ckio
@@ -62,7 +62,7 @@ class TrainingConfig:
     output_dir: str = field("runs/run", help="run folder: config, logs, checkpoints, final model")
     seed: int = field(3407, help="random seed (model init, data order, masking)")
     num_train_epochs: float = field(1.0, help="passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = field(-1, help="optimizer steps to run; > 0 overrides num_train_epochs")
+    max_steps: int = field(-1, help="optimizer steps to run (> 0); -1 = train for num_train_epochs")
     per_device_train_batch_size: int = field(16, help="examples (offline methods) or prompts (on-policy) per device")
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step (offline methods)")
     learning_rate: float = field(5e-5, help="peak learning rate")
@@ -102,10 +102,15 @@ class TrainingConfig:
         "Without it such a folder is refused")
 
     def validate(self) -> None:
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch size and gradient_accumulation_steps must be >= 1")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be > 0, or -1 to train for num_train_epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1; got {self.num_train_epochs}")
+        check_ranges(self, at_least={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                                     "logging_steps": 1, "learning_rate": 0, "warmup_steps": 0, "weight_decay": 0,
+                                     "adam_epsilon": 0, "max_grad_norm": 0, "save_steps": 0, "save_total_limit": 0,
+                                     "eval_steps": 0, "dataloader_num_workers": 0},
+                     unit={"min_lr_ratio": True, "warmup_ratio": True, "adam_beta1": False, "adam_beta2": False})
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other: pick one")
 
