@@ -7,6 +7,7 @@ from dlmdistill.methods.dopsd import (DOPSDConfig, DOPSDRunConfig, DOPSDTrainer,
                                       confident_positions, current_block_mask, flatten_trajectories,
                                       informative_steps, loss_scale, reweighted, self_future_teacher_states,
                                       step_logits)
+from dlmdistill.errors import UserError
 from dlmdistill.sampling import GenerationConfig, Trajectory, generate
 from dlmdistill.training import latest_checkpoint
 from tests.conftest import ROOT, tiny_model
@@ -118,7 +119,7 @@ def test_rejected_batch_takes_no_step_and_changes_nothing(tokenizer, tmp_path):
     assert len(t.optimizer.state) == 0 and all(p.grad is None for p in t.unwrapped.parameters())
     assert t.state.global_step == 0 and t.state.skipped_steps == 1
     t.method.max_consecutive_skips = 3
-    with pytest.raises(RuntimeError, match="3 rollout batches in a row"):
+    with pytest.raises(UserError, match="3 rollout batches in a row"):
         t.train()
     assert t.state.global_step == 0
 

@@ -41,6 +41,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ..config import ConfigError, field
+from ..errors import UserError
 from ..losses.divergences import DivergenceKind, check_clip_mode, distillation_divergence, topk_overlap
 from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig, Trajectory, topk_mask
@@ -536,7 +537,7 @@ class DOPSDTrainer(OnPolicyTrainer):
         self._consecutive_skips += 1
         limit = self.method.max_consecutive_skips
         if limit and self._consecutive_skips >= limit:
-            raise RuntimeError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had nothing to train "
+            raise UserError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had nothing to train "
                                f"(last: {reason}; pass_k={self.method.pass_k}, accept_threshold="
                                f"{self.method.accept_threshold}, train_steps={self.method.train_steps}). Start from a "
                                f"model that sometimes solves the task (e.g. after SFT), raise pass_k, or lower "

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, check_ranges, field
+from ..errors import UserError
 from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
 from . import checkpoint as ckio
@@ -584,7 +585,7 @@ class Trainer:
                 missing, unexpected = self.unwrapped.load_state_dict(load_file(str(path), device=device), strict=False)
                 bad = [k for k in missing if k in keep]
                 if bad or unexpected:
-                    raise RuntimeError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
+                    raise UserError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
                                        f"unexpected {list(unexpected)[:5]})")
             ckio.load_optimizer(self.optimizer, ckpt)
         self.scheduler.load_state_dict(ckio.read_json(ckpt / ckio.SCHEDULER_FILE))
