@@ -176,3 +176,28 @@ def test_python_api(tmp_path):
     result = api.score_generations(FIXTURES / "d1_gsm8k_generations.json", "gsm8k", out=tmp_path / "v.jsonl")
     assert result["n"] == 4 and result["metrics"]["accuracy"] == 75.0
     assert Path(result["verdicts"]).is_file()
+
+
+def test_task_data_stored_by_evaluate_wins_over_the_prompt(tmp_path):
+    """``evaluate`` stores each item's task data (``meta``); scoring uses it, whatever the prompt says."""
+    row = {"prompt": "a prompt in a template score cannot parse", "completion": "<answer>(30+93)-100</answer>",
+           "references": [], "meta": {"numbers": [30, 100, 93], "target": 23}}
+    f = tmp_path / "generations.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    assert score_generations(f, "countdown")["metrics"]["accuracy"] == 100.0
+
+
+def test_rescoring_evaluate_output_reproduces_its_verdicts(tmp_path, model_and_tok):
+    from dlmdistill.evaluate import evaluate_model
+    from dlmdistill.sampling import GenerationConfig
+    from dlmdistill.tasks.registry import get_task
+
+    model, tok = model_and_tok
+    task = get_task("countdown")
+    examples = task.load(None, split="test", limit=6)
+    report = evaluate_model(model, tok, task, examples, GenerationConfig(gen_length=16, steps=4), [4], [10],
+                            output_dir=tmp_path / "eval", progress=False)
+    result = score_generations(tmp_path / "eval", "countdown")
+    assert result["metrics"]["accuracy"] == report["results"]["4"]["seeds"]["10"]["accuracy"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.scored.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["score"] == r["previous_score"] for r in rows)

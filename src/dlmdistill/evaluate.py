@@ -168,7 +168,8 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
                 if gen_file:
                     for i, (ex, c, r) in enumerate(zip(examples, completions, rows)):
                         gen_file.write(json.dumps({"steps": s, "seed": seed, "index": i, "prompt": ex.prompt,
-                                                   "completion": c, "references": ex.references, **r}) + "\n")
+                                                   "completion": c, "references": ex.references, "meta": ex.meta,
+                                                   **r}) + "\n")
             results[str(s)] = {"seeds": per_seed, "summary": summarize(per_seed)}
     finally:
         if gen_file:

@@ -115,7 +115,8 @@ def _own_items(path: Path, task: Task) -> list[Item]:
         extra = {k: row[k] for k in ("steps", "seed", "index") if k in row}
         if "score" in row:
             extra["previous_score"] = row["score"]
-        items.append(Item(_example(task, row, where, d1=False), clean_completion(completion), where, extra))
+        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+        items.append(Item(_example(task, {**meta, **row}, where, d1=False), clean_completion(completion), where, extra))
     return items
 
 
