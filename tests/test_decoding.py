@@ -231,3 +231,26 @@ def test_dopsd_step_on_cached_threshold_rollouts(tokenizer, tmp_path, rollout):
     assert (steps.committed <= steps.candidates).all()
     if rollout.get("threshold") == 0.0:  # a whole block per step: 4 steps per trajectory, unused slots dropped
         assert len(steps) == 4 * 4 and (steps.k == 4).all()
+
+
+def test_command_line_generate_and_evaluate_with_cache_and_threshold(tokenizer, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from dlmdistill.cli import main
+
+    model, tok = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "m", tok)
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "numbers: 1 2 3 target: 6\n",
+                 "--gen_length", "32", "--steps", "8", "--block_length", "16", "--cache", "dual", "--threshold", "0.5",
+                 "--output", str(out), "--trajectory", str(tmp_path / "traj.safetensors")]) == 0
+    assert set(json.loads(out.read_text())) == {"prompt", "completion"}
+    traj = load_file(str(tmp_path / "traj.safetensors"))
+    assert traj["states"].shape[0] == 32 and traj["committed"].sum() == 32  # one slot per position
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--task", "countdown", "--limit", "4", "--steps", "8",
+                 "--seeds", "1", "--gen_length", "32", "--cache", "prefix", "--cache_refresh_every", "2",
+                 "--output_dir", str(ev), "--progress_bar", "false"]) == 0
+    assert "8" in json.loads((ev / "metrics.json").read_text())["results"]

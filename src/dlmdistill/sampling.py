@@ -30,6 +30,23 @@ masked position of the current block. The differences are:
 
 With ``return_trajectory=True`` the output records, for each step, the response state *before*
 the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
+
+Fast decoding (Fast-dLLM, Wu et al. 2025), off by default (``cache: none``, ``threshold: null``
+leave every step as above):
+
+* ``cache: prefix | dual``: key/value caching with transformers' ``DynamicCache``. The first step
+  of each block (and every ``cache_refresh_every``-th) runs the whole sequence, which gives that
+  step's logits and every position's keys and values; the other steps run only a window -- the
+  current block plus everything after it (``prefix``) or the current block alone (``dual``) --
+  against the cached keys of the other positions. Those keys were computed when the block held
+  more masks, so for a model with more than one layer they are stale within a block: an
+  approximation, exact only at refresh steps (see ``_Network``).
+* ``threshold``: every masked position of the current block whose confidence is at least the
+  threshold is committed, and always the most confident one; a block ends when it has no masks
+  (``steps`` is not used). A trajectory then has ``gen_length`` step slots (``block_length`` per
+  block); the slots a block does not need commit nothing.
+
+``GenerationOutput.forwards`` counts the network evaluations per sample.
 """
 
 from __future__ import annotations
