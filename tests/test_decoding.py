@@ -254,3 +254,22 @@ def test_command_line_generate_and_evaluate_with_cache_and_threshold(tokenizer, 
                  "--seeds", "1", "--gen_length", "32", "--cache", "prefix", "--cache_refresh_every", "2",
                  "--output_dir", str(ev), "--progress_bar", "false"]) == 0
     assert "8" in json.loads((ev / "metrics.json").read_text())["results"]
+
+
+def test_lora_backbone_caches_through_its_adapters(tokenizer):
+    from dlmdistill.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(preset_overrides={"hidden_size": 32, "intermediate_size": 64,
+                                                         "num_attention_heads": 4, "num_hidden_layers": 1},
+                                       lora_r=4, lora_dropout=0.0), tokenizer=tokenizer)
+    model.eval()
+    with torch.no_grad():  # non-zero adapters, so that they change the logits
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ref = generate(model, PROMPTS, GenerationConfig(**BASE)).sequences
+    with model.adapters_disabled():
+        assert not torch.equal(generate(model, PROMPTS, GenerationConfig(**BASE)).sequences, ref)
+    for cache in ("prefix", "dual"):  # one layer: exact (see above)
+        assert torch.equal(generate(model, PROMPTS, GenerationConfig(**BASE, cache=cache)).sequences, ref)
