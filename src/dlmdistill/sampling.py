@@ -128,7 +128,8 @@ class GenerationConfig:
 
 @dataclass
 class Trajectory:
-    """A recorded denoising trajectory (response positions only; S = steps, B = batch, G = gen_length).
+    """A recorded denoising trajectory (response positions only; S = ``config.trajectory_steps``: the
+    steps, or ``gen_length`` slots with a threshold; B = batch, G = gen_length).
 
     states:    [S, B, G] long, the response before each step (mask id where still masked).
     committed: [S, B, G] bool, positions committed at each step.
