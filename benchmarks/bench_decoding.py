@@ -10,8 +10,9 @@ model forwards per sample (``GenerationOutput.forwards``) and the throughput rat
 sampler at the same schedule (``cache: none``, no threshold). The random-weight models measure
 speed only: their confidences stay far below 0.9, so threshold decoding commits one token per step
 there (its forward count is the number of generated tokens). Accuracy is measured only with
-``--model`` (a trained checkpoint); ``--step_time`` also times one d-OPSD and one diffu-GRPO
-training step (tiny model) with cached rollouts against uncached ones.
+``--model`` (a trained checkpoint; its table times one pass over the examples per setting, without
+a warm-up); ``--step_time`` also times one d-OPSD and one diffu-GRPO training step (tiny preset)
+with cached rollouts against uncached ones.
 """
 
 from __future__ import annotations
