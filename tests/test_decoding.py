@@ -55,15 +55,17 @@ def test_cache_refreshed_every_step_equals_uncached(tokenizer, kind, cache, extr
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2_shifted"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_one_layer_model_cached_steps_are_exact(tokenizer, kind, cache):
+@pytest.mark.parametrize("prompts", [PROMPTS, [[7, 8, 9, 10], [11, 12, 13, 14]]], ids=["padded", "unpadded"])
+def test_one_layer_model_cached_steps_are_exact(tokenizer, kind, cache, prompts):
     """With one layer a position's key and value depend on its own token only, so keys cached at a
     block's start stay exact while the block is decoded: the cached sampler (one refresh per block,
     every other step run on the window alone) must reach the uncached states at every step. This
     checks the window's positions, padding mask and key order, which the refresh-every-step test
-    cannot see."""
+    cannot see. Without padding transformers passes no mask at all: the window must still attend to
+    every key (not causally)."""
     model = backbone(kind, tokenizer, layers=1)
-    ref = generate(model, PROMPTS, GenerationConfig(**BASE), return_trajectory=True)
-    out = generate(model, PROMPTS, GenerationConfig(**BASE, cache=cache), return_trajectory=True)
+    ref = generate(model, prompts, GenerationConfig(**BASE), return_trajectory=True)
+    out = generate(model, prompts, GenerationConfig(**BASE, cache=cache), return_trajectory=True)
     for s in range(ref.trajectory.num_steps):
         assert torch.equal(out.trajectory.states[s], ref.trajectory.states[s]), f"step {s}"
     assert torch.equal(out.sequences, ref.sequences)

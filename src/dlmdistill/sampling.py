@@ -445,6 +445,8 @@ class _Network:
             for layer in cache.layers:
                 layer.keys = torch.cat([layer.keys[..., :lo, :], layer.keys[..., hi:, :]], dim=-2)
                 layer.values = torch.cat([layer.values[..., :lo, :], layer.values[..., hi:, :]], dim=-2)
+        # the padding mask in the cache's key order (with left padding every key from lo on is real, so
+        # this equals self.attn; kept general)
         self.kv_mask = torch.cat([self.attn[:, :lo], self.attn[:, hi:], self.attn[:, lo:hi]], dim=1)
         self.cache, self.since_refresh = cache, 1
         return logits
