@@ -30,6 +30,23 @@ masked position of the current block. The differences are:
 
 With ``return_trajectory=True`` the output records, for each step, the response state *before*
 the step, the positions committed at the step and the block being decoded: d-OPSD trains on this.
+
+Fast decoding (Fast-dLLM, Wu et al. 2025), off by default (``cache: none``, ``threshold: null``
+leave every step as above):
+
+* ``cache: prefix | dual``: key/value caching with transformers' ``DynamicCache``. The first step
+  of each block (and every ``cache_refresh_every``-th) runs the whole sequence, which gives that
+  step's logits and every position's keys and values; the other steps run only a window -- the
+  current block plus everything after it (``prefix``) or the current block alone (``dual``) --
+  against the cached keys of the other positions. Those keys were computed when the block held
+  more masks, so for a model with more than one layer they are stale within a block: an
+  approximation, exact only at refresh steps (see ``_Network``).
+* ``threshold``: every masked position of the current block whose confidence is at least the
+  threshold is committed, and always the most confident one; a block ends when it has no masks
+  (``steps`` is not used). A trajectory then has ``gen_length`` step slots (``block_length`` per
+  block); the slots a block does not need commit nothing.
+
+``GenerationOutput.forwards`` counts the network evaluations per sample.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from .config import field
-from .models.backbone import DiffusionModel
+from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, position_ids_from_mask
 
 
 @dataclass
@@ -53,6 +70,18 @@ class GenerationConfig:
                                                              help="which predicted tokens to commit at each step")
     cfg_scale: float = field(0.0, help="classifier-free guidance scale w (0 = off)")
     batch_size: int = field(32, help="prompts decoded together")
+    cache: Literal["none", "prefix", "dual"] = field(
+        "none", help="key/value caching (Fast-dLLM): none = every step runs the whole sequence; prefix = a "
+                     "forward at each block's start caches the prompt and finished blocks, steps run the current "
+                     "block and the suffix; dual = the suffix is cached too, steps run the current block only. "
+                     "Cached keys are not updated within a block (an approximation; see docs/sampling.md)")
+    cache_refresh_every: int | None = field(
+        None, help="with a cache: also refresh it every N steps within a block (1 = every step: the uncached "
+                   "result at a higher cost); null = once per block")
+    threshold: float | None = field(
+        None, help="parallel decoding (Fast-dLLM): at each step commit every masked position of the current block "
+                   "whose confidence is at least this, and at least the most confident one; a block ends when it "
+                   "has no masks, so `steps` is not used. Needs remasking=low_confidence; null = the fixed schedule")
 
     def validate(self) -> None:
         block = self.block_length or self.gen_length
@@ -67,6 +96,16 @@ class GenerationConfig:
             raise ValueError(f"steps ({self.steps}) cannot exceed gen_length ({self.gen_length})")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise ValueError(f"cache must be none, prefix or dual, not {self.cache!r}")
+        if self.cache_refresh_every is not None and self.cache_refresh_every < 1:
+            raise ValueError(f"cache_refresh_every must be >= 1 or null, not {self.cache_refresh_every}")
+        if self.threshold is not None:
+            if not 0.0 <= self.threshold <= 1.0:
+                raise ValueError(f"threshold must be in [0, 1] (a probability) or null, not {self.threshold}")
+            if self.remasking != "low_confidence":
+                raise ValueError("threshold decoding compares the model's confidence: it needs "
+                                 "remasking=low_confidence")
 
     @property
     def num_blocks(self) -> int:
@@ -76,10 +115,21 @@ class GenerationConfig:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    @property
+    def trajectory_steps(self) -> int:
+        """Steps a recorded trajectory holds: ``steps``, or with ``threshold`` one slot per position
+        (``gen_length``: a block takes at most ``block_length`` steps; unused slots commit nothing)."""
+        return self.steps if self.threshold is None else self.gen_length
+
+    @property
+    def trajectory_steps_per_block(self) -> int:
+        return self.trajectory_steps // self.num_blocks
+
 
 @dataclass
 class Trajectory:
-    """A recorded denoising trajectory (response positions only; S = steps, B = batch, G = gen_length).
+    """A recorded denoising trajectory (response positions only; S = ``config.trajectory_steps``: the
+    steps, or ``gen_length`` slots with a threshold; B = batch, G = gen_length).
 
     states:    [S, B, G] long, the response before each step (mask id where still masked).
     committed: [S, B, G] bool, positions committed at each step.
@@ -103,12 +153,15 @@ class Trajectory:
 @dataclass
 class GenerationOutput:
     """sequences: [B, P + G] (left-padded prompts then responses); attention_mask: [B, P + G];
-    prompt_length: P; responses: [B, G]; trajectory: set when requested."""
+    prompt_length: P; responses: [B, G]; trajectory: set when requested; forwards: [B] long, the
+    network evaluations each sample went through (cache refreshes included; two per step with
+    classifier-free guidance; the rows of a batch are decoded together, so they share the count)."""
 
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     prompt_length: int
     trajectory: Trajectory | None = None
+    forwards: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -206,9 +259,17 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
     clear_block_on_entry: re-mask a block's pre-filled tokens when decoding reaches it.
     forward:        the module to call for logits when it is not ``model`` itself, e.g. the FSDP-wrapped
                     model during training (``model`` still provides the mask id, padding and device).
+                    With a cache it is called with the ``cache`` and ``position_ids`` keywords of
+                    ``DiffusionModel.forward``.
     uniforms:       where the random numbers come from (see ``Uniforms``); default: ``generator``.
+
+    ``config.cache`` and ``config.threshold`` select Fast-dLLM's key/value caching and parallel
+    decoding (see the module docstring); with neither, every step is LLaDA's.
     """
     config.validate()
+    if config.threshold is not None and forward is not None:
+        raise ValueError("threshold decoding runs a data-dependent number of forwards, which a wrapped (FSDP) "
+                         "`forward` cannot run in lockstep across processes; use threshold: null there")
     device = model.device
     was_training = model.training
     model.eval()
@@ -229,9 +290,11 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         uncond = None
         if config.cfg_scale > 0:
             uncond = torch.where(pmask.bool(), torch.full_like(prompt, mask_id), prompt)
+        net = _Network(forward or model, model, config, attn, uncond, p)
 
         block_len = config.block_length or g
         spb = config.steps_per_block
+        slots = config.trajectory_steps_per_block
         uniform = uniforms or generator_uniforms(generator, device)
         states, committed_steps, blocks = [], [], []
         for blk in range(config.num_blocks):
@@ -241,7 +304,8 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
             k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
             in_block = torch.zeros_like(x, dtype=torch.bool)
             in_block[:, lo:hi] = True
-            for step in range(spb):
+            net.start_block(lo, hi)
+            for step in range(slots):
                 candidates = (x == mask_id) & in_block
                 if return_trajectory:
                     states.append(x[:, p:].clone())
@@ -249,16 +313,22 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
                 if not bool(candidates.any()):
                     if return_trajectory:
                         committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
+                        continue
+                    if config.threshold is not None:
+                        break
                     continue
                 # logits, draw and confidence only at the candidates: [N, V] -> [N]
-                logits = _guided_logits(forward or model, x, attn, candidates, uncond, p, config.cfg_scale)
+                logits = net(x, candidates)
                 noise = uniform(candidates, tuple(logits.shape)) if config.temperature > 0 else None
                 tokens = draw_tokens(logits, config.temperature, noise, exclude=mask_id)
                 if config.remasking == "low_confidence":
                     conf = token_confidence(logits, tokens)
                 else:
                     conf = uniform(candidates, (tokens.shape[0],))
-                commit = _most_confident(conf, candidates, k_sched[:, step])
+                if config.threshold is None:
+                    commit = _most_confident(conf, candidates, k_sched[:, step])
+                else:
+                    commit = _above_threshold(conf, candidates, config.threshold)
                 proposal = torch.full_like(x, mask_id)
                 proposal[candidates] = tokens
                 x = torch.where(commit, proposal, x)
@@ -268,7 +338,9 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         if return_trajectory:
             traj = Trajectory(torch.stack(states), torch.stack(committed_steps),
                               torch.as_tensor(blocks, dtype=torch.long, device=device))
-        return GenerationOutput(sequences=x, attention_mask=attn, prompt_length=p, trajectory=traj)
+        forwards = torch.full((b,), net.forwards, dtype=torch.long, device=device)
+        return GenerationOutput(sequences=x, attention_mask=attn, prompt_length=p, trajectory=traj,
+                                forwards=forwards)
     finally:
         model.train(was_training)
 
@@ -281,15 +353,103 @@ def _most_confident(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tenso
     return topk_mask(score, torch.minimum(k, candidates.sum(dim=1))) & candidates
 
 
-def _guided_logits(model: Callable[..., torch.Tensor], x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
-                   uncond_prompt: torch.Tensor | None, p: int, w: float) -> torch.Tensor:
-    """Logits at ``positions`` ([N, V]), with classifier-free guidance when ``uncond_prompt`` is set."""
-    if uncond_prompt is None:
-        return model(x, attn, positions=positions)
-    xu = torch.cat([uncond_prompt, x[:, p:]], dim=1)
-    both = model(torch.cat([x, xu]), torch.cat([attn, attn]), positions=torch.cat([positions, positions]))
-    cond, un = both.chunk(2)
-    return un + (w + 1.0) * (cond - un)
+def _above_threshold(conf: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM's parallel commit: the candidates of each row whose ``conf`` is at least ``threshold``,
+    and always the row's most confident one (rows without candidates commit nothing) -> [B, L] bool."""
+    score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
+    score[candidates] = conf
+    best = _most_confident(conf, candidates, torch.ones(candidates.shape[0], dtype=torch.long,
+                                                        device=candidates.device))
+    return (best | (score >= threshold)) & candidates
+
+
+class _Network:
+    """The model calls of ``generate``: logits at the candidates [N, V], with classifier-free guidance
+    and the key/value cache of ``config.cache``; counts the network evaluations per sample.
+
+    With a cache, ``start_block`` marks the cache stale; the next call (and every
+    ``cache_refresh_every``-th after it) runs the whole sequence, which gives that step's logits and
+    fills a ``DynamicCache`` with every position's keys and values. The *window* -- the current block
+    for ``dual``, the block and everything after it for ``prefix``, starting one position earlier for
+    a shifted-logit model, whose block logits come from the hidden states one position to the left --
+    is then cropped out of the cache; the keys that stay are in the order (before the window, after
+    the window). Each following step runs the window alone, at its true positions, against those
+    keys (its own keys are appended, then cropped off again), with the padding mask reordered the
+    same way."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], model: DiffusionModel, config: GenerationConfig,
+                 attn: torch.Tensor, uncond_prompt: torch.Tensor | None, p: int):
+        self.fn, self.model, self.config, self.p = fn, model, config, p
+        self.uncond, self.w = uncond_prompt, config.cfg_scale
+        self.attn = torch.cat([attn, attn]) if uncond_prompt is not None else attn
+        self.per_call = 2 if uncond_prompt is not None else 1
+        self.forwards = 0
+        self.cache = None
+        if config.cache != "none":
+            if not getattr(model, "splittable", False):
+                name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+                raise ValueError(f"cache: {config.cache} needs a backbone that transformers runs with a key/value "
+                                 f"cache (model types: {', '.join(sorted(SPLITTABLE_MODEL_TYPES))}); {name!r} is "
+                                 f"not one: use cache: none")
+            self.position_ids = position_ids_from_mask(self.attn)
+
+    def start_block(self, lo: int, hi: int) -> None:
+        if self.config.cache == "none":
+            return
+        shift = int(self.model.shift_logits)
+        length = self.attn.shape[1]
+        self.window = (lo - shift, hi if self.config.cache == "dual" else length)
+        self.cache, self.since_refresh = None, 0
+
+    def _inputs(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uncond is None:
+            return x, positions
+        xu = torch.cat([self.uncond, x[:, self.p:]], dim=1)
+        return torch.cat([x, xu]), torch.cat([positions, positions])
+
+    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.uncond is None:
+            return logits
+        cond, un = logits.chunk(2)
+        return un + (self.w + 1.0) * (cond - un)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ids, pos = self._inputs(x, positions)
+        self.forwards += self.per_call
+        if self.config.cache == "none":
+            return self._combine(self.fn(ids, self.attn, positions=pos))
+        every = self.config.cache_refresh_every
+        if self.cache is None or (every is not None and self.since_refresh >= every):
+            return self._combine(self._refresh(ids, pos))
+        self.since_refresh += 1
+        lo, hi = self.window
+        logits = self.fn(ids[:, lo:hi], self.kv_mask, positions=pos[:, lo:hi], cache=self.cache,
+                         position_ids=self.position_ids[:, lo:hi])
+        self.cache.crop(-(hi - lo))
+        return self._combine(logits)
+
+    def _refresh(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self.fn(ids, self.attn, positions=pos, cache=cache, position_ids=self.position_ids)
+        lo, hi = self.window
+        length = ids.shape[1]
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise ValueError("key/value caching supports full-attention layers only (this backbone's cache has "
+                             f"{sorted({type(layer).__name__ for layer in cache.layers})}); use cache: none")
+        if hi == length:
+            cache.crop(-(length - lo))
+        else:  # drop the window from the middle: the keys before it, then those after it
+            for layer in cache.layers:
+                layer.keys = torch.cat([layer.keys[..., :lo, :], layer.keys[..., hi:, :]], dim=-2)
+                layer.values = torch.cat([layer.values[..., :lo, :], layer.values[..., hi:, :]], dim=-2)
+        # the padding mask in the cache's key order (with left padding every key from lo on is real, so
+        # this equals self.attn; kept general)
+        self.kv_mask = torch.cat([self.attn[:, :lo], self.attn[:, hi:], self.attn[:, lo:hi]], dim=1)
+        self.cache, self.since_refresh = cache, 1
+        return logits
 
 
 def decode_responses(tokenizer, responses: torch.Tensor, eos_id: int | None = None) -> list[str]:

@@ -399,7 +399,7 @@ class DOPSDTrainer(OnPolicyTrainer):
         prompts = [list(it["prompt_ids"]) for it in batch]
         key = "teacher_prompt_ids" if m.teacher_context == "reference_prefix" else "prompt_ids"
         teacher_prompts = [list(it[key]) for it in batch]
-        b, s, g = len(prompts), gen.steps, gen.gen_length
+        b, s, g = len(prompts), gen.trajectory_steps, gen.gen_length  # threshold decoding: one slot per position
         device = self.unwrapped.device
         states = torch.full((s, b, g), self.unwrapped.mask_id, dtype=torch.long, device=device)
         committed = torch.zeros((s, b, g), dtype=torch.bool, device=device)
@@ -425,7 +425,7 @@ class DOPSDTrainer(OnPolicyTrainer):
                     states[:, i], committed[:, i] = traj.states[:, p], traj.committed[:, p]
                     finals[i], scores[i], accepted[i] = responses[p], sc[p], ok[p]
             pending = [i for i in pending if not accepted[i]]
-        blocks = torch.arange(s, device=device) // gen.steps_per_block
+        blocks = torch.arange(s, device=device) // gen.trajectory_steps_per_block
         return Rollout(indices, prompts, teacher_prompts, Trajectory(states, committed, blocks), finals, scores,
                        accepted, attempts, *first)
 

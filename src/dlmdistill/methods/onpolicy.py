@@ -215,9 +215,10 @@ class OnPolicyTrainer(Trainer):
         device = model.device
         if not responses:
             empty = torch.empty((0, gen.gen_length), dtype=torch.long, device=device)
-            traj = Trajectory(torch.empty((gen.steps, 0, gen.gen_length), dtype=torch.long, device=device),
-                              torch.empty((gen.steps, 0, gen.gen_length), dtype=torch.bool, device=device),
-                              torch.zeros(gen.steps, dtype=torch.long, device=device)) if trajectory else None
+            s = gen.trajectory_steps
+            traj = Trajectory(torch.empty((s, 0, gen.gen_length), dtype=torch.long, device=device),
+                              torch.empty((s, 0, gen.gen_length), dtype=torch.bool, device=device),
+                              torch.arange(s, device=device) // gen.trajectory_steps_per_block) if trajectory else None
             return empty, traj
         traj = Trajectory(torch.cat(states, 1), torch.cat(committed, 1), blocks) if trajectory else None
         return torch.cat(responses), traj

@@ -140,19 +140,56 @@ class DiffusionModel(nn.Module):
             kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
         return self.hf_model.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
+    def cached_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of ``input_ids`` [B, L] attending to the keys already in ``cache`` (a
+        transformers ``Cache``) and to each other; their keys and values are appended to ``cache``.
+
+        ``attention_mask`` [B, C + L] covers the C cached keys, in the order the cache holds them,
+        then ``input_ids``; ``position_ids`` [B, L] are the true positions of ``input_ids`` (the
+        rotary embeddings of the cached keys were applied when they were computed). The backbone
+        must attend bidirectionally (``is_causal=False``): transformers then builds a padding-only
+        mask over all C + L keys."""
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+            else:
+                position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+        if attention_mask is None:
+            attention_mask = torch.ones((input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1]),
+                                        dtype=torch.long, device=input_ids.device)
+        body = self.hf_model.model
+        name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{name: cache})
+        return out.last_hidden_state
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, calibrate: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, calibrate: torch.Tensor | None = None, *,
+                cache=None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the masked-diffusion model.
 
         input_ids:      [B, L].
-        attention_mask: [B, L] (1 = real token, 0 = padding) or None.
+        attention_mask: [B, L] (1 = real token, 0 = padding) or None; with ``cache``, [B, C + L]
+                        over the cached keys (in the cache's order) and then ``input_ids``.
         positions:      None -> logits at every position, [B, L, V] (aligned so that ``logits[:, i]``
                         predicts token ``i`` even for shifted models);
                         [B, L] bool -> logits only where True, [N, V] in row-major order.
         calibrate:      [B] bool: apply the calibration RMSNorm to these sequences' hidden states.
+        cache:          a transformers ``Cache`` (e.g. ``DynamicCache``): ``input_ids`` attend to its
+                        keys as well as to each other, and their keys and values are appended to it
+                        (the sampler's key/value caching; see ``cached_hidden_states``).
+        position_ids:   [B, L] true positions of ``input_ids`` (needed with ``cache``; default:
+                        counted over the real tokens of ``attention_mask``).
         """
-        if self.splittable:
+        if cache is not None:
+            if not self.splittable:
+                raise ValueError(f"key/value caching needs a backbone split into body and head; "
+                                 f"{self.config.model_type!r} is not (supported: {', '.join(sorted(SPLITTABLE_MODEL_TYPES))})")
+            h = self.cached_hidden_states(input_ids, attention_mask, cache, position_ids)
+        elif self.splittable:
             h = self.hidden_states(input_ids, attention_mask)
+        if self.splittable:
             if positions is None:
                 if self.shift_logits:
                     h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
