@@ -113,6 +113,10 @@ class GenerateRunConfig:
     seed: int = field(0, help="sampling seed")
     output: str | None = field(None, help="write {prompt, completion} JSONL here (default: print)")
     trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
+    show: bool = field(False, help="watch each response fill in step by step (masked positions as '░'); on a "
+                       "terminal in place, otherwise every show_every-th state as plain lines")
+    show_delay: float = field(0.05, help="seconds between steps with --show on a terminal")
+    show_every: int = field(0, help="with --show and no terminal: print every Nth state (0 = about 8 states)")
     device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
 
     def validate(self) -> None:
@@ -120,6 +124,8 @@ class GenerateRunConfig:
             raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
         if self.prompt_format not in ("plain", "chat"):
             raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
+        if self.show_delay < 0 or self.show_every < 0:
+            raise ValueError(f"show_delay and show_every must be >= 0, got {self.show_delay} and {self.show_every}")
 
 
 def _device(name: str | None):
@@ -184,6 +190,10 @@ def cmd_generate(argv: list[str]) -> int:
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     out = open(cfg.output, "w") if cfg.output else None
     bs = cfg.generation.batch_size
+    show = cfg.show and not isinstance(model, CausalLM)
+    if cfg.show and not show:
+        print("--show: an autoregressive model has no denoising steps to show; printing the completions",
+              file=sys.stderr)
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
         ids = all_ids[start:start + bs]
@@ -191,18 +201,25 @@ def cmd_generate(argv: list[str]) -> int:
             responses = model.generate_responses(ids, cfg.generation)
         else:
             res = generate(model, ids, cfg.generation, generator=gen,
-                           return_trajectory=bool(cfg.trajectory) and start == 0)
+                           return_trajectory=show or (bool(cfg.trajectory) and start == 0))
             responses = res.responses
-        if not isinstance(model, CausalLM) and res.trajectory is not None:
+        if not isinstance(model, CausalLM) and cfg.trajectory and start == 0:
             from safetensors.torch import save_file
 
             t = res.trajectory
             save_file({"states": t.states.cpu().contiguous(), "committed": t.committed.cpu().contiguous(),
                        "block": t.block.cpu(), "sequences": res.sequences.cpu()}, cfg.trajectory)
-        for p, c in zip(chunk, decode_responses(tok, responses)):
+        texts = decode_responses(tok, responses)
+        if show:  # replays the sampler's recorded states, then prints the completion in their place
+            from .show import show_batch
+
+            show_batch(res.trajectory.states, texts, chunk, model.mask_id,
+                       lambda t: tok.decode(t, skip_special_tokens=True), eos_id=tok.eos_token_id,
+                       delay=cfg.show_delay, every=cfg.show_every)
+        for p, c in zip(chunk, texts):
             if out:
                 out.write(json.dumps({"prompt": p, "completion": c}) + "\n")
-            else:
+            elif not show:
                 print(f"### prompt\n{p}\n### completion\n{c}\n")
     if out:
         out.close()
