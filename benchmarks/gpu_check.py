@@ -14,8 +14,9 @@ Items, each timed and isolated (a failure is reported in its row, the others sti
                   The on-policy recipes roll out at generation length 256, 128 steps, blocks of 32 (the
                   paper's setting) and train on every trajectory (``correct_only: false``, ``pass_k: 1``) so
                   that a model that solves nothing still trains: a throughput check, not a learning check.
-- ``sample``      the sampler at generation length 256, blocks of 32, 256 and 64 steps, batch 32, bf16
-                  weights. KV caching is not implemented yet (the fast-decoding issue): its rows say so.
+- ``sample``      the sampler at generation length 256, blocks of 32, batch 32, bf16 weights: 256 and 64
+                  steps uncached, then prefix and dual key/value caching and threshold (0.9) decoding at
+                  256 steps, each with its throughput ratio to the uncached 256-step row.
 - ``fsdp``        SFT under ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` with one process.
 
 Reported per item: time per step after ``--warmup`` steps, throughput, model FLOPs utilisation (model
@@ -235,27 +236,34 @@ def sample_item(model_dir: str, args, device: str) -> list[dict]:
     questions = task.load(args.data, split="train", limit=s["sample_batch"])
     ids = [tok(e.prompt, add_special_tokens=False).input_ids for e in questions]
     rows = []
-    for steps in s["sample_steps"]:
+    settings = [(steps, "none", None) for steps in s["sample_steps"]]
+    settings += [(s["sample_steps"][0], cache, None) for cache in ("prefix", "dual")]
+    settings += [(s["sample_steps"][0], cache, 0.9) for cache in ("none", "dual")]
+    base_tps = None
+    for steps, cache, threshold in settings:
         cfg = GenerationConfig(gen_length=s["sample_gen"], steps=steps, block_length=s["sample_block"],
-                               batch_size=len(ids))
+                               batch_size=len(ids), cache=cache, threshold=threshold)
         gen = torch.Generator(device=device).manual_seed(0)
-        row: dict = {"item": f"sample (cache none, {steps} steps)"}
+        name = f"sample (cache {cache}{f', threshold {threshold}' if threshold else ''}, {steps} steps)"
+        row: dict = {"item": name}
         meter = FlopMeter(int(model.vocab_size))
-        generate(model, ids, GenerationConfig(gen_length=s["sample_block"], steps=2, block_length=s["sample_block"],
-                                              batch_size=len(ids)), generator=gen)  # warm-up
+        warm = GenerationConfig(gen_length=s["sample_block"], steps=2, block_length=s["sample_block"],
+                                batch_size=len(ids), cache=cache)
+        generate(model, ids, warm, generator=gen)
         with peak_memory(device, row), meter:
             device_sync(device)
             t = time.perf_counter()
-            generate(model, ids, cfg, generator=gen)
+            out = generate(model, ids, cfg, generator=gen)
             device_sync(device)
             dt = time.perf_counter() - t
-        row.update(wall_s=round(dt, 2), tokens_per_s=round(len(ids) * cfg.gen_length / dt, 1),
-                   forwards_per_sample=steps, tflop_per_step=float(f"{meter.flops / steps / 1e12:.3g}"),
+        tps = len(ids) * cfg.gen_length / dt
+        base_tps = base_tps or tps
+        forwards = int(out.forwards.max()) if out.forwards is not None else steps
+        row.update(wall_s=round(dt, 2), tokens_per_s=round(tps, 1), ratio_to_uncached=round(tps / base_tps, 2),
+                   forwards_per_sample=forwards, tflop_per_step=float(f"{meter.flops / max(forwards, 1) / 1e12:.3g}"),
                    mfu_pct=round(100 * meter.flops / dt / (args.peak_tflops * 1e12), 1) if device == "cuda" else None,
                    batch=len(ids), gen_length=cfg.gen_length)
         rows.append(row)
-    for cache in ("prefix", "dual"):
-        rows.append({"item": f"sample (cache {cache})", "status": "not implemented (fast-decoding issue)"})
     return rows
 
 

@@ -47,8 +47,11 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
     rows = {r["item"]: r for r in report["rows"]}
-    for item in ("model", "sft", "selffusion", "dopsd", "diffu_grpo", "sample (cache none, 16 steps)"):
+    for item in ("model", "sft", "selffusion", "dopsd", "diffu_grpo", "sample (cache none, 16 steps)",
+                 "sample (cache prefix, 16 steps)", "sample (cache dual, 16 steps)",
+                 "sample (cache dual, threshold 0.9, 16 steps)"):
         assert rows[item]["status"] == "ok", rows[item]
+    assert rows["sample (cache none, 16 steps)"]["forwards_per_sample"] == 16
     for item in ("sft", "selffusion", "dopsd", "diffu_grpo"):
         assert rows[item]["steps"] == 2 and rows[item]["tflop_per_step"] > 0
     # SelfFusion runs two masked copies of every sequence: about twice SFT's FLOPs per step
