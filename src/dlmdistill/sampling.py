@@ -144,11 +144,6 @@ class Trajectory:
     def num_steps(self) -> int:
         return self.states.shape[0]
 
-    def select(self, index: torch.Tensor | Sequence[int]) -> "Trajectory":
-        """The trajectories of a subset of the batch."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.states.device)
-        return Trajectory(self.states[:, index], self.committed[:, index], self.block)
-
 
 @dataclass
 class GenerationOutput:
