@@ -18,6 +18,7 @@ with cached rollouts against uncached ones.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -54,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--model", default=None, help="a trained checkpoint (run folder or path) for accuracy")
     ap.add_argument("--tasks", nargs="+", default=["sudoku", "countdown"])
+    ap.add_argument("--task_kwargs", type=json.loads, default={}, help="task options as JSON, the ones the model "
+                    "was trained with, e.g. '{\"reasoning\": false}'")
     ap.add_argument("--limit", type=int, default=200, help="held-out examples per task")
     ap.add_argument("--task_gen_length", type=int, default=None, help="gen_length for the accuracy runs "
                     "(default --gen_length)")
@@ -133,7 +136,7 @@ def bench_accuracy(a) -> None:
     print("| task | setting | accuracy (%) | tokens/s | forwards per sample | speed-up vs uncached |")
     print("|---|---|---:|---:|---:|---:|")
     for task_name in a.tasks:
-        task = get_task(task_name)
+        task = get_task(task_name, **a.task_kwargs)
         examples = task.load(None, split="test", limit=a.limit)
         base_cfg = GenerationConfig(gen_length=gl, steps=min(a.steps, gl), block_length=min(a.block_length, gl),
                                     batch_size=a.batch if not a.quick else 32)
