@@ -106,8 +106,13 @@ def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True) 
         if is_preset(cfg.model) and tokenizer is None:
             tokenizer = build_tokenizer(cfg.model, example_texts(train_examples, eval_examples), out)
         model, tokenizer = build_model(cfg.model, tokenizer)
+    stats: dict[str, Any] = {}
     items = tokenize_examples(train_examples, tokenizer, max_length=cfg.data.max_length,
-                              prompt_format=cfg.data.prompt_format, require_target=need_targets)
+                              prompt_format=cfg.data.prompt_format, require_target=need_targets,
+                              max_prompt_length=cfg.data.max_prompt_length, long_examples=cfg.data.long_examples,
+                              stats=stats)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
     collator = DiffusionCollator(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                                  response_length=cfg.data.response_length,
                                  pad_response_with_eos=cfg.data.pad_response_with_eos)
