@@ -153,7 +153,6 @@ def records_to_examples(records: list[tuple[Record, str]], fmt: str = "auto", tu
         return []
     if fmt == "auto":
         fmt = detect_format(*records[0])
-        log.info("%s: detected the %r data format from the first record (%s)", name or records[0][1], fmt,
-                 records[0][1])
+        log.info("%s: detected the %r data format from the first record", name or records[0][1], fmt)
     convert = CONVERTERS[fmt]
     return [ex for record, where in records for ex in convert(record, where, turns)]
