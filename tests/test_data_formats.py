@@ -102,10 +102,10 @@ def test_data_config_validates_the_limits():
 def test_prepare_trains_on_chat_data_and_writes_the_drop_count(tmp_path):
     """End to end through the training entry point: a messages file with a preset model (char tokenizer,
     no chat template) is read, rendered with the default template, and the long record is dropped
-    and counted in data_stats.json."""
+    and counted in data_stats.json, written with the run's metadata."""
     from dlmdistill.config import load_config
     from dlmdistill.methods import get_method
-    from dlmdistill.methods.common import prepare
+    from dlmdistill.methods.common import prepare, write_run_metadata
 
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hi " * n},
@@ -116,6 +116,8 @@ def test_prepare_trains_on_chat_data_and_writes_the_drop_count(tmp_path):
                                   "--model.name_or_path", "preset:tiny", "--training.output_dir", str(tmp_path / "run"),
                                   "--eval.enabled", "false"])
     prep = prepare(cfg)
+    assert not (tmp_path / "run" / "data_stats.json").exists()  # nothing is written before the run starts
+    write_run_metadata(cfg, prep.tokenizer, "sft")
     tok = prep.tokenizer
     assert [it["index"] for it in prep.train_items] == [0, 1]
     chatml = "<|im_start|>user\nhi <|im_end|>\n<|im_start|>assistant\n"
