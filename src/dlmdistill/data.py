@@ -14,6 +14,7 @@ process may mask (response + EOS padding); ``prompt_mask`` marks real prompt tok
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -23,12 +24,18 @@ from .config import field
 from .tasks.base import Example
 from .tasks.io import DataError
 
-__all__ = ["DataConfig", "DataError", "DiffusionCollator", "load_examples", "tokenize_examples", "format_prompt"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DataConfig", "DataError", "DiffusionCollator", "load_examples", "tokenize_examples", "format_prompt",
+           "render_messages", "LONG_EXAMPLES"]
+
+
+LONG_EXAMPLES = ("drop", "truncate", "error")
 
 
 @dataclass
 class DataConfig:
-    task: str = field("countdown", help="task name: instruct, countdown, sudoku, gsm8k, math500")
+    task: str = field("countdown", help="task name: instruct (alias chat), countdown, sudoku, gsm8k, math500, text")
     task_kwargs: dict = field(default_factory=dict, help="task options, e.g. {prompt_style: compact}")
     train_source: str | None = field(None, help="training data: local JSONL/CSV/folder or a Hugging Face dataset "
                                      "id; null = the task's default (generated for countdown/sudoku)")
@@ -37,12 +44,18 @@ class DataConfig:
     eval_source: str | None = field(None, help="evaluation data (same forms as train_source)")
     eval_split: str = field("test", help="split of eval_source")
     eval_limit: int | None = field(None, help="evaluate on at most this many examples")
-    max_length: int = field(256, help="maximum prompt + response tokens; longer responses are truncated, "
-                            "a longer prompt is an error")
+    max_length: int = field(256, help="maximum prompt + response tokens; longer responses are truncated "
+                            "(prompts that leave no room: see long_examples)")
+    max_prompt_length: int | None = field(None, help="maximum prompt tokens (null = max_length - 1); longer "
+                                          "prompts are handled as long_examples says")
+    long_examples: Literal["drop", "truncate", "error"] = field(
+        "drop", help="a training example whose prompt exceeds max_prompt_length: 'drop' it (counted, logged and "
+        "written to data_stats.json in the run folder), 'truncate' the prompt from the left, or 'error'")
     response_length: int | None = field(None, help="pad every response with trained EOS to this length "
                                         "(null = to the longest response in the batch)")
     pad_response_with_eos: bool = field(True, help="pad responses with trained EOS tokens (LLaDA/SMDM)")
-    prompt_format: Literal["plain", "chat"] = field("plain", help="'chat' wraps prompts in the tokenizer's chat template")
+    prompt_format: Literal["plain", "chat"] = field("plain", help="'chat' wraps text prompts in the tokenizer's chat "
+                                                    "template (conversational data always uses it)")
     seed: int = field(0, help="seed for generated data and subsampling")
 
     def validate(self) -> None:
@@ -59,6 +72,11 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1 (or null), got {value}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length must be >= 1 and below max_length={self.max_length} (room for a "
+                             f"response token), got {self.max_prompt_length}")
+        if self.long_examples not in LONG_EXAMPLES:
+            raise ValueError(f"long_examples must be one of {', '.join(LONG_EXAMPLES)}, got {self.long_examples!r}")
 
 
 def load_examples(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Example]:
@@ -78,27 +96,51 @@ def load_examples(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Exam
     return examples
 
 
-def format_prompt(tokenizer, prompt: str, fmt: str = "plain") -> str:
-    """The prompt text as the model sees it (``chat`` applies the tokenizer's chat template)."""
+def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
+    """``messages`` through the tokenizer's chat template with the generation prompt (the assistant turn
+    opened); a tokenizer without one gets :data:`~dlmdistill.tasks.chat.DEFAULT_CHAT_TEMPLATE`."""
+    from .tasks.chat import render_default
+
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_default(messages)
+
+
+def format_prompt(tokenizer, prompt: str | Example, fmt: str = "plain") -> str:
+    """The prompt text as the model sees it. An :class:`Example` with chat ``messages`` (conversational
+    data) always goes through the chat template; a text prompt does with ``fmt="chat"`` (as one user
+    message). Where the tokenizer has no chat template the default template of
+    :mod:`dlmdistill.tasks.chat` is used."""
+    if isinstance(prompt, Example):
+        if prompt.messages is not None:
+            return render_messages(tokenizer, prompt.messages)
+        prompt = prompt.prompt
     if fmt == "chat":
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError("prompt_format is 'chat' but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_messages(tokenizer, [{"role": "user", "content": prompt}])
     return prompt
 
 
-def encode_prompt(tokenizer, prompt: str, fmt: str = "plain") -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Example, fmt: str = "plain") -> list[int]:
     """Token ids of the formatted prompt (no special tokens added)."""
     return tokenizer(format_prompt(tokenizer, prompt, fmt), add_special_tokens=False).input_ids
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, prompt_format: str = "plain",
-                      require_target: bool = True) -> list[dict[str, Any]]:
-    """Token ids for each example: ``{"prompt_ids", "response_ids", "index"}``; responses end with EOS."""
+                      require_target: bool = True, max_prompt_length: int | None = None,
+                      long_examples: str = "error", stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Token ids for each example: ``{"prompt_ids", "response_ids", "index"}``; responses end with EOS and
+    are cut to fit ``max_length`` tokens in all.
+
+    A prompt longer than ``max_prompt_length`` tokens (default and upper bound ``max_length - 1``, so at
+    least one response token fits) is handled as ``long_examples`` says: ``"drop"`` skips the example,
+    ``"truncate"`` keeps the prompt's last ``max_prompt_length`` tokens, ``"error"`` raises a DataError
+    naming the example. ``stats``, if given, receives the counts (examples, kept, dropped, truncated)."""
+    if long_examples not in LONG_EXAMPLES:
+        raise DataError(f"long_examples must be one of {', '.join(LONG_EXAMPLES)}, got {long_examples!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; responses must end with one")
+    prompt_limit = max_length - 1 if max_prompt_length is None else min(max_prompt_length, max_length - 1)
     keep = []
     for i, ex in enumerate(examples):
         if ex.target is None:
@@ -106,17 +148,35 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
                 raise DataError(f"{ex.source or f'example {i}'}: the example has no target response to train on")
             continue
         keep.append(i)
-    if not keep:
-        return []
-    prompts = tokenizer([format_prompt(tokenizer, examples[i].prompt, prompt_format) for i in keep],
-                        add_special_tokens=False).input_ids
-    targets = tokenizer([examples[i].target for i in keep], add_special_tokens=False).input_ids
+    counts = {"examples": len(examples), "without_target": len(examples) - len(keep), "too_long": 0,
+              "dropped": 0, "truncated": 0, "kept": 0, "max_length": max_length, "max_prompt_length": prompt_limit,
+              "long_examples": long_examples}
     out = []
-    for i, p, r in zip(keep, prompts, targets):
-        if len(p) >= max_length:
-            raise DataError(f"{examples[i].source or f'example {i}'}: prompt has {len(p)} tokens, more than "
-                            f"max_length={max_length} allows; raise data.max_length or shorten the prompt")
-        out.append({"prompt_ids": p, "response_ids": (r + [eos])[: max_length - len(p)], "index": i})
+    if keep:
+        prompts = tokenizer([format_prompt(tokenizer, examples[i], prompt_format) for i in keep],
+                            add_special_tokens=False).input_ids
+        targets = tokenizer([examples[i].target for i in keep], add_special_tokens=False).input_ids
+        for i, p, r in zip(keep, prompts, targets):
+            if len(p) > prompt_limit:
+                counts["too_long"] += 1
+                if long_examples == "error":
+                    raise DataError(f"{examples[i].source or f'example {i}'}: prompt has {len(p)} tokens, more than "
+                                    f"the {prompt_limit} that max_length={max_length}"
+                                    f"{'' if max_prompt_length is None else f' and max_prompt_length={max_prompt_length}'}"
+                                    f" allow; raise the limits, or set data.long_examples to drop or truncate")
+                if long_examples == "drop":
+                    counts["dropped"] += 1
+                    continue
+                counts["truncated"] += 1
+                p = p[len(p) - prompt_limit:]
+            out.append({"prompt_ids": p, "response_ids": (r + [eos])[: max_length - len(p)], "index": i})
+    counts["kept"] = len(out)
+    if counts["too_long"]:
+        log.warning("%d of %d examples have a prompt longer than %d tokens: %s (data.long_examples=%s)",
+                    counts["too_long"], len(keep), prompt_limit,
+                    "dropped" if long_examples == "drop" else "left-truncated", long_examples)
+    if stats is not None:
+        stats.update(counts)
     return out
 
 

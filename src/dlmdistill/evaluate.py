@@ -124,7 +124,7 @@ def encode_prompts(tokenizer, examples: Sequence[Example], fmt: str, gen: Genera
                    ) -> list[list[int]]:
     ids = []
     for i, ex in enumerate(examples):
-        x = encode_prompt(tokenizer, ex.prompt, fmt)
+        x = encode_prompt(tokenizer, ex, fmt)  # an Example: chat messages go through the chat template
         check_prompt_fits(len(x), gen.gen_length, limit, ex.source or f"example {i}")
         ids.append(x)
     return ids

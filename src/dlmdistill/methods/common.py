@@ -50,6 +50,11 @@ def run_config_class(name: str, method_cls: type, doc: str = "") -> type:
     return cls
 
 
+#: Tokenization counts (long examples dropped/truncated) per run folder, from ``prepare`` to
+#: ``write_run_metadata``, which writes them to ``data_stats.json``.
+_DATA_STATS: dict[str, dict[str, Any]] = {}
+
+
 @dataclass
 class Prepared:
     model: Any
@@ -106,8 +111,12 @@ def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True) 
         if is_preset(cfg.model) and tokenizer is None:
             tokenizer = build_tokenizer(cfg.model, example_texts(train_examples, eval_examples), out)
         model, tokenizer = build_model(cfg.model, tokenizer)
+    stats: dict[str, Any] = {}
     items = tokenize_examples(train_examples, tokenizer, max_length=cfg.data.max_length,
-                              prompt_format=cfg.data.prompt_format, require_target=need_targets)
+                              prompt_format=cfg.data.prompt_format, require_target=need_targets,
+                              max_prompt_length=cfg.data.max_prompt_length, long_examples=cfg.data.long_examples,
+                              stats=stats)
+    _DATA_STATS[str(out.resolve())] = stats  # written by write_run_metadata, once the run is under way
     collator = DiffusionCollator(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                                  response_length=cfg.data.response_length,
                                  pad_response_with_eos=cfg.data.pad_response_with_eos)
@@ -127,6 +136,9 @@ def write_run_metadata(cfg: Any, tokenizer, method: str, accelerator=None) -> No
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     (out / "run.json").write_text(json.dumps({"method": method}))
+    stats = _DATA_STATS.pop(str(out.resolve()), None)
+    if stats is not None:
+        (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
     if not (out / TOKENIZER_DIR / "tokenizer_config.json").exists():
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
 

@@ -42,7 +42,7 @@ def prompt_items(examples: Sequence[Example], tokenizer, *, prompt_format: str =
     items = []
     for i, ex in enumerate(examples):
         where = ex.source or f"example {i}"
-        item: dict[str, Any] = {"index": i, "prompt_ids": encode_prompt(tokenizer, ex.prompt, prompt_format)}
+        item: dict[str, Any] = {"index": i, "prompt_ids": encode_prompt(tokenizer, ex, prompt_format)}
         if teacher_template is not None:
             if ex.target is None:
                 raise ValueError(f"{where}: the reference-prefix teacher needs a reference solution (target)")

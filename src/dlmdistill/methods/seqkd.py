@@ -151,7 +151,8 @@ def run(cfg: Any) -> dict[str, float]:
     responses = read_responses(out / DATA_FILE, prompts)
     examples = [dataclasses.replace(ex, target=r) for ex, r in zip(prep.train_examples, responses)]
     items = tokenize_examples(examples, prep.tokenizer, max_length=cfg.data.max_length,
-                              prompt_format=cfg.data.prompt_format)
+                              prompt_format=cfg.data.prompt_format, max_prompt_length=cfg.data.max_prompt_length,
+                              long_examples=cfg.data.long_examples)
     trainer = SeqKDTrainer(prep.model, prep.tokenizer, items, cfg.training, collate_fn=prep.collator,
                            evaluator=prep.evaluator, run_config=cfg, method=m.sft)
     write_run_metadata(cfg, prep.tokenizer, SeqKDTrainer.method_name, trainer.accelerator)

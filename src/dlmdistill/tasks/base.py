@@ -35,6 +35,10 @@ class Example:
     references: reference answers used by the metric (ROUGE-L refs, the gold answer, ...).
     meta:       task-specific data the verifier needs (numbers and target, puzzle and solution).
     source:     where the item came from, e.g. "path/to/file.jsonl:17", for error messages.
+    messages:   for conversational data, the conversation before the response as chat messages
+                (``[{"role": ..., "content": ...}, ...]``); the model sees them through the
+                tokenizer's chat template (see ``dlmdistill.data.format_prompt``), and ``prompt``
+                holds them rendered with the default template, for logs and generation files.
     """
 
     prompt: str
@@ -42,6 +46,7 @@ class Example:
     references: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    messages: list[dict[str, str]] | None = None
 
 
 class Task:

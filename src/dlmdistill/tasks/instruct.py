@@ -1,4 +1,4 @@
-"""Instruction following on Dolly-format data, scored with ROUGE-L as MiniLLM computes it.
+"""Instruction following on Dolly-format (or chat, prompt/completion) data, scored with ROUGE-L as MiniLLM computes it.
 
 Records have an ``instruction``, an optional ``input`` (Hugging Face Dolly calls it ``context``)
 and an ``output`` (``response`` in HF Dolly) that is one reference string or a list of them
@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 from .base import Example, Task
-from .io import DataError, first_field, read_records, require
+from .io import DataError, read_records
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -74,28 +74,38 @@ def references_of(output: Any, source: str) -> list[str]:
 
 
 class InstructTask(Task):
-    """Dolly-format instruction following with MiniLLM's ROUGE-L (scores in [0, 100])."""
+    """Instruction following with MiniLLM's ROUGE-L (scores in [0, 100]).
+
+    The records may be in any format of :mod:`dlmdistill.tasks.chat` (Alpaca/Dolly, chat ``messages``,
+    ``prompt``/``completion``, plain ``text``): ``format="auto"`` detects it from the first record and
+    logs it. ``turns`` picks the assistant turns of multi-turn conversations that become examples."""
 
     name = "instruct"
     metric = "rouge_l"
 
+    def __init__(self, format: str = "auto", turns: str = "last") -> None:
+        from .chat import FORMATS, TURNS
+
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
+        if turns not in TURNS:
+            raise ValueError(f"unknown turns {turns!r}; valid values: {', '.join(TURNS)}")
+        self.format, self.turns = format, turns
+
     def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
              seed: int = 0) -> list[Example]:
-        """Read a Dolly-format file, folder (``{split}.jsonl``, ``valid.jsonl`` for test) or HF id."""
+        """Read a file, folder (``{split}.jsonl``, ``valid.jsonl`` for test) or HF id in any supported format."""
+        from .chat import records_to_examples
+
         if source is None:
-            raise DataError("the instruct task needs a source: a Dolly-format .jsonl/.json/.csv file, "
-                            "a folder such as MiniLLM's data/dolly, or a Hugging Face dataset id")
-        examples = []
-        for record, where in read_records(source, split)[:limit]:
-            instruction = require(record, "instruction", where)
-            input_text = record.get("input", record.get("context")) or ""
-            refs = references_of(first_field(record, ("output", "response"), where), where)
-            examples.append(Example(prompt=build_prompt(instruction, input_text), target=refs[0],
-                                    references=refs, source=where,
-                                    meta={"instruction": instruction, "input": input_text}))
-        return examples
+            raise DataError("the instruct task needs a source: a .jsonl/.json/.csv file (Alpaca/Dolly, chat "
+                            "'messages', 'prompt'/'completion' or 'text' records), a folder such as MiniLLM's "
+                            "data/dolly, or a Hugging Face dataset id")
+        return records_to_examples(read_records(source, split)[:limit], self.format, self.turns, name=str(source))
 
     def score(self, example: Example, completion: str) -> float:
+        if not example.references:
+            raise DataError(f"{example.source}: a plain-text record has no reference response to score against")
         return rouge_l(completion, example.references)
 
     def details(self, example: Example, completion: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ TASKS: dict[str, type[Task]] = {
     "math500": Math500Task,
     "text": TextTask,
 }
-ALIASES: dict[str, str] = {"dolly": "instruct", "rouge": "instruct"}
+ALIASES: dict[str, str] = {"dolly": "instruct", "rouge": "instruct", "chat": "instruct", "auto": "instruct"}
 
 
 def task_names() -> list[str]:

@@ -14,7 +14,7 @@ import random
 
 from ..errors import UserError
 from .base import Example, Task
-from .io import first_field, read_records
+from .io import DataError, first_field, read_records
 
 
 class TextTask(Task):
@@ -34,6 +34,11 @@ class TextTask(Task):
                             f"data.eval_source) to a JSONL/JSON/CSV file, a folder or a dataset id")
         examples = []
         for record, where in read_records(source, split):
+            for f in self.fields:
+                if isinstance(record.get(f), (list, dict)):
+                    raise DataError(f"{where}: field {f!r} holds a {type(record[f]).__name__}, not text; for chat "
+                                    f"'messages' or prompt/completion records use the instruct (alias chat) task, "
+                                    f"which applies the chat template")
             parts = [str(record[f]) for f in self.fields if record.get(f)]
             if not parts:  # raises a DataError naming the fields
                 first_field(record, self.fields, where)
