@@ -367,6 +367,11 @@ class Trainer:
     def compute_loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Shown in the progress bar after every ``training_step`` (on-policy methods: rollout counts, so
+        a run whose batches are skipped without an optimizer step is not silent)."""
+        return {}
+
     @property
     def unwrapped(self) -> DiffusionModel:
         return self.accelerator.unwrap_model(self.model)
@@ -484,6 +489,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc=f"train {self.method_name}",
                    unit="step", disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
         window: dict[str, list[float]] = {}
+        shown: dict[str, str] = {}  # the progress bar's postfix
         t0 = time.time()
         final_metrics: dict[str, float] = {}
         self.model.train()
@@ -497,6 +503,10 @@ class Trainer:
                 self.state.batches_in_epoch += 1
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(float(v))
+                extra = self.progress_postfix(metrics)
+                if extra:
+                    shown.update(extra)
+                    bar.set_postfix(shown)
                 if not stepped:
                     continue
                 self.state.global_step += 1
@@ -507,7 +517,8 @@ class Trainer:
                     logs.update(lr=self.scheduler.get_last_lr()[0], epoch=self.state.epoch,
                                 elapsed_s=round(time.time() - t0, 2))
                     self.log(logs)
-                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
+                    shown.update({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
+                    bar.set_postfix(shown)
                     window = {}
                 if self.evaluator is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
                     self.evaluate()
@@ -536,6 +547,12 @@ class Trainer:
         self.model.train(was_training)
         if metrics:
             self.log({f"eval/{k}": v for k, v in metrics.items()})
+            if self.accelerator.is_main_process:
+                from tqdm.auto import tqdm
+
+                # printed (above the progress bar), not only written to logs.jsonl
+                tqdm.write(f"eval at step {self.state.global_step}/{self.total_steps}: " + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return metrics
 
     # ------------------------------------------------------------------ logging
