@@ -156,6 +156,17 @@ def test_top_level_help_is_fast_and_lists_every_command():
     assert "``" not in proc.stdout and "llada|dream|smdm|ar" in proc.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "report", "score", "convert", "demo"])
+def test_command_help_without_torch_is_fast(command):
+    # (train METHOD --help, generate --help and evaluate --help still import torch: their options come
+    # from config dataclasses that live beside torch code)
+    proc, seconds = _python(["-m", "dlmdistill.cli", command, "--help"])
+    print(f"dlmdistill {command} --help: {seconds:.2f} s")
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 3.0, f"dlmdistill {command} --help took {seconds:.2f} s"
+    assert "usage" in proc.stdout.lower()
+
+
 def test_importing_the_cli_does_not_import_torch():
     code = ("import sys, dlmdistill, dlmdistill.cli, dlmdistill.config; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

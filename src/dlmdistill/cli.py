@@ -37,12 +37,16 @@ leaf name (--learning_rate 1e-4); --config FILE.yaml loads a file first. An inpu
 "dlmdistill: error: ..." with exit status 2; --debug shows its traceback."""
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, *, hf: bool = True) -> None:
+    """Log lines with the time; quiet third-party loggers. ``hf``: also silence transformers' progress
+    bars (imports transformers, which takes seconds: skipped for ``--help``)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec", "accelerate",
                   "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not hf:
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -373,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"dlmdistill: error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    _setup_logging()
+    _setup_logging(hf=not ({"-h", "--help"} & set(argv[1:])))
     try:
         return COMMANDS[cmd](argv[1:])
     except KeyboardInterrupt:
