@@ -277,6 +277,23 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one mixed precision per process: a second run in the same process (the Python
+    API, a notebook, tests) with another ``mixed_precision`` fails inside Accelerate ("restart your
+    runtime"). In a single process its shared ``AcceleratorState`` is cleared so the new run can set
+    its own (a private Accelerate call; the process state and any process group are kept); under a
+    distributed launch that is unsafe, so it is a clear error instead."""
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is None or previous == mixed_precision:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"this process already trained with mixed_precision={previous}; Accelerate cannot change it "
+                        f"within a distributed launch: start a new launch for mixed_precision={mixed_precision}")
+    AcceleratorState._reset_state()
+
+
 def make_optimizer(config: TrainingConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer ``config.optim`` names, over parameter ``groups`` (each with its weight decay)."""
     lr = config.learning_rate
@@ -314,6 +331,8 @@ class Trainer:
         self.evaluator = evaluator
         self.run_config = run_config
         self.output_dir = Path(config.output_dir)
+        if accelerator is None:
+            _allow_precision(config.mixed_precision)
         self.accelerator = accelerator or Accelerator(
             cpu=use_cpu(config),
             mixed_precision=config.mixed_precision,
