@@ -266,7 +266,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------ others
 def cmd_demo(argv: list[str]) -> int:
-    """demo: the whole pipeline, small, on a CPU (SFT, SelfFusion, d-OPSD on Sudoku)"""
+    """demo: a tiny DLM on Sudoku, post-trained with SFT, SelfFusion and d-OPSD and compared, on a CPU"""
     from .demo import main as demo_main
 
     return demo_main(argv)
@@ -351,10 +351,12 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evalua
 def usage() -> str:
     """The top-level help: one line per command in ``COMMANDS`` (the first line of its docstring)."""
     rows = []
-    for name, fn in COMMANDS.items():
-        first = ((fn.__doc__ or "").strip().splitlines() or [name])[0]
-        synopsis, _, what = first.partition(": ")
-        rows.append((synopsis if synopsis.split(" ", 1)[0] == name else name, what))
+    for name, fn in COMMANDS.items():  # docstrings read "NAME ARGS: what it does"
+        first = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        synopsis, sep, what = first.partition(": ")
+        if not sep or synopsis.split(" ", 1)[0] != name:
+            synopsis, what = name, first
+        rows.append((synopsis, what))
     width = max(len(s) for s, _ in rows)
     lines = [f"  {s:{width}s}   {w}".rstrip() for s, w in rows]
     return USAGE.format(commands="\n".join(lines))
