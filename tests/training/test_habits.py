@@ -24,6 +24,8 @@ def test_flags_and_report_to_are_checked():
     assert _config("--bf16").mixed_precision == "bf16"
     assert _config("--fp16", "true").mixed_precision == "fp16"
     assert _config("--report_to", "none").report_to == ["none"]
+    flag = _config("--resume_from_checkpoint")  # the flag alone: the latest checkpoint, as --resume
+    assert flag.resume is True and flag.resume_from_checkpoint is None
     for args, words in [(["--bf16", "--fp16"], "exclude"), (["--bf16", "--mixed_precision", "fp16"], "contradicts"),
                         (["--report_to", "none", "tensorboard"], "cannot be combined"),
                         (["--report_to", "tensorbored"], "unknown tracker"),

@@ -89,9 +89,9 @@ class TrainingConfig:
     save_total_limit: int = field(2, help="keep at most this many checkpoints (0 = all)")
     eval_steps: int = field(0, help="evaluate every N optimizer steps (0 = only at the end, if an evaluator is set)")
     resume: bool = field(False, help="continue from the latest complete checkpoint in output_dir")
-    resume_from_checkpoint: str | None = field(
+    resume_from_checkpoint: bool | str | None = field(
         None, help="continue from this checkpoint folder (output_dir/checkpoints/step-N, or one of another run's "
-        "with the same model and method); implies resume")
+        "with the same model and method); true (the flag alone) = the latest in output_dir, as resume")
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"],
                                  help="trackers besides logs.jsonl, which is always written: tensorboard, wandb, "
                                  "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (any Accelerate "
@@ -123,6 +123,9 @@ class TrainingConfig:
                                      "adam_epsilon": 0, "max_grad_norm": 0, "save_steps": 0, "save_total_limit": 0,
                                      "eval_steps": 0, "dataloader_num_workers": 0},
                      unit={"min_lr_ratio": True, "warmup_ratio": True, "adam_beta1": False, "adam_beta2": False})
+        if isinstance(self.resume_from_checkpoint, bool):  # transformers' spelling of resume
+            self.resume = self.resume or self.resume_from_checkpoint
+            self.resume_from_checkpoint = None
         if (self.resume or self.resume_from_checkpoint) and self.overwrite_output_dir:
             raise ValueError("resume (or resume_from_checkpoint) and overwrite_output_dir exclude each other: pick one")
         if self.bf16 and self.fp16:
