@@ -4,7 +4,9 @@ Accelerate provides the distributed engine (DDP, FSDP, DeepSpeed through ``accel
 ``torchrun``), mixed precision, gradient accumulation and checkpoint state; this module adds the
 loop a researcher expects around it, readable top to bottom:
 
-* AdamW (or ``optim``: fused AdamW, Adafactor, SGD) with the schedule of ``TrainingConfig`` (names follow ``transformers.TrainingArguments``);
+* AdamW (or ``optim``: fused AdamW, Adafactor, SGD) with the schedule of ``TrainingConfig`` (names
+  follow ``transformers.TrainingArguments``, including ``bf16``/``fp16``, ``report_to: none`` and
+  ``resume_from_checkpoint``);
 * gradient clipping, a non-finite-loss guard that names the step, JSONL + TensorBoard logs, a
   progress bar, periodic evaluation;
 * atomic checkpoints (written to a temporary folder, then renamed) of model, optimizer, scheduler,
@@ -148,7 +150,7 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
 
 def check_trackers(report_to: list[str]) -> list[str]:
     """``report_to`` checked: every name is ``jsonl`` (always on anyway), ``none`` (alone) or a tracker of
-    ``TRACKERS`` whose package is installed. Returns the list unchanged; raises ``ValueError`` naming the
+    ``TRACKERS`` whose package is installed. Returns the names in lower case; raises ``ValueError`` naming the
     problem (an unknown name, or the package to install)."""
     import importlib.util
 
