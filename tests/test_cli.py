@@ -125,3 +125,69 @@ def test_report_plots_evaluation_against_optimizer_steps(tmp_path):
     ]) + "\n")
     assert series(load_run(run), "eval/accuracy") == ([8], [30.0])
     assert series(load_run(run), "loss") == ([4, 8], [1.0, 0.5])
+
+
+def _python(code_or_args: list[str]):
+    """Run ``python ARGS`` with this checkout's package first on the path; (completed process, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import dlmdistill
+
+    env = dict(os.environ, PYTHONPATH=str(Path(dlmdistill.__file__).parents[1]))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *code_or_args], capture_output=True, text=True, env=env, timeout=120)
+    return proc, time.perf_counter() - start
+
+
+def test_top_level_help_is_fast_and_lists_every_command():
+    from dlmdistill.cli import COMMANDS
+
+    proc, seconds = _python(["-m", "dlmdistill.cli", "--help"])
+    print(f"dlmdistill --help: {seconds:.2f} s")
+    assert proc.returncode == 0, proc.stderr
+    # torch alone takes several seconds to import here; the help must not wait for it
+    assert seconds < 3.0, f"dlmdistill --help took {seconds:.2f} s"
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.strip()]
+    assert listed == list(COMMANDS)  # one line each, every command
+    assert "``" not in proc.stdout and "llada|dream|smdm|ar" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "report", "score", "convert", "demo"])
+def test_command_help_without_torch_is_fast(command):
+    # (train METHOD --help, generate --help and evaluate --help still import torch: their options come
+    # from config dataclasses that live beside torch code)
+    proc, seconds = _python(["-m", "dlmdistill.cli", command, "--help"])
+    print(f"dlmdistill {command} --help: {seconds:.2f} s")
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 3.0, f"dlmdistill {command} --help took {seconds:.2f} s"
+    assert "usage" in proc.stdout.lower()
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = ("import sys, dlmdistill, dlmdistill.cli, dlmdistill.config; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc, _ = _python(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_help_lists_choices_and_real_task_options(capsys):
+    assert main(["train", "sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--training.mixed_precision (one of 'no', 'bf16', 'fp16', default 'no')" in out
+    assert "text" in out.split("--data.task ", 1)[1].split("\n")[1]  # the task list names the text task
+    assert "prompt_style" not in out
+
+
+def test_task_kwargs_example_in_the_help_is_accepted(tmp_path):
+    from dlmdistill.config import load_config
+    from dlmdistill.data import DataConfig
+
+    cfg = load_config(DataConfig, None, ["--task", "countdown", "--task_kwargs", "{style: d1}"])
+    assert cfg.task_kwargs == {"style": "d1"}
+    cfg = load_config(DataConfig, None, ["--task", "text", "--task_kwargs", "{fields: [instruction, output]}"])
+    assert cfg.task_kwargs == {"fields": ["instruction", "output"]}

@@ -1,12 +1,4 @@
-"""The ``dlmdistill`` command line.
-
-    dlmdistill train METHOD [--config FILE.yaml] [--key value ...]   train / post-train a DLM
-    dlmdistill generate --model M --prompt "..." [--steps 32 ...]    sample with the diffusion sampler
-    dlmdistill evaluate --model M --task T --steps 8 16 32 --seeds 10 20 30
-    dlmdistill report RUN_DIR ... [--out report.md]                  tables and plots from runs
-    dlmdistill score --task T FILE [--out PATH]                      re-score saved generations (ours or d1's)
-    dlmdistill convert llada|dream|smdm SRC DST                      published checkpoints -> native
-    dlmdistill demo                                                  the whole thing, small, on CPU
+"""The ``dlmdistill`` command line (``dlmdistill --help`` lists the commands).
 
 Options after the sub-command are configuration keys: dotted (``--training.learning_rate 1e-4``)
 or a unique leaf name (``--learning_rate 1e-4``). ``dlmdistill train sft --help`` lists them all.
@@ -15,11 +7,15 @@ A mistake in the input (a bad option or value, a missing or malformed file, an u
 reported as one line, ``dlmdistill: error: ...``, with exit status 2. Any other failure is a bug
 and prints its traceback (exit status 1). ``dlmdistill --debug COMMAND ...`` shows the traceback
 of input errors too.
+
+torch and transformers are imported when a command runs, not when this module is imported, so
+that ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -30,16 +26,27 @@ from pathlib import Path
 
 from .config import ConfigError, field, format_help, load_config
 from .errors import UserError, describe, is_user_error
-from .models.loading import ModelConfig
-from .sampling import GenerationConfig
+
+USAGE = """usage: dlmdistill [--debug] COMMAND [ARGS ...]   (dlmdistill COMMAND --help for a command's options)
+
+commands:
+{commands}
+
+Options after the command are configuration keys: dotted (--training.learning_rate 1e-4) or a unique
+leaf name (--learning_rate 1e-4); --config FILE.yaml loads a file first. An input mistake is one line
+"dlmdistill: error: ..." with exit status 2; --debug shows its traceback."""
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, *, hf: bool = True) -> None:
+    """Log lines with the time; quiet third-party loggers. ``hf``: also silence transformers' progress
+    bars (imports transformers, which takes seconds: skipped for ``--help``)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec", "accelerate",
                   "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not hf:
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -78,6 +85,7 @@ def _aliases(argv: list[str], table: dict[str, str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ train
 def cmd_train(argv: list[str]) -> int:
+    """train METHOD [--config FILE] [--key value ...]: train or post-train a model (sft, selffusion, dopsd, ...)"""
     from .api import check_run_config, get_method
     from .methods import METHODS
 
@@ -102,30 +110,39 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------ generate
-@dataclass
-class GenerateRunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, help="the model (run folder, local folder or hub id)")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
-                                         help="sampler settings")
-    prompt: list[str] = field(default_factory=list, help="prompt text(s)")
-    prompts_file: str | None = field(None, help="JSONL file with a 'prompt' field per line, or a text file (one per line)")
-    prompt_format: str = field("plain", help="'plain' or 'chat' (apply the tokenizer's chat template)")
-    seed: int = field(0, help="sampling seed")
-    output: str | None = field(None, help="write {prompt, completion} JSONL here (default: print)")
-    trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
-    show: bool = field(False, help="watch each response fill in step by step (masked positions as '░'); on a "
-                       "terminal in place, otherwise every show_every-th state as plain lines")
-    show_delay: float = field(0.05, help="seconds between steps with --show on a terminal")
-    show_every: int = field(0, help="with --show and no terminal: print every Nth state (0 = about 8 states)")
-    device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
+@functools.cache
+def generate_config_class() -> type:
+    """The configuration of ``dlmdistill generate`` (built on first use: its sections import torch)."""
+    global ModelConfig, GenerationConfig  # module names: get_type_hints resolves the annotations there
+    from .models.loading import ModelConfig
+    from .sampling import GenerationConfig
 
-    def validate(self) -> None:
-        if self.generation.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
-        if self.prompt_format not in ("plain", "chat"):
-            raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
-        if self.show_delay < 0 or self.show_every < 0:
-            raise ValueError(f"show_delay and show_every must be >= 0, got {self.show_delay} and {self.show_every}")
+    @dataclass
+    class GenerateRunConfig:
+        model: ModelConfig = field(default_factory=ModelConfig, help="the model (run folder, local folder or hub id)")
+        generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
+                                             help="sampler settings")
+        prompt: list[str] = field(default_factory=list, help="prompt text(s)")
+        prompts_file: str | None = field(None, help="JSONL file with a 'prompt' field per line, or a text file (one per line)")
+        prompt_format: str = field("plain", help="'plain' or 'chat' (apply the tokenizer's chat template)")
+        seed: int = field(0, help="sampling seed")
+        output: str | None = field(None, help="write {prompt, completion} JSONL here (default: print)")
+        trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
+        show: bool = field(False, help="watch each response fill in step by step (masked positions as '░'); on a "
+                           "terminal in place, otherwise every show_every-th state as plain lines")
+        show_delay: float = field(0.05, help="seconds between steps with --show on a terminal")
+        show_every: int = field(0, help="with --show and no terminal: print every Nth state (0 = about 8 states)")
+        device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
+
+        def validate(self) -> None:
+            if self.generation.batch_size < 1:
+                raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
+            if self.prompt_format not in ("plain", "chat"):
+                raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
+            if self.show_delay < 0 or self.show_every < 0:
+                raise ValueError(f"show_delay and show_every must be >= 0, got {self.show_delay} and {self.show_every}")
+
+    return GenerateRunConfig
 
 
 def _device(name: str | None):
@@ -161,6 +178,7 @@ def _read_prompts(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_generate(argv: list[str]) -> int:
+    """generate --model M --prompt TEXT [--key value ...]: sample completions with the diffusion sampler"""
     import torch
 
     from .data import encode_prompt
@@ -171,9 +189,9 @@ def cmd_generate(argv: list[str]) -> int:
     config, rest, want_help = _split_config_arg(_aliases(argv, {"--model": "--model.name_or_path"}))
     if want_help:
         print("dlmdistill generate --model M --prompt TEXT [--key value ...]\n")
-        print(format_help(GenerateRunConfig))
+        print(format_help(generate_config_class()))
         return 0
-    cfg = load_config(GenerateRunConfig, config, rest)
+    cfg = load_config(generate_config_class(), config, rest)
     sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
     sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file else []
     if not sourced:
@@ -229,6 +247,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------ evaluate
 def cmd_evaluate(argv: list[str]) -> int:
+    """evaluate --model M --task T [--steps N ...] [--seeds S ...]: accuracy over denoising steps and seeds"""
     from .data import load_examples
     from .evaluate import EvalRunConfig, evaluate_model, format_table, resolve_model_path
     from .models.autoregressive import load_for_inference
@@ -264,24 +283,28 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------ others
 def cmd_demo(argv: list[str]) -> int:
+    """demo: a tiny DLM on Sudoku, post-trained with SFT, SelfFusion and d-OPSD and compared, on a CPU"""
     from .demo import main as demo_main
 
     return demo_main(argv)
 
 
 def cmd_report(argv: list[str]) -> int:
+    """report RUN_DIR ... [--out report.md]: tables and plots from run folders"""
     from .report import main as report_main
 
     return report_main(argv)
 
 
 def cmd_score(argv: list[str]) -> int:
+    """score --task T FILE [--out PATH]: re-score saved generations (ours or d1's)"""
     from .score import main as score_main
 
     return score_main(argv)
 
 
 def cmd_convert(argv: list[str]) -> int:
+    """convert llada|dream|smdm|ar SRC DST: a published checkpoint or any decoder -> a native DLM folder"""
     p = argparse.ArgumentParser(prog="dlmdistill convert", description="convert a published checkpoint into a "
                                 "native transformers DLM folder (see docs/backbones/)")
     p.add_argument("family", choices=["llada", "dream", "smdm", "ar"],
@@ -342,13 +365,27 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evalua
             "report": cmd_report, "convert": cmd_convert, "score": cmd_score}
 
 
+def usage() -> str:
+    """The top-level help: one line per command in ``COMMANDS`` (the first line of its docstring)."""
+    rows = []
+    for name, fn in COMMANDS.items():  # docstrings read "NAME ARGS: what it does"
+        first = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        synopsis, sep, what = first.partition(": ")
+        if not sep or synopsis.split(" ", 1)[0] != name:
+            synopsis, what = name, first
+        rows.append((synopsis, what))
+    width = max(len(s) for s, _ in rows)
+    lines = [f"  {s:{width}s}   {w}".rstrip() for s, w in rows]
+    return USAGE.format(commands="\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(argv) and argv[0] == "--debug"
     if debug:
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage())
         return 0
     if argv[0] == "--version":
         from . import __version__
@@ -359,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"dlmdistill: error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    _setup_logging()
+    _setup_logging(hf=not ({"-h", "--help"} & set(argv[1:])))
     try:
         return COMMANDS[cmd](argv[1:])
     except KeyboardInterrupt:

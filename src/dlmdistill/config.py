@@ -380,6 +380,20 @@ def save_yaml(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
+def type_name(tp: Any) -> str:
+    """A field type as the help shows it: ``int``, ``str | None``, ``list[int]``, ``one of 'a', 'b'``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(tp))
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(type_name(a) for a in get_args(tp))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in get_args(tp))}]" if get_args(tp) else origin.__name__
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
 def format_help(cls: type) -> str:
     """One line per option: dotted path, type, the default in effect, help."""
     lines: list[str] = []
@@ -395,7 +409,7 @@ def format_help(cls: type) -> str:
                 lines.append(f"\n[{prefix}{f.name}]  {f.metadata.get('help', '')}")
                 walk(tp, value, f"{prefix}{f.name}.")
                 continue
-            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            tname = type_name(tp)
             lines.append(f"  --{prefix}{f.name} ({tname}, default {value!r})\n      {f.metadata.get('help', '')}")
 
     walk(cls, None, "")

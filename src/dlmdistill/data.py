@@ -35,8 +35,10 @@ LONG_EXAMPLES = ("drop", "truncate", "error")
 
 @dataclass
 class DataConfig:
-    task: str = field("countdown", help="task name: instruct (alias chat), countdown, sudoku, gsm8k, math500, text")
-    task_kwargs: dict = field(default_factory=dict, help="task options, e.g. {prompt_style: compact}")
+    task: str = field("countdown", help="task name: countdown, sudoku, gsm8k, math500, instruct "
+                     "(aliases chat, auto, dolly, rouge), text")
+    task_kwargs: dict = field(default_factory=dict, help="task options, e.g. {style: d1} (countdown, sudoku) "
+                                "or {fields: [instruction, output]} (text); a wrong key lists the task's options")
     train_source: str | None = field(None, help="training data: local JSONL/CSV/folder or a Hugging Face dataset "
                                      "id; null = the task's default (generated for countdown/sudoku)")
     train_split: str = field("train", help="split of train_source")

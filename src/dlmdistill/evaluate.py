@@ -95,7 +95,8 @@ def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: dict[int, str] = {}
         bs = gen.batch_size
-        for start in tqdm(range(0, len(order), bs), desc=desc, disable=not progress, unit="batch", leave=False):
+        bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="prompt", leave=False, dynamic_ncols=True)
+        for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             batch = [prompts[i] for i in idx]
             if isinstance(model, CausalLM):  # left-to-right sampling from the global RNG seeded above
@@ -104,6 +105,8 @@ def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list
                 responses = generate(model, batch, gen, generator=g, forward=forward).responses
             for i, t in zip(idx, decode_responses(tokenizer, responses)):
                 texts[i] = t
+            bar.update(len(idx))  # counts prompts, not batches
+        bar.close()
     return [texts[i] for i in range(len(prompts))]
 
 
@@ -135,7 +138,12 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
                    output_dir: str | Path | None = None, prompt_format: str = "plain", progress: bool = True,
                    model_name: str = "") -> dict[str, Any]:
     """Evaluate at every (steps, seed); returns and (optionally) writes the metrics. A ``CausalLM`` is
-    sampled left to right (``gen.gen_length`` new tokens at ``gen.temperature``) under the step key "ar"."""
+    sampled left to right (``gen.gen_length`` new tokens at ``gen.temperature``) under the step key "ar".
+
+    Greedy low-confidence decoding (``temperature: 0``, ``remasking: low_confidence``) draws no random
+    numbers, so every seed would give the same completions: it is run once, with the first seed, and
+    that result (metrics, timing and generations) is reported under every seed, the report saying so
+    in ``"greedy_ran_once": true``; the spread over seeds is then 0 by construction."""
     if not examples:
         raise UserError("no evaluation examples")
     limit = context_limit(model)
@@ -146,8 +154,11 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         gen_file = open(out_dir / "generations.jsonl", "w")
-    if gen.temperature == 0 and gen.remasking == "low_confidence" and len(seeds) > 1:
-        log.info("greedy low-confidence decoding is deterministic: all seeds give the same result")
+    once = gen.temperature == 0 and gen.remasking == "low_confidence" and len(seeds) > 1 \
+        and not isinstance(model, CausalLM)
+    if once:
+        log.info("greedy low-confidence decoding draws no random numbers: generating once (seed %s) and "
+                 "reporting that result for every seed (%s)", seeds[0], ", ".join(map(str, seeds)))
     if isinstance(model, CausalLM):
         steps = ["ar"]  # an autoregressive model has no denoising steps: one row per seed
     try:
@@ -157,14 +168,18 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
                 cfg = replace(gen, steps=s)
                 cfg.validate()
             per_seed = {}
-            for seed in seeds:
-                t0 = time.time()
-                completions = generate_all(model, tokenizer, prompts, cfg, seed, progress, f"steps={s} seed={seed}")
-                elapsed = time.time() - t0
-                rows = score_completions(task, examples, completions)
-                metrics = task.aggregate([r["score"] for r in rows], rows)
-                metrics["seconds_per_sample"] = elapsed / len(examples)
-                per_seed[str(seed)] = metrics
+            for j, seed in enumerate(seeds):
+                if once and j > 0:  # the first seed's result, copied (see the docstring)
+                    per_seed[str(seed)] = dict(metrics)
+                else:
+                    t0 = time.time()
+                    desc = f"steps={s} " + (f"seed={seed}" if not once else f"seeds={','.join(map(str, seeds))} (greedy)")
+                    completions = generate_all(model, tokenizer, prompts, cfg, seed, progress, desc)
+                    elapsed = time.time() - t0
+                    rows = score_completions(task, examples, completions)
+                    metrics = task.aggregate([r["score"] for r in rows], rows)
+                    metrics["seconds_per_sample"] = elapsed / len(examples)
+                    per_seed[str(seed)] = metrics
                 if gen_file:
                     for i, (ex, c, r) in enumerate(zip(examples, completions, rows)):
                         gen_file.write(json.dumps({"steps": s, "seed": seed, "index": i, "prompt": ex.prompt,
@@ -176,6 +191,8 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
             gen_file.close()
     report = {"task": task.name, "metric": task.metric, "model": model_name, "n": len(examples),
               "generation": {k: v for k, v in gen.__dict__.items() if k != "steps"}, "results": results}
+    if once:
+        report["greedy_ran_once"] = True
     if out_dir:
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     return report

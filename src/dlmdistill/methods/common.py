@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,20 +103,31 @@ def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True) 
     check_output_dir(cfg.training)  # refuse (or clear) a previous run's folder before reading anything from it
     set_seed(cfg.training.seed)  # a new preset model's weights depend on training.seed only
     out = Path(cfg.training.output_dir)
+    t0 = time.time()
+    log.info("loading the training data (task %s, %s) ...", cfg.data.task, cfg.data.train_source or "its default source")
     train_examples = load_examples(cfg.data, "train")
     eval_examples: list[Example] = []
     if cfg.eval.enabled:
         data = dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit)
         eval_examples = load_examples(data, "eval")
+    log.info("%d training and %d evaluation examples (%.1f s)", len(train_examples), len(eval_examples),
+             time.time() - t0)
     if model is None:
         if is_preset(cfg.model) and tokenizer is None:
+            log.info("building the tokenizer (%s) and the model (%s) ...", cfg.model.tokenizer or "char",
+                     cfg.model.name_or_path)
             tokenizer = build_tokenizer(cfg.model, example_texts(train_examples, eval_examples), out)
+        else:
+            log.info("loading the model %s ...", cfg.model.name_or_path)
         model, tokenizer = build_model(cfg.model, tokenizer)
     stats: dict[str, Any] = {}
+    t0 = time.time()
+    log.info("tokenizing %d training examples ...", len(train_examples))
     items = tokenize_examples(train_examples, tokenizer, max_length=cfg.data.max_length,
                               prompt_format=cfg.data.prompt_format, require_target=need_targets,
                               max_prompt_length=cfg.data.max_prompt_length, long_examples=cfg.data.long_examples,
                               stats=stats)
+    log.info("tokenized (%.1f s)", time.time() - t0)
     _DATA_STATS[str(out.resolve())] = stats  # written by write_run_metadata, once the run is under way
     collator = DiffusionCollator(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                                  response_length=cfg.data.response_length,

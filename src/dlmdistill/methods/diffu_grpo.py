@@ -157,6 +157,12 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
         metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n,
                    "completion_length": float(totals[3]) / n, "zero_std_ratio": float(totals[6]) / n_groups,
                    "reward_std": float(totals[7]) / n_groups}
+        self.count_rollouts(n, float(totals[2]), idle=float(totals[6]) == n_groups,
+                            why="the same reward for every completion of each prompt (zero advantages: no "
+                            "learning signal; each batch still takes an optimizer step, moved only by the KL term)",
+                            advice="Start from a model that sometimes solves the task (e.g. after SFT), or raise "
+                            f"method.num_generations (now {group}) or rollout.temperature "
+                            f"(now {m.rollout.temperature})")
 
         seeds = self.mask_seeds()
         parts = micro_batches(len(prompts), m.micro_batch_size)

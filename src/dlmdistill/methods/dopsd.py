@@ -491,7 +491,15 @@ class DOPSDTrainer(OnPolicyTrainer):
         n, n_train = float(totals[0]), float(totals[6])
         metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n, "accepted": float(totals[3]) / n,
                    "attempts": float(totals[4]) / n, "completion_length": float(totals[5]) / n}
-        if n_train == 0:
+        nothing = n_train == 0
+        self.count_rollouts(float(totals[4]), float(totals[3]), idle=nothing, skipped=nothing,
+                            why=f"no accepted trajectory (up to pass_k={m.pass_k} attempts per prompt), so no "
+                            "optimizer step",
+                            advice=f"The model does not solve these prompts yet: start from a model that sometimes "
+                            f"does (e.g. after SFT), raise method.pass_k (now {m.pass_k}) or lower "
+                            f"method.accept_threshold (now {m.accept_threshold}); the run stops after "
+                            f"method.max_consecutive_skips={m.max_consecutive_skips} such batches")
+        if nothing:
             return self._skip(metrics, "no accepted trajectory")
         steps = self.step_states(roll, rows)
         recorded = int(roll.trajectory.committed[:, rows].any(-1).sum()) if rows else 0  # steps with k_t > 0
@@ -500,6 +508,7 @@ class DOPSDTrainer(OnPolicyTrainer):
         metrics.update(trained_steps=float(counts[1]) / max(n_train, 1.0),
                        trained_step_fraction=float(counts[1]) / max(float(counts[2]), 1.0))
         if n_train == 0:
+            self.rollout_counts["skipped"] += 1
             return self._skip(metrics, "no informative step in any accepted trajectory")
         self._consecutive_skips = 0
         parts = micro_batches(len(steps), m.micro_batch_size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,6 +27,11 @@ from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig, Trajectory, decode_responses, generate, left_pad
 from ..tasks.base import Example, Task
 from ..training.trainer import Trainer, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+#: rollout batches in a row without anything to learn from before a warning says so
+WARN_AFTER_IDLE_BATCHES = 5
 
 #: ``fn(input_ids [B, L], attention_mask [B, L], positions [B, L] bool) -> logits [N, V]``
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,7 +127,31 @@ class OnPolicyTrainer(Trainer):
         self.task = task
         self.examples = list(examples)
         self.frozen_policy: DiffusionModel | None = None
+        # progress: rollout batches, attempts (completions sampled), accepted ones, batches skipped
+        self.rollout_counts = {"batches": 0, "attempts": 0, "accepted": 0, "skipped": 0}
+        self._idle_batches = 0
         super().__init__(model, tokenizer, train_items, config, **kwargs)
+
+    # ------------------------------------------------------------------ feedback
+    def count_rollouts(self, attempts: float, accepted: float, *, idle: bool, skipped: bool = False,
+                       why: str = "", advice: str = "") -> None:
+        """Count one rollout batch (totals over ranks) for the progress bar; after
+        ``WARN_AFTER_IDLE_BATCHES`` batches in a row with nothing to learn from (``idle``), warn once
+        per such streak, saying ``why`` and what to do (``advice``)."""
+        c = self.rollout_counts
+        c["batches"] += 1
+        c["attempts"] += int(round(attempts))
+        c["accepted"] += int(round(accepted))
+        c["skipped"] += int(skipped)
+        self._idle_batches = self._idle_batches + 1 if idle else 0
+        if self._idle_batches == WARN_AFTER_IDLE_BATCHES and self.accelerator.is_main_process:
+            log.warning("%s: the last %d rollout batches had %s%s. %s", self.method_name, self._idle_batches, why,
+                        " (the progress bar counts optimizer steps, so it does not move)" if skipped else "", advice)
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        c = self.rollout_counts
+        return {"rollouts": str(c["batches"]), "attempts": str(c["attempts"]), "accepted": str(c["accepted"]),
+                "skipped": str(c["skipped"])}
 
     # ------------------------------------------------------------------ hooks
     def accumulation_steps(self) -> int:

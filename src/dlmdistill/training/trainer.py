@@ -4,7 +4,9 @@ Accelerate provides the distributed engine (DDP, FSDP, DeepSpeed through ``accel
 ``torchrun``), mixed precision, gradient accumulation and checkpoint state; this module adds the
 loop a researcher expects around it, readable top to bottom:
 
-* AdamW with the schedule of ``TrainingConfig`` (names follow ``transformers.TrainingArguments``);
+* AdamW (or ``optim``: fused AdamW, Adafactor, SGD) with the schedule of ``TrainingConfig`` (names
+  follow ``transformers.TrainingArguments``, including ``bf16``/``fp16``, ``report_to: none`` and
+  ``resume_from_checkpoint``);
 * gradient clipping, a non-finite-loss guard that names the step, JSONL + TensorBoard logs, a
   progress bar, periodic evaluation;
 * atomic checkpoints (written to a temporary folder, then renamed) of model, optimizer, scheduler,
@@ -72,19 +74,30 @@ class TrainingConfig:
     min_lr_ratio: float = field(0.1, help="final LR / peak LR for cosine_with_min_lr (SelfFusion: LR/10)")
     warmup_ratio: float = field(0.05, help="fraction of the steps used for linear warm-up")
     warmup_steps: int = field(0, help="warm-up steps; > 0 overrides warmup_ratio")
-    weight_decay: float = field(0.1, help="AdamW weight decay (not applied to norms and biases)")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = field(
+        "adamw_torch", help="optimizer (names as in transformers): torch AdamW, its fused kernel (CUDA, and CPU "
+        "in recent torch), transformers' Adafactor with a fixed learning rate, or plain SGD")
+    weight_decay: float = field(0.1, help="weight decay (not applied to norms and biases)")
     adam_beta1: float = field(0.9, help="AdamW beta1")
     adam_beta2: float = field(0.95, help="AdamW beta2")
     adam_epsilon: float = field(1e-8, help="AdamW epsilon")
     max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
-    mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="autocast precision")
+    mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="autocast precision (on a CPU, autocast "
+                                                            "can be much slower than float32: a warning says so)")
+    bf16: bool = field(False, help="same as mixed_precision: bf16 (transformers' flag)")
+    fp16: bool = field(False, help="same as mixed_precision: fp16 (transformers' flag)")
     logging_steps: int = field(10, help="log every N optimizer steps")
     save_steps: int = field(500, help="checkpoint every N optimizer steps (0 = only at the end)")
     save_total_limit: int = field(2, help="keep at most this many checkpoints (0 = all)")
     eval_steps: int = field(0, help="evaluate every N optimizer steps (0 = only at the end, if an evaluator is set)")
     resume: bool = field(False, help="continue from the latest complete checkpoint in output_dir")
+    resume_from_checkpoint: bool | str | None = field(
+        None, help="continue from this checkpoint folder (output_dir/checkpoints/step-N, or one of another run's "
+        "with the same model and method); true (the flag alone) = the latest in output_dir, as resume")
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"],
-                                 help="log sinks: jsonl, tensorboard (and any Accelerate tracker, e.g. wandb)")
+                                 help="trackers besides logs.jsonl, which is always written: tensorboard, wandb, "
+                                 "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (any Accelerate "
+                                 "tracker, installed), or none")
     progress_bar: bool = field(True, help="show a progress bar")
     dataloader_num_workers: int = field(0, help="DataLoader worker processes")
     export_final: bool = field(True, help="export the final model (transformers format) to output_dir/final")
@@ -112,8 +125,62 @@ class TrainingConfig:
                                      "adam_epsilon": 0, "max_grad_norm": 0, "save_steps": 0, "save_total_limit": 0,
                                      "eval_steps": 0, "dataloader_num_workers": 0},
                      unit={"min_lr_ratio": True, "warmup_ratio": True, "adam_beta1": False, "adam_beta2": False})
-        if self.resume and self.overwrite_output_dir:
-            raise ValueError("resume and overwrite_output_dir exclude each other: pick one")
+        if isinstance(self.resume_from_checkpoint, bool):  # transformers' spelling of resume
+            self.resume = self.resume or self.resume_from_checkpoint
+            self.resume_from_checkpoint = None
+        if (self.resume or self.resume_from_checkpoint) and self.overwrite_output_dir:
+            raise ValueError("resume (or resume_from_checkpoint) and overwrite_output_dir exclude each other: pick one")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 exclude each other: pick one")
+        for flag in ("bf16", "fp16"):
+            if getattr(self, flag):
+                if self.mixed_precision not in ("no", flag):
+                    raise ValueError(f"{flag}: true contradicts mixed_precision: {self.mixed_precision}")
+                self.mixed_precision = flag  # type: ignore[assignment]
+        self.report_to = check_trackers(self.report_to)
+        if self.resume_from_checkpoint is not None:
+            check_checkpoint_folder(self.resume_from_checkpoint)
+
+
+#: Accelerate's trackers and the package each needs (any one of several)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def check_trackers(report_to: list[str]) -> list[str]:
+    """``report_to`` checked: every name is ``jsonl`` (always on anyway), ``none`` (alone) or a tracker of
+    ``TRACKERS`` whose package is installed. Returns the names in lower case; raises ``ValueError`` naming the
+    problem (an unknown name, or the package to install)."""
+    import importlib.util
+
+    names = [r.strip().lower() for r in report_to]
+    if "none" in names and len(set(names) - {"jsonl"}) > 1:
+        raise ValueError(f"report_to: 'none' cannot be combined with other trackers, got {report_to}")
+    for name in names:
+        if name in ("jsonl", "none"):
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"report_to: unknown tracker {name!r}; choose from none, jsonl, {', '.join(TRACKERS)}")
+        if not any(importlib.util.find_spec(pkg) for pkg in TRACKERS[name]):
+            raise ValueError(f"report_to: {name} is not installed (pip install {TRACKERS[name][0]}); "
+                             f"or drop it (--report_to none keeps only logs.jsonl)")
+    return names
+
+
+def check_checkpoint_folder(path: str) -> None:
+    """``path`` is a complete checkpoint folder (``trainer_state.json`` in it); else ``ValueError`` saying
+    what it is (a run folder: which checkpoints it has)."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        return
+    if not p.exists():
+        raise ValueError(f"resume_from_checkpoint: {path}: no such folder")
+    ckpts = complete_checkpoints(p)
+    if ckpts:
+        raise ValueError(f"resume_from_checkpoint: {path} is a run folder, not a checkpoint; pass one of "
+                         f"{', '.join(str(c) for c in ckpts)} (or --output_dir {path} --resume for the latest)")
+    raise ValueError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)")
 
 
 def existing_run(output_dir: str | Path) -> list[str]:
@@ -134,7 +201,7 @@ def check_output_dir(config: TrainingConfig) -> None:
     ``overwrite_output_dir`` (its outputs are deleted here, by the main process) is set.
 
     Raises :class:`ConfigError` with a one-line message. Safe to call more than once."""
-    if config.resume:
+    if config.resume or config.resume_from_checkpoint:
         return
     found = existing_run(config.output_dir)
     if not found:
@@ -215,6 +282,43 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one mixed precision per process: a second run in the same process (the Python
+    API, a notebook, tests) with another ``mixed_precision`` fails inside Accelerate ("restart your
+    runtime"). In a single process its shared ``AcceleratorState`` is cleared so the new run can set
+    its own (a private Accelerate call; the process state and any process group are kept); under a
+    distributed launch that is unsafe, so it is a clear error instead."""
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is None or previous == mixed_precision:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"this process already trained with mixed_precision={previous}; Accelerate cannot change it "
+                        f"within a distributed launch: start a new launch for mixed_precision={mixed_precision}")
+    AcceleratorState._reset_state()
+
+
+def make_optimizer(config: TrainingConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer ``config.optim`` names, over parameter ``groups`` (each with its weight decay)."""
+    lr = config.learning_rate
+    if config.optim in ("adamw_torch", "adamw_torch_fused"):
+        fused = config.optim == "adamw_torch_fused"
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                                     eps=config.adam_epsilon, fused=fused or None)
+        except RuntimeError as e:  # fused kernels exist for some devices and dtypes only
+            raise ConfigError(f"training.optim: adamw_torch_fused is not available here ({e}); use adamw_torch") from None
+    if config.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # a fixed learning rate (the schedule of lr_scheduler_type applies), as transformers' Trainer does
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if config.optim == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    raise ConfigError(f"training.optim: unknown optimizer {config.optim!r}")
+
+
 class Trainer:
     """Base trainer. Subclasses implement ``compute_loss`` or override ``training_step``."""
 
@@ -232,14 +336,21 @@ class Trainer:
         self.evaluator = evaluator
         self.run_config = run_config
         self.output_dir = Path(config.output_dir)
+        if accelerator is None:
+            _allow_precision(config.mixed_precision)
         self.accelerator = accelerator or Accelerator(
             cpu=use_cpu(config),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=self.accumulation_steps(),
-            log_with=[r for r in config.report_to if r != "jsonl"] or None,
+            log_with=[r for r in config.report_to if r not in ("jsonl", "none")] or None,
             project_dir=str(self.output_dir),
         )
         check_output_dir(config)
+        if config.mixed_precision != "no" and self.accelerator.device.type == "cpu":
+            log.warning("mixed_precision=%s on a CPU: autocast there is slow on CPUs without native %s support "
+                        "(fp16 autocast was 14x slower than float32 for a small MLP here); use --mixed_precision no "
+                        "for CPU runs unless you have measured otherwise", config.mixed_precision,
+                        config.mixed_precision)
         set_seed(config.seed, device_specific=True)
         if len(train_dataset) == 0:
             raise ValueError("the training set is empty")
@@ -254,10 +365,7 @@ class Trainer:
         n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
         log.info("%s: %s parameters, %s trainable; %d training examples", self.method_name, f"{n_all:,}",
                  f"{n_train:,}", len(self.train_dataset))
-        self.optimizer = torch.optim.AdamW(
-            _decay_groups(model, config.weight_decay), lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        )
+        self.optimizer = make_optimizer(config, _decay_groups(model, config.weight_decay))
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
         self.total_steps = self._total_steps()
         self.scheduler = self._make_scheduler()
@@ -282,6 +390,11 @@ class Trainer:
 
     def compute_loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Shown in the progress bar after every ``training_step`` (on-policy methods: rollout counts, so
+        a run whose batches are skipped without an optimizer step is not silent)."""
+        return {}
 
     @property
     def unwrapped(self) -> DiffusionModel:
@@ -390,7 +503,9 @@ class Trainer:
         acc = self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
+        if cfg.resume_from_checkpoint:
+            self.resume(Path(cfg.resume_from_checkpoint))
+        elif cfg.resume:
             self.resume()
         acc.init_trackers("tb", config=_flat_scalars(self.run_config)) if acc.log_with else None
         from tqdm.auto import tqdm
@@ -398,6 +513,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc=f"train {self.method_name}",
                    unit="step", disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
         window: dict[str, list[float]] = {}
+        shown: dict[str, str] = {}  # the progress bar's postfix
         t0 = time.time()
         final_metrics: dict[str, float] = {}
         self.model.train()
@@ -411,6 +527,10 @@ class Trainer:
                 self.state.batches_in_epoch += 1
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(float(v))
+                extra = self.progress_postfix(metrics)
+                if extra:
+                    shown.update(extra)
+                    bar.set_postfix(shown)
                 if not stepped:
                     continue
                 self.state.global_step += 1
@@ -421,7 +541,8 @@ class Trainer:
                     logs.update(lr=self.scheduler.get_last_lr()[0], epoch=self.state.epoch,
                                 elapsed_s=round(time.time() - t0, 2))
                     self.log(logs)
-                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
+                    shown.update({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
+                    bar.set_postfix(shown)
                     window = {}
                 if self.evaluator is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
                     self.evaluate()
@@ -450,6 +571,12 @@ class Trainer:
         self.model.train(was_training)
         if metrics:
             self.log({f"eval/{k}": v for k, v in metrics.items()})
+            if self.accelerator.is_main_process:
+                from tqdm.auto import tqdm
+
+                # printed (above the progress bar), not only written to logs.jsonl
+                tqdm.write(f"eval at step {self.state.global_step}/{self.total_steps}: " + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return metrics
 
     # ------------------------------------------------------------------ logging
@@ -458,7 +585,7 @@ class Trainer:
         acc = self.accelerator
         if acc.log_with:
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        if acc.is_main_process and "jsonl" in self.config.report_to:
+        if acc.is_main_process:  # logs.jsonl is always written, whatever report_to says
             if self._jsonl is None:
                 self._jsonl = open(self.output_dir / LOG_FILE, "a", buffering=1)
             record = {"step": step, "optimizer_steps": self.state.optimizer_steps, "method": self.method_name,
@@ -564,9 +691,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return ckpt
 
-    def resume(self) -> None:
+    def resume(self, checkpoint: Path | None = None) -> None:
+        """Continue from ``checkpoint`` (a checkpoint folder) or else the latest intact one in output_dir."""
         acc = self.accelerator
-        ckpt = self._resumable_checkpoint()
+        if checkpoint is not None:
+            problem = ckio.checkpoint_problem(checkpoint, STATE_FILE)
+            if problem is not None:
+                raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: cannot resume from it: {problem}")
+            ckpt = checkpoint
+        else:
+            ckpt = self._resumable_checkpoint()
         if ckpt is None:
             log.warning("resume requested but %s has no complete checkpoint; starting from scratch", self.output_dir)
             self._trim_log(0)
