@@ -23,7 +23,7 @@ from .methods import METHODS
 
 #: demo sizes; "quick" is what the test suite runs
 SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(train_examples=20000, base_steps=700, post_steps=20, eval_items=200, batch=128, eval_batch=200,
+    "full": dict(train_examples=20000, base_steps=700, post_steps=20, eval_items=500, batch=128, eval_batch=250,
                  gen_length=64, block_length=16, steps=64, rollout_steps=32, preset_overrides={}),
     "quick": dict(train_examples=500, base_steps=8, post_steps=2, eval_items=16, batch=16, eval_batch=16,
                   gen_length=64, block_length=16, steps=16, rollout_steps=16,
@@ -72,7 +72,21 @@ def post_config(method: str, out: Path, size: dict[str, Any], task: str, seed: i
 
 
 def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str = "sudoku", seed: int = 0,
-             methods: list[str] | None = None) -> dict[str, Any]:
+             methods: list[str] | None = None, threads: int = 2) -> dict[str, Any]:
+    """Run the demo with ``threads`` CPU threads: the thread count changes the order of float
+    additions, so a fixed count makes the table reproducible on one kind of CPU (not across CPUs)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(output_dir, size_name, task, seed, methods, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(output_dir: str, size_name: str, task: str, seed: int, methods: list[str] | None,
+              threads: int) -> dict[str, Any]:
     from .api import train
     from .evaluate import evaluate_model
     from .models.loading import load_model
@@ -103,21 +117,26 @@ def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str =
         rep = evaluate_model(model, tok, t_task, examples, gen, [size["steps"]], [seed],
                              output_dir=out / name / "eval" / task, progress=True, model_name=name)
         rows[name] = rep["results"][str(size["steps"])]["summary"]["accuracy"]["mean"]
-    table = format_demo_table(rows, timings, len(examples), task)
+    table = format_demo_table(rows, timings, len(examples), task, threads)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"accuracy": rows, "seconds": timings}, indent=2))
+    (out / "results.json").write_text(json.dumps({"accuracy": rows, "seconds": timings, "threads": threads,
+                                                  "items": len(examples)}, indent=2))
     plot_demo(rows, out / "results.png", task)
     print(f"\nsaved {out / 'results.md'}, {out / 'results.png'}; total {time.time() - t0:.0f} s")
     return {"accuracy": rows, "seconds": timings}
 
 
-def format_demo_table(rows: dict[str, float], timings: dict[str, float], n: int, task: str) -> str:
-    lines = [f"{task}: accuracy on {n} held-out puzzles (greedy, one seed)", "",
-             "| model | accuracy (%) | training time (s) |", "|---|---:|---:|"]
+def format_demo_table(rows: dict[str, float], timings: dict[str, float], n: int, task: str, threads: int = 2) -> str:
+    """The demo's table, with each accuracy's 95% interval (normal approximation over the n puzzles)."""
+    lines = [f"{task}: accuracy on {n} held-out puzzles (greedy, one training seed, {threads} threads)", "",
+             "| model | accuracy (%) | 95% interval | training time (s) |", "|---|---:|---:|---:|"]
     for name, acc in rows.items():
         label = "base (SFT from scratch)" if name == "base" else f"base + {name}"
-        lines.append(f"| {label} | {acc:.1f} | {timings.get(name, 0):.0f} |")
+        half = 196 * ((acc / 100) * (1 - acc / 100) / max(n, 1)) ** 0.5
+        lines.append(f"| {label} | {acc:.1f} | ±{half:.1f} | {timings.get(name, 0):.0f} |")
+    lines += ["", "Differences smaller than the intervals are not evidence that one method is better; the same "
+              "command on another kind of CPU gives other numbers (float sums in another order)."]
     return "\n".join(lines)
 
 
@@ -146,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=["countdown", "sudoku"], default="sudoku")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=None, help=f"post-training methods (default: {POST_METHODS})")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, so that a rerun on the same kind "
+                   "of CPU gives the same table)")
     a = p.parse_args(argv)
-    run_demo(a.output_dir, a.size, a.task, a.seed, a.methods)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    run_demo(a.output_dir, a.size, a.task, a.seed, a.methods, a.threads)
     return 0
