@@ -197,6 +197,8 @@ def run_item(item: str, a: argparse.Namespace, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, *argv, "--child", item, "--tokenizer", str(a.tokenizer),
            "--teacher", str(a.teacher)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    if a.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.item_timeout)
@@ -226,6 +228,46 @@ def table(rows: list[dict], base: float | None) -> str:
     return "\n".join(out)
 
 
+def workload_of(row: dict, a: argparse.Namespace):
+    """The ``dlmdistill.estimate`` workload of a measured training item (shapes from its logged batches)."""
+    from dlmdistill.estimate import Workload
+
+    item = row["item"]
+    method = item.rsplit("_", 1)[0].replace("diffu_grpo", "diffu-grpo")
+    b, length = max(row["grad_shapes"], key=lambda s: s[0] * s[1])
+    common = dict(seq_len=length, dtype="fp32", lora_r=a.lora_r if item.endswith("_lora") else 0,
+                  gradient_checkpointing=True)
+    if method == "selffusion":
+        b //= 2  # the logged forward holds both copies
+    if method in ("dopsd", "diffu-grpo"):
+        common.update(gen_length=a.gen_length, block_length=a.gen_length // 2, diffusion_steps=a.rollout_steps,
+                      rollout_batch=1 if method == "dopsd" else a.batch, beta=0.04)
+    return Workload(method=method, batch=b, **common)
+
+
+def compare(rows: list[dict], a: argparse.Namespace) -> str:
+    """Markdown table: each measured increment over ``baseline_import`` next to the estimate's total."""
+    from dlmdistill.estimate import estimate, resolve_model
+
+    base = next((r["peak_rss_mib"] for r in rows if r["item"] == "baseline_import" and "error" not in r), None)
+    if base is None:
+        return "(no baseline_import row: nothing to compare)"
+    arch = resolve_model(f"preset:{a.preset}", vocab_size=a.vocab + 1)
+    out = ["| item | measured: peak - baseline_import (MiB) | estimate total (MiB) | weights | grads + optim "
+           "| activations | estimate / measured |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r or not r.get("grad_shapes"):
+            continue
+        est = estimate(arch, workload_of(r, a))
+        e = est.engines["ddp"]
+        measured = r["peak_rss_mib"] - base
+        mib = 2**20
+        out.append(f"| {r['item']} | {measured:.0f} | {e['total'] / mib:.0f} | {e['weights'] / mib:.0f} | "
+                   f"{(e['gradients'] + e['optimizer']) / mib:.0f} | {e['activations'] / mib:.0f} | "
+                   f"{e['total'] / mib / measured:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,12 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", nargs="+", default=list(ITEMS), choices=ITEMS)
     p.add_argument("--item_timeout", type=int, default=900)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--mmap_threshold", type=int, default=None, help="set glibc's MALLOC_MMAP_THRESHOLD_ in the "
+                   "children (e.g. 131072): freed large blocks go back to the system, so the peak RSS follows "
+                   "the live tensors instead of the heap's high-water mark")
+    p.add_argument("--compare", default=None, help="only print the estimate comparison of a saved --json file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     p.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print("BENCH_ROW " + json.dumps(child(a.child, a)), flush=True)
+        return 0
+    if a.compare:
+        saved = json.loads(Path(a.compare).read_text())
+        for k, v in saved["args"].items():
+            if k in ("preset", "vocab", "batch", "gen_length", "rollout_steps", "lora_r"):
+                setattr(a, k, v)
+        print(compare(saved["rows"], a))
         return 0
     shared = [x for i, x in enumerate(argv) if not _in_items(argv, i)]
     with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
@@ -265,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{a.preset}, vocab {a.vocab} + mask, batch {a.batch}, seq_len {a.seq_len}, LoRA r {a.lora_r}, "
           f"gradient checkpointing, fp32, {a.threads} threads, {a.steps} optimizer steps per item\n")
     print(table(rows, base))
+    print("\nagainst dlmdistill estimate (DDP, one device, fp32, the logged batch shapes):\n")
+    print(compare(rows, a))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items()
                                                      if k not in ("child", "tokenizer", "teacher")}, "rows": rows},
@@ -277,7 +332,7 @@ def _in_items(argv: list[str], i: int) -> bool:
     j = i
     while j >= 0 and not argv[j].startswith("--"):
         j -= 1
-    return j >= 0 and argv[j] in ("--items", "--json")
+    return j >= 0 and argv[j] in ("--items", "--json", "--compare")
 
 
 if __name__ == "__main__":

@@ -492,7 +492,8 @@ def estimate(arch: Arch, w: Workload, *, gpus: int = 1) -> Estimate:
         engines[e] = row
     if w.dtype == "bf16":
         notes.append("bf16: mixed precision, 2 + 2 + 12 bytes per trainable parameter (bf16 weights and "
-                     "gradients, fp32 master and AdamW moments); frozen weights in bf16")
+                     "gradients, fp32 master and AdamW moments); frozen weights in bf16 (model.dtype / "
+                     "teacher_dtype bfloat16; fp32 frozen weights under autocast take twice as much)")
     return Estimate(arch=arch, workload=w, params=arch.params, trainable=trainable, frozen_sharded=frozen_in,
                     frozen_replicated=frozen_out, activations=acts, activation_parts=parts, engines=engines,
                     gpus=gpus, notes=notes)
