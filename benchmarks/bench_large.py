@@ -38,6 +38,11 @@ largest activation of a step, so the benchmark uses a character tokenizer padded
 entries to ``--vocab`` ids (32,000 by default) plus the mask token: the shapes of SMDM's model,
 the speed of a character vocabulary (the unused ids are never produced by the text).
 
+Allocator: with glibc's default malloc the peak RSS is the heap's high-water mark, well above the
+live tensors when gradient checkpointing frees and reallocates a layer's activations many times
+(docs/benchmarks.md); ``--mmap_threshold 131072`` sets ``MALLOC_MMAP_THRESHOLD_`` in the children so
+that large blocks go back to the system when freed and the peak RSS follows the tensors.
+
 Time per step: the trainer's ``elapsed_s`` log of the last step minus that of the step before
 (rollouts included for the on-policy items), or of the single step when ``--steps 1``.
 """

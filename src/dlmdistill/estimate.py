@@ -62,7 +62,8 @@ Method multipliers (``Workload``):
   copy under full fine-tuning, the adapters disabled under LoRA) runs without gradient.
 
 Not counted: the CUDA context and kernels' workspaces (~0.5-1 GB per GPU), the caching allocator's
-fragmentation, communication buffers other than DDP's buckets, a rollout's recorded trajectory
+fragmentation (on a CPU, glibc's heap keeps freed activations resident unless
+``MALLOC_MMAP_THRESHOLD_`` is set: see docs/benchmarks.md), communication buffers other than DDP's buckets, a rollout's recorded trajectory
 (S x B x G integers), Python and library overheads (on a CPU, the process's resident memory after
 imports). These are what ``benchmarks/bench_large.py`` measures around the estimate.
 """
