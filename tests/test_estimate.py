@@ -45,6 +45,18 @@ def test_qwen2_style_bias_and_gqa_equal_transformers():
     assert arch_from_config(cfg).params == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_local_folder_and_config_file(tmp_path, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=60, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+                      num_key_value_heads=1, tie_word_embeddings=tied)
+    cfg.save_pretrained(tmp_path)
+    expected = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())  # shared weights counted once
+    assert resolve_model(str(tmp_path)).params == expected
+    assert resolve_model(str(tmp_path / "config.json")).params == expected
+
+
 def test_llada_and_dream_shapes():
     llada = resolve_model("llada-8b")
     # 32 layers x (4 x 4096^2 + 3 x 4096 x 12288 + 2 x 4096) + 2 x 126464 x 4096 + 4096
