@@ -361,8 +361,55 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    from .estimate import (DEFAULT_LORA_TARGETS, DTYPE_BYTES, METHODS, EstimateError, Workload, estimate,
+                           format_estimate, resolve_model)
+
+    p = argparse.ArgumentParser(prog="dlmdistill estimate", description="parameters and memory per device of a "
+                                "training step (weights, gradients, optimizer state, activations) under DDP, "
+                                "ZeRO-2, ZeRO-3 and FSDP, from the model's config alone (see dlmdistill/estimate.py)")
+    p.add_argument("--model", required=True, help="preset:NAME, llada-8b, dream-7b (or their hub ids), a folder "
+                   "with config.json, or a config JSON file")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="adapted linears")
+    p.add_argument("--lora_dropout", type=float, default=0.05, help="0 removes dropout's saved masks")
+    p.add_argument("--gpus", type=int, default=1, help="devices the model is sharded/replicated over")
+    p.add_argument("--gpu_memory", type=float, default=None, help="GiB per device: say whether each engine fits")
+    p.add_argument("--batch", type=int, default=1, help="sequences per forward with gradient (d-OPSD: step "
+                   "states per micro-batch; diffu-GRPO: completions per micro-batch)")
+    p.add_argument("--seq_len", type=int, default=512, help="prompt + response tokens")
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="bf16: mixed precision (fp32 master)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mask_fraction", type=float, default=0.5, help="masked share of the tokens (offline methods)")
+    p.add_argument("--gen_length", type=int, default=None, help="on-policy: generated tokens (default seq_len/2)")
+    p.add_argument("--block_length", type=int, default=32, help="on-policy: the sampler's block length")
+    p.add_argument("--rollout_batch", type=int, default=None, help="on-policy: sequences sampled together")
+    p.add_argument("--diffusion_steps", type=int, default=None, help="d-OPSD: rollout steps (K_t = gen/steps)")
+    p.add_argument("--beta", type=float, default=0.04, help="diffu-GRPO: KL weight (> 0 runs a reference)")
+    p.add_argument("--teacher", default=None, help="KD: the teacher (same forms as --model; default: the student)")
+    p.add_argument("--vocab_size", type=int, default=None, help="vocabulary (presets: default 32001)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    a = p.parse_args(argv)
+    try:
+        arch = resolve_model(a.model, a.vocab_size)
+        teacher = resolve_model(a.teacher, a.vocab_size) if a.teacher else None
+        w = Workload(method=a.method, batch=a.batch, seq_len=a.seq_len, dtype=a.dtype, lora_r=a.lora_r,
+                     lora_targets=tuple(a.lora_targets), lora_dropout=a.lora_dropout > 0,
+                     gradient_checkpointing=a.gradient_checkpointing, mask_fraction=a.mask_fraction,
+                     gen_length=a.gen_length, block_length=a.block_length, rollout_batch=a.rollout_batch,
+                     diffusion_steps=a.diffusion_steps,
+                     teacher=teacher, beta=a.beta)
+        est = estimate(arch, w, gpus=a.gpus)
+    except EstimateError as e:
+        print(f"estimate: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(est.to_dict(), indent=2) if a.json else format_estimate(est, a.gpu_memory))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "report": cmd_report, "convert": cmd_convert, "score": cmd_score}
+            "report": cmd_report, "convert": cmd_convert, "score": cmd_score, "estimate": cmd_estimate}
 
 
 def usage() -> str:
