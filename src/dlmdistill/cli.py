@@ -362,6 +362,7 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_estimate(argv: list[str]) -> int:
+    """estimate --model M --method METHOD [--gpus N ...]: parameters and memory per device, from the config alone"""
     from .estimate import (DEFAULT_LORA_TARGETS, DTYPE_BYTES, METHODS, EstimateError, Workload, estimate,
                            format_estimate, resolve_model)
 
