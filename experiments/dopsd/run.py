@@ -171,15 +171,8 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
 
 def ablations(root: Path, s: dict[str, Any], task: str, only: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     """One seed of each row of ``ABLATIONS`` (or of the rows named in ``only``). The ablation base
-    (d-OPSD with per-position clipping, the main comparison's run) is trained first if missing."""
-    for seed in s["ablation_seeds"]:
-        train_once("dopsd", post_config("dopsd", root, f"dopsd_pertoken_seed{seed}", s, task, seed,
-                                        dict(MAIN_RUNS["d-OPSD, per-position clipping"][2])))
+    (d-OPSD with per-position clipping, the main comparison's run) is trained after them if missing."""
     rows, out = [], {}
-    for label, prefix in [("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken"),
-                          ("d-OPSD, per-term clipping (paper default)", "dopsd")]:
-        rows.append([label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
-                                 for seed in s["ablation_seeds"]])])
     for name, over in ABLATIONS.items():
         if only and name not in only:
             continue
@@ -190,6 +183,13 @@ def ablations(root: Path, s: dict[str, Any], task: str, only: list[str] | None =
             accs.append(max(curve(run)[1] or [float("nan")]))
         out[name] = accs
         rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())})", fmt(accs)])
+    for seed in s["ablation_seeds"]:
+        train_once("dopsd", post_config("dopsd", root, f"dopsd_pertoken_seed{seed}", s, task, seed,
+                                        dict(MAIN_RUNS["d-OPSD, per-position clipping"][2])))
+    for label, prefix in [("d-OPSD, per-term clipping (paper default)", "dopsd"),
+                          ("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken")]:
+        rows.insert(0, [label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
+                                    for seed in s["ablation_seeds"]])])
     return markdown_table(["variant", "best accuracy (%)"], rows), out
 
 
