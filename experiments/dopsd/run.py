@@ -219,6 +219,11 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
                                       for k, v in every.items()},
                "overlap_per_step": {k: v["per_step"] for k, v in overlap.items()}}
         path.write_text(json.dumps(res, indent=2))
+    per_step = {name: [([i for i, y in enumerate(ys) if y is not None], [y for y in ys if y is not None])]
+                for name, ys in res.get("overlap_per_step", {}).items()}
+    if per_step:
+        plot_curves(per_step, root / "teacher_overlap.png", xlabel="denoising step", ylabel="top-20 overlap",
+                    title="student vs teacher, informative steps (Figure 3)")
     r = res["regenerate"]
     rows = [["student (first attempt)", f"{r['student']:.1f}"], ["pass@8", f"{r['pass@8']:.1f}"]]
     rows += [[f"self-teacher, rho = {rho}", f"{acc:.1f}"] for rho, acc in r["self_teacher"].items()]
@@ -266,7 +271,8 @@ def main() -> None:
         parts += ["## Ablations (Tables 4-11, one seed)", "", text, ""]
     if "toy" in a.stages:
         text, results["toy"] = stage("toy", lambda: toy(root, s, a.task))
-        parts += ["## Toy verification (Table 3) and teacher overlap (Figure 3)", "", text, ""]
+        parts += ["## Toy verification (Table 3) and teacher overlap (Figure 3)", "", text, "",
+                  "![top-20 overlap per step](teacher_overlap.png)", ""]
     (root / "results.md").write_text("\n".join(parts) + "\n")
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(parts))
