@@ -52,6 +52,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "pass_at_1": {"pass_k": 1},                                        # Table 8
     "no_clipping": {"clip_mode": "off"},                               # Table 9
     "current_teacher": {"teacher": "current"},                         # Table 10
+    "current_teacher_informative": {"teacher": "current", "train_steps": "informative"},  # Table 10, issue 12
+    "informative_steps": {"train_steps": "informative"},               # the reference code's trained steps
     "all_trajectories": {"correct_only": False},                       # Table 11
     "ar_style_opsd": {"teacher_context": "reference_prefix"},          # Table 4 (reference = training target)
 }
@@ -167,13 +169,13 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
     return table, {"best": best, "final": final, "reach": reach, "grpo_best": grpo_best}
 
 
-def ablations(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+def ablations(root: Path, s: dict[str, Any], task: str, only: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """One seed of each row of ``ABLATIONS`` (or of the rows named in ``only``). The ablation base
+    (d-OPSD with per-position clipping, the main comparison's run) is trained after them if missing."""
     rows, out = [], {}
-    for label, prefix in [("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken"),
-                          ("d-OPSD, per-term clipping (paper default)", "dopsd")]:
-        rows.append([label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
-                                 for seed in s["ablation_seeds"]])])
     for name, over in ABLATIONS.items():
+        if only and name not in only:
+            continue
         accs = []
         for seed in s["ablation_seeds"]:
             cfg = post_config("dopsd", root, f"ablation_{name}_seed{seed}", s, task, seed, {**ABLATION_BASE, **over})
@@ -181,6 +183,13 @@ def ablations(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, 
             accs.append(max(curve(run)[1] or [float("nan")]))
         out[name] = accs
         rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())})", fmt(accs)])
+    for seed in s["ablation_seeds"]:
+        train_once("dopsd", post_config("dopsd", root, f"dopsd_pertoken_seed{seed}", s, task, seed,
+                                        dict(MAIN_RUNS["d-OPSD, per-position clipping"][2])))
+    for label, prefix in [("d-OPSD, per-term clipping (paper default)", "dopsd"),
+                          ("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken")]:
+        rows.insert(0, [label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
+                                    for seed in s["ablation_seeds"]])])
     return markdown_table(["variant", "best accuracy (%)"], rows), out
 
 
@@ -199,16 +208,35 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
         examples = t.load(None, split="train", limit=s["toy_items"], seed=99)
         gen = GenerationConfig(**{**generation(s, batch=64), "temperature": 0.9})
         regen = regenerate_from_self_teacher(model, tok, t, examples, gen, rhos=(0.1, 0.25, 0.5), pass_k=8)
+        # Figure 3 on the informative steps (the teacher sees a revealed position, masks remain before
+        # EOS), and, for comparison with earlier versions of this page, on every step: the same
+        # trajectories (same seed), the last block and EOS tail included (overlap 1 by construction)
         overlap = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20)
-        res = {"regenerate": regen, "overlap": {k: v["mean"] for k, v in overlap.items()},
+        every = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, informative_only=False)
+        res = {"regenerate": regen,
+               "overlap": {k: {f: v[f] for f in ("mean", "steps_used", "steps_total")} for k, v in overlap.items()},
+               "overlap_every_step": {k: {f: v[f] for f in ("mean", "steps_used", "steps_total")}
+                                      for k, v in every.items()},
                "overlap_per_step": {k: v["per_step"] for k, v in overlap.items()}}
         path.write_text(json.dumps(res, indent=2))
+    per_step = {name: [([i for i, y in enumerate(ys) if y is not None], [y for y in ys if y is not None])]
+                for name, ys in res.get("overlap_per_step", {}).items()}
+    if per_step:
+        plot_curves(per_step, root / "teacher_overlap.png", xlabel="denoising step", ylabel="top-20 overlap",
+                    title="student vs teacher, informative steps (Figure 3)")
     r = res["regenerate"]
     rows = [["student (first attempt)", f"{r['student']:.1f}"], ["pass@8", f"{r['pass@8']:.1f}"]]
     rows += [[f"self-teacher, rho = {rho}", f"{acc:.1f}"] for rho, acc in r["self_teacher"].items()]
     text = markdown_table(["decoder", f"accuracy (%) on {r['n']} training prompts"], rows)
-    text += "\n\n" + markdown_table(["teacher construction", "top-20 overlap with the student (eq. 13)"],
-                                    [[k, f"{v:.3f}"] for k, v in res["overlap"].items()])
+    rows = []
+    for which, key in [("informative steps", "overlap"), ("every step", "overlap_every_step")]:
+        for name, v in res.get(key, {}).items():
+            if not isinstance(v, dict):  # a toy.json written before steps_used was recorded
+                v = {"mean": v, "steps_used": None, "steps_total": None}
+            used = "-" if v["steps_used"] is None else f"{v['steps_used']}/{v['steps_total']}"
+            rows.append([name, which, f"{v['mean']:.3f}", used])
+    text += "\n\n" + markdown_table(["teacher construction", "steps measured",
+                                      "top-20 overlap with the student (eq. 13)", "steps used / total"], rows)
     return text, res
 
 
@@ -218,7 +246,12 @@ def main() -> None:
     ap.add_argument("--task", choices=["sudoku", "countdown"], default="sudoku")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_dopsd_<task>_<scale>)")
     ap.add_argument("--stages", nargs="*", default=["base", "main", "ablations", "toy"])
+    ap.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
+                    help=f"run only these ablation rows (default: all of {', '.join(ABLATIONS)})")
     a = ap.parse_args()
+    unknown = sorted(set(a.ablations or []) - set(ABLATIONS))
+    if unknown:
+        ap.error(f"--ablations: unknown row(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
     setup_logging()
     s = SCALES[a.scale]
     root = Path(a.out or f"runs/exp_dopsd_{a.task}_{a.scale}")
@@ -234,11 +267,12 @@ def main() -> None:
         text, results["main"] = summarize(root, runs, base_acc)
         parts += ["## Accuracy (Figure 1, Tables 1-2)", "", text, "", "![accuracy vs steps](accuracy_vs_steps.png)", ""]
     if "ablations" in a.stages:
-        text, results["ablations"] = stage("ablations", lambda: ablations(root, s, a.task))
+        text, results["ablations"] = stage("ablations", lambda: ablations(root, s, a.task, a.ablations))
         parts += ["## Ablations (Tables 4-11, one seed)", "", text, ""]
     if "toy" in a.stages:
         text, results["toy"] = stage("toy", lambda: toy(root, s, a.task))
-        parts += ["## Toy verification (Table 3) and teacher overlap (Figure 3)", "", text, ""]
+        parts += ["## Toy verification (Table 3) and teacher overlap (Figure 3)", "", text, "",
+                  "![top-20 overlap per step](teacher_overlap.png)", ""]
     (root / "results.md").write_text("\n".join(parts) + "\n")
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(parts))
