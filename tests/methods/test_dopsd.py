@@ -361,6 +361,9 @@ def test_collapse_warning_and_renamed_clip_mode():
     assert collapse_warnings(paper, learning_rate=1e-4, lora=True) == []
     assert collapse_warnings(paper, learning_rate=5e-6, lora=False) == []
     assert collapse_warnings(DOPSDConfig(clip_mode="per_position"), learning_rate=1e-4, lora=False) == []
+    for steps in ("all", "informative"):  # the moving teacher collapsed with both
+        moving = DOPSDConfig(clip_mode="per_position", teacher="current", train_steps=steps)
+        assert "teacher current" in " ".join(collapse_warnings(moving, learning_rate=1e-4, lora=False))
     with pytest.raises(ConfigError, match="renamed 'per_position'"):
         DOPSDConfig(clip_mode="per_token").validate()
 
