@@ -256,14 +256,19 @@ def plot_metric(runs: list[dict[str, Any]], key: str, path: Path, smoothing: int
     ax.set_ylabel(key)
     title = (f"{key} (moving average over {window} logged points; dots: raw values)" if window > 1
              else f"{key} (not smoothed)")
+    _finish(plt, fig, ax, title, path)
+    return True
+
+
+
+def _finish(plt, fig, ax, title: str, path: Path) -> None:
+    """Title, grid and legend, then save the figure to ``path`` and close it."""
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
-
 
 def plot_eval_steps(runs: list[dict[str, Any]], task: str, path: Path) -> bool:
     """The task's metric against the number of denoising steps (log2 axis), mean with ± std error bars
@@ -303,12 +308,7 @@ def plot_eval_steps(runs: list[dict[str, Any]], task: str, path: Path) -> bool:
         ax.minorticks_off()
     ax.set_xlabel("denoising steps")
     ax.set_ylabel(key)
-    ax.set_title(f"{task}: {key} against denoising steps (mean ± std over seeds)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, f"{task}: {key} against denoising steps (mean ± std over seeds)", path)
     return True
 
 
