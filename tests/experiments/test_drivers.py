@@ -64,3 +64,24 @@ def test_selffusion_sudoku_driver_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "selffusion" / "sudoku.py"), "--scale", "smoke",
                            "--out", str(tmp_path / "bad"), "--base", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "not a model folder" in proc.stderr
+
+
+def test_demo_lr_validation_never_scores_test_puzzles(tmp_path):
+    import importlib.util
+
+    from dlmdistill.demo import run_demo
+
+    spec = importlib.util.spec_from_file_location("demo_lr_validation", ROOT / "experiments" / "demo_lr_validation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    task, examples = module.validation_examples(20)
+    from dlmdistill.demo import TASK_KWARGS
+    from dlmdistill.tasks.registry import get_task
+
+    test_prompts = {e.prompt for e in get_task("sudoku", **TASK_KWARGS).load(None, split="test")}
+    assert len(examples) == 20 and not test_prompts & {e.prompt for e in examples}
+    run_demo(str(tmp_path / "demo"), "quick", methods=["sft"])
+    assert module.main(["--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "val"), "--size", "quick",
+                        "--methods", "sft", "--lrs", "1e-4", "3e-5", "--items", "8", "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "val" / "results.json").read_text())
+    assert result["items"] == 8 and set(result["accuracy"]["sft"]) == {"0.0001", "3e-05"}
