@@ -125,7 +125,7 @@ def bench_speed(a) -> None:
 
 
 def bench_accuracy(a) -> None:
-    from dlmdistill.evaluate import encode_prompts, resolve_model_path
+    from dlmdistill.evaluation import encode_prompts, resolve_model_path
     from dlmdistill.tasks.registry import get_task
 
     model, tok = build_model(ModelConfig(name_or_path=resolve_model_path(a.model)))

@@ -48,7 +48,7 @@ def evaluate_once(run: Path, task: str, *, steps: Sequence[int], seeds: Sequence
                   source: str | None = None, limit: int | None = None, task_kwargs: dict | None = None,
                   name: str | None = None) -> dict[str, Any]:
     """``eval/<name>/metrics.json`` of ``run`` (computed once)."""
-    from dlmdistill.evaluate import evaluate_model, resolve_model_path
+    from dlmdistill.evaluation import evaluate_model, resolve_model_path
     from dlmdistill.models.autoregressive import load_for_inference
     from dlmdistill.models.loading import ModelConfig
     from dlmdistill.sampling import GenerationConfig

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dlmdistill.api import train
     from dlmdistill.demo import SIZES, post_config
-    from dlmdistill.evaluate import evaluate_model
+    from dlmdistill.evaluation import evaluate_model
     from dlmdistill.models.loading import load_model
     from dlmdistill.sampling import GenerationConfig
 

@@ -188,7 +188,7 @@ def test_task_data_stored_by_evaluate_wins_over_the_prompt(tmp_path):
 
 
 def test_rescoring_evaluate_output_reproduces_its_verdicts(tmp_path, model_and_tok):
-    from dlmdistill.evaluate import evaluate_model
+    from dlmdistill.evaluation import evaluate_model
     from dlmdistill.sampling import GenerationConfig
     from dlmdistill.tasks.registry import get_task
 

@@ -162,7 +162,7 @@ def final_accuracy(run: Path) -> float:
 def latency(root: Path, d: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Table 5: accuracy (batched) and seconds per puzzle (batch 1, ``latency_items`` puzzles) of the DLM
     teacher at each step count and of the AR teacher of the same size."""
-    from dlmdistill.evaluate import evaluate_model
+    from dlmdistill.evaluation import evaluate_model
     from dlmdistill.models.autoregressive import load_for_inference
     from dlmdistill.models.loading import ModelConfig
     from dlmdistill.sampling import GenerationConfig

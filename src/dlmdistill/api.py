@@ -84,7 +84,7 @@ def train(method: str, config: str | Path | dict | Any | None = None, **override
 
 
 def _load(model: Any, **model_kwargs: Any):
-    from .evaluate import resolve_model_path
+    from .evaluation import resolve_model_path
     from .models.loading import ModelConfig, build_model
 
     if isinstance(model, tuple):
@@ -94,7 +94,7 @@ def _load(model: Any, **model_kwargs: Any):
 
 def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, **generation: Any) -> list[str]:
     """Completions for ``prompts``; ``model`` is a path/id or a ``(DiffusionModel, tokenizer)`` pair."""
-    from .evaluate import check_prompt_fits, context_limit
+    from .evaluation import check_prompt_fits, context_limit
     from .sampling import GenerationConfig, generate_texts
 
     gen = GenerationConfig(**generation)
@@ -110,7 +110,7 @@ def evaluate(model: Any, task: str, *, steps: Sequence[int] = (8, 16, 32), seeds
              source: str | None = None, split: str = "test", limit: int | None = None, output_dir: str | None = None,
              task_kwargs: dict | None = None, progress: bool = False, **generation: Any) -> dict[str, Any]:
     """Evaluate ``model`` on ``task`` at several step counts and seeds; returns the metrics report."""
-    from .evaluate import evaluate_model
+    from .evaluation import evaluate_model
     from .sampling import GenerationConfig
     from .tasks.registry import get_task
 

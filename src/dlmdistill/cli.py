@@ -182,7 +182,7 @@ def cmd_generate(argv: list[str]) -> int:
     import torch
 
     from .data import encode_prompt
-    from .evaluate import check_prompt_fits, context_limit, resolve_model_path
+    from .evaluation import check_prompt_fits, context_limit, resolve_model_path
     from .models.autoregressive import CausalLM, load_for_inference
     from .sampling import decode_responses, generate
 
@@ -249,7 +249,7 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_evaluate(argv: list[str]) -> int:
     """evaluate --model M --task T [--steps N ...] [--seeds S ...]: accuracy over denoising steps and seeds"""
     from .data import load_examples
-    from .evaluate import EvalRunConfig, evaluate_model, format_table, resolve_model_path
+    from .evaluation import EvalRunConfig, evaluate_model, format_table, resolve_model_path
     from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
 

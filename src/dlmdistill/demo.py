@@ -91,7 +91,7 @@ def run_demo(output_dir: str = "runs/demo", size_name: str = "full", task: str =
 def _run_demo(output_dir: str, size_name: str, task: str, seed: int, methods: list[str] | None,
               threads: int) -> dict[str, Any]:
     from .api import train
-    from .evaluate import evaluate_model
+    from .evaluation import evaluate_model
     from .models.loading import load_model
     from .sampling import GenerationConfig
     from .tasks.registry import get_task

@@ -85,7 +85,7 @@ def test_generation_greedy_is_deterministic_and_sampling_follows_the_seed(tokeni
 
 
 def test_evaluate_model_samples_an_ar_model_once_per_seed(tokenizer, tmp_path):
-    from dlmdistill.evaluate import evaluate_model, format_table
+    from dlmdistill.evaluation import evaluate_model, format_table
     from dlmdistill.tasks.base import Example, Task
 
     class Echo(Task):

@@ -354,11 +354,12 @@ def test_end_to_end_in_a_subprocess(tmp_path, argv, words):
 def test_evaluate_stays_the_api_function_after_the_submodule_is_imported():
     import importlib
 
-    importlib.import_module("dlmdistill.evaluate")
-    from dlmdistill.evaluate import evaluate_model  # the submodule still works  # noqa: F401
+    importlib.import_module("dlmdistill.evaluation")
+    from dlmdistill.evaluation import evaluate_model  # the submodule still works  # noqa: F401
 
+    # the implementation module is named ``evaluation``, so importing it cannot shadow the API function
     assert callable(dlmdistill.evaluate) and dlmdistill.evaluate.__module__ == "dlmdistill.api"
-    assert sys.modules["dlmdistill.evaluate"].__name__ == "dlmdistill.evaluate"
+    assert dlmdistill.evaluation is sys.modules["dlmdistill.evaluation"]
 
 
 def readme_python_block() -> str:
@@ -373,7 +374,7 @@ def test_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     smaller data and evaluation sizes; the statements themselves are unchanged."""
     import importlib
 
-    importlib.import_module("dlmdistill.evaluate")  # what made dd.evaluate a module before the fix
+    importlib.import_module("dlmdistill.evaluation")  # what made dd.evaluate a module before the fix
     code = readme_python_block()
     assert "configs/sft_countdown_tiny.yaml" in code and "dd.evaluate(" in code
     for old, new in [("max_steps=200", "max_steps=2"), ("limit=100", "limit=4")]:

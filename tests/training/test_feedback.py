@@ -55,7 +55,7 @@ def test_evaluation_during_training_prints_one_line(tokenizer, tmp_path, capsys)
 def test_greedy_evaluation_runs_once_for_several_seeds(tokenizer, monkeypatch, temperature):
     import importlib
 
-    ev = importlib.import_module("dlmdistill.evaluate")
+    ev = importlib.import_module("dlmdistill.evaluation")
     calls = []
     real = ev.generate_all
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import field, save_yaml
 from ..data import DataConfig, DiffusionCollator, load_examples, tokenize_examples
-from ..evaluate import TaskEvaluator
+from ..evaluation import TaskEvaluator
 from ..models.loading import ModelConfig, build_model, is_preset
 from ..models.tokenizer import char_tokenizer, train_bpe_tokenizer
 from ..sampling import GenerationConfig

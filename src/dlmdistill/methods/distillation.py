@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..evaluate import resolve_model_path
+from ..evaluation import resolve_model_path
 from ..flops import cost_table, format_cost_table, save_cost_table
 from ..models.autoregressive import CausalLM, is_autoregressive_checkpoint, load_causal_lm
 from ..models.backbone import DiffusionModel

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 
 from ..config import field
 from ..data import DataError, encode_prompt, tokenize_examples
-from ..evaluate import generate_all
+from ..evaluation import generate_all
 from ..flops import ModelShape, PassCounter
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel

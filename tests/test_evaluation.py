@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from dlmdistill.evaluate import evaluate_model, format_table, generate_all, summarize
+from dlmdistill.evaluation import evaluate_model, format_table, generate_all, summarize
 from dlmdistill.sampling import GenerationConfig
 from dlmdistill.tasks.registry import get_task
 
