@@ -20,6 +20,7 @@ Results: ``OUT/results.md`` (tables), ``OUT/accuracy_vs_steps.png``, ``OUT/resul
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (eval_curve, fmt, markdown_table, mean_std, plot_curves, setup_logging,  # noqa: E402
-                    stage, train_once)
+from common import (eval_curve, fmt, markdown_table, mean_std, plot_curves, read_logs,  # noqa: E402
+                    setup_logging, stage, train_once)
 
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(base_steps=800, post_steps=60, eval_every=10, eval_items=200, seeds=[0, 1, 2], batch=8,
@@ -39,6 +40,19 @@ SCALES: dict[str, dict[str, Any]] = {
                   preset_overrides={"hidden_size": 32, "intermediate_size": 64}, train_examples=300, toy_items=4,
                   ablation_seeds=[0], accept=0.0),
 }
+
+#: settings of a task at a scale, on top of the scale's (Countdown's base is configs/sft_countdown_tiny.yaml:
+#: answer-only targets, 50,000 generated puzzles, 2,000 steps; greedy low-confidence decoding of 64 tokens
+#: in 32 steps without blocks; 500 held-out puzzles)
+TASK_SCALES: dict[tuple[str, str], dict[str, Any]] = {
+    ("cpu", "countdown"): dict(base_steps=2000, base_train_examples=50000, max_length=160, gen_length=64,
+                               block_length=64, steps=32, eval_items=500),
+}
+
+
+def settings(scale: str, task: str) -> dict[str, Any]:
+    return {**SCALES[scale], **TASK_SCALES.get((scale, task), {})}
+
 
 #: the ablations vary one setting of d-OPSD with per-position clipping (formerly "per_token"): with the
 #: paper's per-term clipping d-OPSD collapses at this scale (the main table), and an ablation of a collapsed run measures nothing.
@@ -60,7 +74,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def task_kwargs(task: str) -> dict[str, Any]:
-    return {"reasoning": False}
+    return {"style": "compact", "reasoning": False} if task == "countdown" else {"reasoning": False}
 
 
 def accept_threshold(task: str, s: dict[str, Any]) -> float | None:
@@ -79,7 +93,7 @@ def common_config(out: Path, s: dict[str, Any], task: str, seed: int, *, model: 
     return {
         "model": {"name_or_path": model},
         "data": {"task": task, "task_kwargs": task_kwargs(task), "train_limit": s["train_examples"],
-                 "max_length": 128, "seed": seed},
+                 "max_length": s.get("max_length", 128), "seed": seed},
         "training": {"output_dir": str(out), "max_steps": steps, "seed": seed, "save_steps": 0,
                      "logging_steps": 1, "report_to": ["jsonl"], "eval_steps": s["eval_every"],
                      "progress_bar": False, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
@@ -94,6 +108,7 @@ def base_run(root: Path, s: dict[str, Any], task: str, *, name: str = "base", me
     teachers: another ``name``, ``method`` ('ar-sft'), architecture ``overrides`` and the base's tokenizer."""
     cfg = common_config(root / name, s, task, 0, model="preset:tiny", steps=s["base_steps"])
     cfg["model"].update(tokenizer=tokenizer, preset_overrides={**s["preset_overrides"], **(overrides or {})})
+    cfg["data"]["train_limit"] = s.get("base_train_examples", s["train_examples"])
     cfg["training"].update(learning_rate=1e-3, per_device_train_batch_size=s["base_batch"],
                            lr_scheduler_type="cosine_with_min_lr", warmup_ratio=0.02,
                            eval_steps=max(s["base_steps"] // 8, 1), logging_steps=max(s["base_steps"] // 40, 1))
@@ -129,13 +144,72 @@ MAIN_RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def main_comparison(root: Path, s: dict[str, Any], task: str) -> dict[str, Any]:
+#: issue 12's control for the collapse of per-term clipping, in the regime closest to the paper's: the
+#: reference scripts' top-20 vocabulary, a learning rate of 1e-5 (the paper: 5e-6) and LoRA with the
+#: paper's alpha / r = 0.5 (r = 32 of the tiny model's width 128; the paper: r = 128, alpha = 64), for
+#: ``CONTROL_STEPS`` times the main runs' steps since the smaller updates move the model more slowly.
+CONTROL: dict[str, Any] = {"clip_mode": "per_term", "vocab_top_k": 20}
+CONTROL_TRAINING: dict[str, Any] = {"learning_rate": 1e-5}
+CONTROL_MODEL: dict[str, Any] = {"lora_r": 32, "lora_alpha": 16.0, "lora_dropout": 0.0}
+CONTROL_STEPS = 4
+
+
+def control_config(root: Path, s: dict[str, Any], task: str, seed: int) -> dict[str, Any]:
+    cfg = post_config("dopsd", root, f"control_seed{seed}", s, task, seed, dict(CONTROL))
+    cfg["model"].update(CONTROL_MODEL)
+    cfg["training"].update(CONTROL_TRAINING, max_steps=s["post_steps"] * CONTROL_STEPS,
+                           eval_steps=s["eval_every"] * 2)
+    return cfg
+
+
+def wanted(name: str, only: list[str] | None) -> bool:
+    """Whether this invocation trains the run ``name`` (``--only`` shares an experiment between processes)."""
+    return not only or any(fnmatch.fnmatchcase(name, pat) for pat in only)
+
+
+def finished(run: Path) -> bool:
+    return (run / "final_metrics.json").exists()
+
+
+def main_comparison(root: Path, s: dict[str, Any], task: str, only: list[str] | None = None) -> dict[str, Any]:
+    """Train the main rows (those ``only`` selects) and return every finished run of each row."""
     runs: dict[str, list[Path]] = {label: [] for label in MAIN_RUNS}
     for seed in s["seeds"]:  # seed-major, so that an interrupted experiment has every row for its first seeds
         for label, (method, prefix, over) in MAIN_RUNS.items():
-            cfg = post_config(method, root, f"{prefix}_seed{seed}", s, task, seed, over or None)
-            runs[label].append(train_once(method, cfg))
+            name = f"{prefix}_seed{seed}"
+            if wanted(name, only):
+                train_once(method, post_config(method, root, name, s, task, seed, over or None))
+            if finished(root / name):
+                runs[label].append(root / name)
     return runs
+
+
+def control(root: Path, s: dict[str, Any], task: str, base_acc: float,
+            only: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Issue 12's control (``CONTROL``): does per-term clipping still collapse at the paper's small
+    learning rate with LoRA? Reported per seed: best, final and lowest accuracy, and the clip ratio of
+    the first and last 10 optimizer steps."""
+    rows, out = [], {}
+    for seed in s["seeds"]:
+        name = f"control_seed{seed}"
+        if wanted(name, only):
+            train_once("dopsd", control_config(root, s, task, seed))
+        if not finished(root / name):
+            continue
+        _, ys = curve(root / name)
+        clip = [r["clip_ratio"] for r in read_logs(root / name) if "clip_ratio" in r]
+        first, last = clip[:10], clip[-10:]
+        res = {"best": max(ys), "final": ys[-1], "lowest": min(ys),
+               "clip_first10": sum(first) / len(first), "clip_last10": sum(last) / len(last)}
+        out[f"seed{seed}"] = res
+        rows.append([str(seed), f"{res['best']:.1f}", f"{res['final']:.1f}", f"{res['lowest']:.1f}",
+                     f"{res['clip_first10']:.4f}", f"{res['clip_last10']:.4f}"])
+    head = (f"d-OPSD, per-term clipping on the teacher's top-{CONTROL['vocab_top_k']} ids, lr "
+            f"{CONTROL_TRAINING['learning_rate']:g}, LoRA r={CONTROL_MODEL['lora_r']} alpha={CONTROL_MODEL['lora_alpha']:g}, "
+            f"{s['post_steps'] * CONTROL_STEPS} optimizer steps, from a base at {base_acc:.1f}%:")
+    table = markdown_table(["seed", "best accuracy (%)", "final accuracy (%)", "lowest accuracy (%)",
+                            "clip ratio, first 10 steps", "clip ratio, last 10 steps"], rows)
+    return head + "\n\n" + table, out
 
 
 def curve(run: Path) -> tuple[list[float], list[float]]:
@@ -153,8 +227,16 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
     grpo_best, _ = mean_std(best["diffu-GRPO"])
     grpo_reach = [next((x for x, y in zip(xs, ys) if y >= max(ys)), float("nan")) for xs, ys in curves["diffu-GRPO"]
                   if ys]
+    # Countdown: the final accuracy on the puzzles that summing every number does not solve
+    not_sum = {label: [ys[-1] for ys in (eval_curve(r, "eval/accuracy_not_sum")[1] for r in rs) if ys]
+               for label, rs in runs.items()}
+    header = ["method", "best accuracy (%)", "final accuracy (%)", "seeds"]
     rows = [[label, fmt(best[label]), fmt(final[label]), str(len(best[label]))] for label in curves]
-    lines = [markdown_table(["method", "best accuracy (%)", "final accuracy (%)", "seeds"], rows), "",
+    if any(not_sum.values()):
+        header.insert(3, "final accuracy, not-sum puzzles (%)")
+        for row, label in zip(rows, curves):
+            row.insert(3, fmt(not_sum[label]) if not_sum[label] else "-")
+    lines = [markdown_table(header, rows), "",
              f"diffu-GRPO reaches its own best at optimizer step {fmt(grpo_reach, 0)} (mean best {grpo_best:.1f}%)."]
     reach: dict[str, list[float]] = {}
     for label in (lb for lb in curves if lb.startswith("d-OPSD")):
@@ -166,15 +248,15 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
     from_base = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in cs] for label, cs in curves.items()}
     plot_curves(from_base, root / "accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
                 title=f"post-training from a base at {base_acc:.1f}%")
-    return table, {"best": best, "final": final, "reach": reach, "grpo_best": grpo_best}
+    return table, {"best": best, "final": final, "final_not_sum": not_sum, "reach": reach, "grpo_best": grpo_best}
 
 
-def ablations(root: Path, s: dict[str, Any], task: str, only: list[str] | None = None) -> tuple[str, dict[str, Any]]:
-    """One seed of each row of ``ABLATIONS`` (or of the rows named in ``only``). The ablation base
+def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """One seed of each row of ``ABLATIONS`` (or of the rows named in ``rows_only``). The ablation base
     (d-OPSD with per-position clipping, the main comparison's run) is trained after them if missing."""
     rows, out = [], {}
     for name, over in ABLATIONS.items():
-        if only and name not in only:
+        if rows_only and name not in rows_only:
             continue
         accs = []
         for seed in s["ablation_seeds"]:
@@ -245,7 +327,12 @@ def main() -> None:
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--task", choices=["sudoku", "countdown"], default="sudoku")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_dopsd_<task>_<scale>)")
-    ap.add_argument("--stages", nargs="*", default=["base", "main", "ablations", "toy"])
+    ap.add_argument("--stages", nargs="*", default=["base", "main", "ablations", "control", "toy"],
+                    help="base, main, ablations, control, toy (the base is always trained or reused)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
+                    help="train only the main and control runs whose folder names match these shell patterns "
+                         "(e.g. 'dopsd_seed1' 'control_*'), so that several processes can share an experiment; "
+                         "the tables show every finished run")
     ap.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
                     help=f"run only these ablation rows (default: all of {', '.join(ABLATIONS)})")
     a = ap.parse_args()
@@ -253,22 +340,29 @@ def main() -> None:
     if unknown:
         ap.error(f"--ablations: unknown row(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
     setup_logging()
-    s = SCALES[a.scale]
+    s = settings(a.scale, a.task)
     root = Path(a.out or f"runs/exp_dopsd_{a.task}_{a.scale}")
     root.mkdir(parents=True, exist_ok=True)
     stage("base", lambda: base_run(root, s, a.task))
-    base_acc = json.loads((root / "base" / "final_metrics.json").read_text()).get("accuracy", float("nan"))
-    parts = [f"# d-OPSD experiment ({a.task}, scale {a.scale})", "",
-             f"Base model (masked-diffusion SFT from scratch, {s['base_steps']} steps): {base_acc:.1f}% accuracy "
-             f"on {s['eval_items']} held-out puzzles.", ""]
+    base_metrics = json.loads((root / "base" / "final_metrics.json").read_text())
+    base_acc = base_metrics.get("accuracy", float("nan"))
+    base_line = (f"Base model (masked-diffusion SFT from scratch, {s['base_steps']} steps): {base_acc:.1f}% accuracy "
+                 f"on {s['eval_items']} held-out puzzles")
+    if "accuracy_not_sum" in base_metrics:
+        base_line += (f"; {base_metrics['accuracy_not_sum']:.1f}% on the {base_metrics['n_not_sum']:.0f} of them "
+                      "that summing every number does not solve")
+    parts = [f"# d-OPSD experiment ({a.task}, scale {a.scale})", "", base_line + ".", ""]
     results: dict[str, Any] = {"base_accuracy": base_acc, "scale": s}
     if "main" in a.stages:
-        runs = stage("main", lambda: main_comparison(root, s, a.task))
+        runs = stage("main", lambda: main_comparison(root, s, a.task, a.only))
         text, results["main"] = summarize(root, runs, base_acc)
         parts += ["## Accuracy (Figure 1, Tables 1-2)", "", text, "", "![accuracy vs steps](accuracy_vs_steps.png)", ""]
     if "ablations" in a.stages:
         text, results["ablations"] = stage("ablations", lambda: ablations(root, s, a.task, a.ablations))
         parts += ["## Ablations (Tables 4-11, one seed)", "", text, ""]
+    if "control" in a.stages:
+        text, results["control"] = stage("control", lambda: control(root, s, a.task, base_acc, a.only))
+        parts += ["## Control: per-term clipping in the paper's regime (issue 12)", "", text, ""]
     if "toy" in a.stages:
         text, results["toy"] = stage("toy", lambda: toy(root, s, a.task))
         parts += ["## Toy verification (Table 3) and teacher overlap (Figure 3)", "", text, "",

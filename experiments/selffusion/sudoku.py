@@ -75,6 +75,12 @@ MAIN_RUNS: dict[str, tuple[str, str, dict[str, Any] | None, int]] = {
     "SFT": ("sft", "sft", None, 1),
     "SelfFusion": ("selffusion", "selffusion", {}, 1),
     "SFT, 2x steps (same compute as SelfFusion)": ("sft", "sft_2x", None, 2),
+    # issue 12: SelfFusion's default normalisation ('masked', the paper's eq. 3-4) differs from SFT's
+    # ('token'); these rows match SFT's, and the last drops the KD term, so that a difference between
+    # SelfFusion and SFT can be attributed to the normalisation, the second mode or the distillation
+    "SelfFusion, token normalisation (as SFT)": ("selffusion", "selffusion_token", {"normalization": "token"}, 1),
+    "SelfFusion, token normalisation, kd_weight 0 (two modes, no KD)":
+        ("selffusion", "selffusion_token_kd0", {"normalization": "token", "kd_weight": 0.0}, 1),
 }
 ABLATIONS: dict[str, dict[str, Any]] = {
     "easy_to_hard": {"direction": "easy_to_hard"},

@@ -177,7 +177,7 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
                     completions = generate_all(model, tokenizer, prompts, cfg, seed, progress, desc)
                     elapsed = time.time() - t0
                     rows = score_completions(task, examples, completions)
-                    metrics = task.aggregate([r["score"] for r in rows], rows)
+                    metrics = task.aggregate([r["score"] for r in rows], rows, examples)
                     metrics["seconds_per_sample"] = elapsed / len(examples)
                     per_seed[str(seed)] = metrics
                 if gen_file:
@@ -248,4 +248,4 @@ class TaskEvaluator:
         seen: dict[int, float] = {}
         for i, s in zip(ids.tolist(), scores.tolist()):
             seen.setdefault(i, s)
-        return self.task.aggregate([seen[i] for i in range(n)])
+        return self.task.aggregate([seen[i] for i in range(n)], examples=self.examples)

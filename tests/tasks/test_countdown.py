@@ -271,3 +271,16 @@ def test_model_text_raises_no_warnings():
         warnings.simplefilter("error")
         assert not check_answer("30abc + 93 - 100", NUMBERS, TARGET).correct
         assert not check_answer("0777 + 1", [777, 1], 778).correct
+
+
+def test_not_sum_subset_accuracy_is_reported_beside_the_whole_set():
+    # hand-made puzzles: two are solved by summing every number (10+20+30=60, 1+2+3=6), two are not
+    task = CountdownTask(reasoning=False)
+    examples = [task.example(solve(numbers, target)) for numbers, target in
+                [([10, 20, 30], 60), ([1, 2, 3], 6), ([4, 5, 6], 14), ([7, 8, 9], 47)]]
+    scores = [1.0, 1.0, 1.0, 0.0]  # both sums right, one of the two others right
+    metrics = task.aggregate(scores, examples=examples)
+    assert metrics["accuracy"] == 75.0
+    assert metrics["accuracy_not_sum"] == 50.0
+    assert metrics["n_not_sum"] == 2.0
+    assert "accuracy_not_sum" not in task.aggregate(scores)  # without the examples: the whole set only

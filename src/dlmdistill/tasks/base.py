@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 #: Prompt styles of the reasoning tasks: ``"compact"`` is a one-line prompt for tiny
 #: character-level models trained from scratch, ``"d1"`` a natural-language instruction in the
@@ -74,14 +74,32 @@ class Task:
     def is_correct(self, score: float, threshold: float | None = None) -> bool:
         return score >= (self.correct_threshold if threshold is None else threshold)
 
-    def aggregate(self, scores: Iterable[float], details: Iterable[dict[str, Any]] = ()) -> dict[str, float]:
-        """Summary metrics over a list of scores (mean x100 for accuracy; mean for ROUGE-L)."""
+    def aggregate(self, scores: Iterable[float], details: Iterable[dict[str, Any]] = (),
+                  examples: Sequence[Example] | None = None) -> dict[str, float]:
+        """Summary metrics over a list of scores (mean x100 for accuracy; mean for ROUGE-L). With the
+        ``examples`` the scores belong to, each of the task's :meth:`subsets` adds
+        ``accuracy_<name>`` (or ``<metric>_<name>``): the metric over that subset alone."""
         scores = list(scores)
+        metrics = self._aggregate(scores)
+        if examples is not None:
+            for name, keep in self.subsets(examples).items():
+                kept = [s for s, k in zip(scores, keep) if k]
+                if kept:
+                    metrics[f"{self.metric}_{name}"] = self._aggregate(kept)[self.metric]
+                metrics[f"n_{name}"] = float(len(kept))
+        return metrics
+
+    def _aggregate(self, scores: list[float]) -> dict[str, float]:
         n = max(len(scores), 1)
         if self.metric == "accuracy":
             return {"accuracy": 100.0 * sum(1.0 for s in scores if self.is_correct(s)) / n,
                     "mean_reward": sum(scores) / n}
         return {self.metric: sum(scores) / n}
+
+    def subsets(self, examples: Sequence[Example]) -> dict[str, list[bool]]:
+        """Named subsets of ``examples`` whose metric is reported beside the whole set's (a mask per
+        name, aligned with ``examples``). None by default."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import ast
 import random
 import re
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import permutations
@@ -512,6 +512,11 @@ class CountdownTask(Task):
 
     def score(self, example: Example, completion: str) -> float:
         return 1.0 if self.check(example, completion).correct else 0.0
+
+    def subsets(self, examples: Sequence[Example]) -> dict[str, list[bool]]:
+        """``not_sum``: the puzzles whose target is not the sum of all their numbers, which a model
+        solves by writing ``a+b+c`` without searching."""
+        return {"not_sum": [sum(ex.meta["numbers"]) != ex.meta["target"] for ex in examples]}
 
     def details(self, example: Example, completion: str) -> dict[str, Any]:
         result = self.check(example, completion)
