@@ -35,7 +35,7 @@ class ModelConfig:
         help="module names LoRA adapts ('all-linear' for every linear layer)")
 
     def validate(self) -> None:
-        from ..models.presets import PRESETS  # imports transformers
+        from ..models.presets import PRESETS  # imports torch and transformers
 
         if self.name_or_path.startswith("preset:") and self.name_or_path[7:] not in PRESETS:
             raise ValueError(f"name_or_path: unknown preset {self.name_or_path[7:]!r}; choose one of {', '.join(PRESETS)}")
