@@ -17,14 +17,29 @@ from .config import ConfigError, deep_merge, from_dict, leaf_paths, load_yaml, t
 from .errors import UserError
 
 
-def get_method(name: str):
-    """``(run-config class, run function)`` of training method ``name``; an unknown name is a
-    :class:`UserError` listing the valid ones."""
-    from .methods import METHODS, get_method as _get
+def _check_method(name: str) -> None:
+    from .methods import METHODS
 
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+
+
+def get_method(name: str):
+    """``(run-config class, run function)`` of training method ``name``; an unknown name is a
+    :class:`UserError` listing the valid ones."""
+    from .methods import get_method as _get
+
+    _check_method(name)
     return _get(name)
+
+
+def get_config_class(name: str) -> type:
+    """The run-configuration class of training method ``name``, without importing the recipe (no torch);
+    an unknown name is a :class:`UserError` listing the valid ones."""
+    from .methods import config_class
+
+    _check_method(name)
+    return config_class(name)
 
 
 def check_run_config(cfg: Any) -> None:
@@ -62,7 +77,7 @@ def _nest(flat: dict[str, Any], cls: type) -> dict[str, Any]:
 
 def make_config(method: str, config: str | Path | dict | Any | None = None, **overrides: Any) -> Any:
     """The run configuration of ``method`` from a YAML path, a mapping or a config object, plus overrides."""
-    cls, _ = get_method(method)
+    cls = get_config_class(method)
     if config is None:
         data: dict[str, Any] = {}
     elif isinstance(config, (str, Path)):

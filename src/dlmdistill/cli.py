@@ -8,23 +8,21 @@ reported as one line, ``dlmdistill: error: ...``, with exit status 2. Any other 
 and prints its traceback (exit status 1). ``dlmdistill --debug COMMAND ...`` shows the traceback
 of input errors too.
 
-torch and transformers are imported when a command runs, not when this module is imported, so
-that ``--help`` answers at once.
+torch and transformers are imported when a command runs, not when this module is imported nor for
+``--help``: the options come from the configuration classes of ``dlmdistill.configs``, which need no torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import logging
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, field, format_help, load_config
+from .config import ConfigError, format_help, load_config
 from .errors import UserError, describe, is_user_error
 
 USAGE = """usage: dlmdistill [--debug] COMMAND [ARGS ...]   (dlmdistill COMMAND --help for a command's options)
@@ -86,7 +84,7 @@ def _aliases(argv: list[str], table: dict[str, str]) -> list[str]:
 # ------------------------------------------------------------------------------------ train
 def cmd_train(argv: list[str]) -> int:
     """train METHOD [--config FILE] [--key value ...]: train or post-train a model (sft, selffusion, dopsd, ...)"""
-    from .api import check_run_config, get_method
+    from .api import check_run_config, get_config_class, get_method
     from .methods import METHODS
 
     if not argv or argv[0].startswith("-"):
@@ -95,12 +93,13 @@ def cmd_train(argv: list[str]) -> int:
             print(f"  {name:12s} {desc}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     method, argv = argv[0], argv[1:]
-    cfg_cls, run = get_method(method)
+    cfg_cls = get_config_class(method)  # an unknown method is an error here, before --help
     config, rest, want_help = _split_config_arg(argv)
     if want_help:
         print(f"dlmdistill train {method} [--config FILE] [--key value ...]\n")
         print(format_help(cfg_cls))
         return 0
+    cfg_cls, run = get_method(method)  # the recipe (imports torch); the same configuration class
     cfg = load_config(cfg_cls, config, _aliases(rest, {"--init-from": "--model.name_or_path"}))
     check_run_config(cfg)
     metrics = run(cfg)
@@ -110,41 +109,6 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------ generate
-@functools.cache
-def generate_config_class() -> type:
-    """The configuration of ``dlmdistill generate`` (built on first use: its sections import torch)."""
-    global ModelConfig, GenerationConfig  # module names: get_type_hints resolves the annotations there
-    from .models.loading import ModelConfig
-    from .sampling import GenerationConfig
-
-    @dataclass
-    class GenerateRunConfig:
-        model: ModelConfig = field(default_factory=ModelConfig, help="the model (run folder, local folder or hub id)")
-        generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
-                                             help="sampler settings")
-        prompt: list[str] = field(default_factory=list, help="prompt text(s)")
-        prompts_file: str | None = field(None, help="JSONL file with a 'prompt' field per line, or a text file (one per line)")
-        prompt_format: str = field("plain", help="'plain' or 'chat' (apply the tokenizer's chat template)")
-        seed: int = field(0, help="sampling seed")
-        output: str | None = field(None, help="write {prompt, completion} JSONL here (default: print)")
-        trajectory: str | None = field(None, help="save the recorded trajectory of the first batch (safetensors) here")
-        show: bool = field(False, help="watch each response fill in step by step (masked positions as '░'); on a "
-                           "terminal in place, otherwise every show_every-th state as plain lines")
-        show_delay: float = field(0.05, help="seconds between steps with --show on a terminal")
-        show_every: int = field(0, help="with --show and no terminal: print every Nth state (0 = about 8 states)")
-        device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
-
-        def validate(self) -> None:
-            if self.generation.batch_size < 1:
-                raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
-            if self.prompt_format not in ("plain", "chat"):
-                raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
-            if self.show_delay < 0 or self.show_every < 0:
-                raise ValueError(f"show_delay and show_every must be >= 0, got {self.show_delay} and {self.show_every}")
-
-    return GenerateRunConfig
-
-
 def _device(name: str | None):
     """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
     import torch
@@ -179,6 +143,13 @@ def _read_prompts(path: str) -> list[tuple[str, str]]:
 
 def cmd_generate(argv: list[str]) -> int:
     """generate --model M --prompt TEXT [--key value ...]: sample completions with the diffusion sampler"""
+    from .configs import GenerateRunConfig
+
+    config, rest, want_help = _split_config_arg(_aliases(argv, {"--model": "--model.name_or_path"}))
+    if want_help:
+        print("dlmdistill generate --model M --prompt TEXT [--key value ...]\n")
+        print(format_help(GenerateRunConfig))
+        return 0
     import torch
 
     from .data import encode_prompt
@@ -186,12 +157,7 @@ def cmd_generate(argv: list[str]) -> int:
     from .models.autoregressive import CausalLM, load_for_inference
     from .sampling import decode_responses, generate
 
-    config, rest, want_help = _split_config_arg(_aliases(argv, {"--model": "--model.name_or_path"}))
-    if want_help:
-        print("dlmdistill generate --model M --prompt TEXT [--key value ...]\n")
-        print(format_help(generate_config_class()))
-        return 0
-    cfg = load_config(generate_config_class(), config, rest)
+    cfg = load_config(GenerateRunConfig, config, rest)
     sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
     sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file else []
     if not sourced:
@@ -248,10 +214,7 @@ def cmd_generate(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ evaluate
 def cmd_evaluate(argv: list[str]) -> int:
     """evaluate --model M --task T [--steps N ...] [--seeds S ...]: accuracy over denoising steps and seeds"""
-    from .data import load_examples
-    from .evaluation import EvalRunConfig, evaluate_model, format_table, resolve_model_path
-    from .models.autoregressive import load_for_inference
-    from .tasks.registry import get_task
+    from .configs import EvalRunConfig
 
     argv = _aliases(argv, {"--model": "--model.name_or_path", "--task": "--data.task",
                            "--source": "--data.eval_source", "--split": "--data.eval_split",
@@ -261,6 +224,11 @@ def cmd_evaluate(argv: list[str]) -> int:
         print("dlmdistill evaluate --model M --task T [--steps 8 16 32] [--seeds 10 20 30] [--key value ...]\n")
         print(format_help(EvalRunConfig))
         return 0
+    from .data import load_examples
+    from .evaluation import evaluate_model, format_table, resolve_model_path
+    from .models.autoregressive import load_for_inference
+    from .tasks.registry import get_task
+
     cfg = load_config(EvalRunConfig, config, rest)
     device = _device(cfg.device)
     run_dir = Path(cfg.model.name_or_path)

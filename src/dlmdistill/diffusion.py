@@ -18,9 +18,9 @@ from typing import Literal
 
 import torch
 
-Normalization = Literal["token", "sequence"]
+from .configs.choices import EPS  # the minimum masking probability (defined without torch, for the configs)
 
-EPS = 1e-3
+Normalization = Literal["token", "sequence"]
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:

@@ -14,47 +14,22 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .config import field
-from .data import DataConfig, encode_prompt
+from .configs.commands import EvalRunConfig  # noqa: F401 (re-exported)
+from .data import encode_prompt
 from .errors import UserError
 from .models.autoregressive import CausalLM
 from .models.backbone import DiffusionModel
-from .models.loading import ModelConfig, check_model_source
+from .models.loading import check_model_source
 from .sampling import GenerationConfig, decode_responses, generate
 from .tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalRunConfig:
-    """``dlmdistill evaluate``: one model, one task, several step counts and seeds."""
-
-    model: ModelConfig = field(default_factory=ModelConfig, help="the model to evaluate (a run folder, its "
-                               "final/ export, a local folder or a hub id)")
-    data: DataConfig = field(default_factory=DataConfig, help="task and evaluation data (data.eval_*)")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=8),
-                                         help="sampler settings (generation.steps is replaced by each of 'steps')")
-    steps: list[int] = field(default_factory=lambda: [8, 16, 32], help="denoising step counts to evaluate")
-    seeds: list[int] = field(default_factory=lambda: [10, 20, 30], help="sampling seeds (SelfFusion uses 10 20 30)")
-    output_dir: str | None = field(None, help="where to write generations.jsonl and metrics.json (default: "
-                                   "<run>/eval/<task> for a run folder, else eval/<task>)")
-    device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
-    progress_bar: bool = field(True, help="show progress bars")
-
-    def validate(self) -> None:
-        if not self.steps or not self.seeds:
-            raise ValueError("give at least one step count (steps) and one seed (seeds)")
-        if self.generation.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
-        for s in self.steps:
-            replace(self.generation, steps=s).validate()
 
 
 def resolve_model_path(path: str) -> str:

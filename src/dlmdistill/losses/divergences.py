@@ -51,7 +51,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd"]
+from ..configs.choices import DivergenceKind
+
 ClipMode = Literal["per_term", "per_position", "per_position_scale", "off"]
 CLIP_MODES = ("per_term", "per_position", "per_position_scale", "off")
 

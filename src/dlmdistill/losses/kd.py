@@ -10,14 +10,11 @@ arithmetic, and the teacher side detached in ``divergences.divergence_terms``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
+from ..configs.choices import KLKind
 from .divergences import distillation_divergence
-
-KLKind = Literal["forward_kl", "reverse_kl"]
 
 __all__ = ["KLKind", "kl_per_row", "logit_kd_loss", "tempered_log_probs"]
 

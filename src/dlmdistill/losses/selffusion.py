@@ -18,17 +18,13 @@ Shapes: B = batch, L = sequence length, V = vocabulary, N = gathered positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..configs.choices import DirectionRule, DistillPositions, ModeNormalization
 from ..diffusion import diffusion_loss_weights
 from .kd import logit_kd_loss
-
-DirectionRule = Literal["bidirectional", "easy_to_hard", "hard_to_easy"]
-DistillPositions = Literal["both", "either"]
-ModeNormalization = Literal["masked", "token", "sequence"]
 
 
 def distillation_positions(easy_masked: torch.Tensor, hard_masked: torch.Tensor,

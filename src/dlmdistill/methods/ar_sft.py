@@ -12,31 +12,20 @@ transformers causal LM: ``dlmdistill evaluate --model RUN`` samples it left to r
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..config import field
+from ..configs.methods import ARSFTConfig, ARSFTRunConfig  # noqa: F401 (re-exported)
 from ..data import load_examples
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_token_stats, token_nll
 from ..models.autoregressive import CausalLM, load_causal_lm
 from ..models.loading import is_preset
 from ..training.trainer import Trainer
-from .common import build_tokenizer, example_texts, finish, prepare, run_config_class, write_run_metadata
+from .common import build_tokenizer, example_texts, finish, prepare, write_run_metadata
 from .distillation import write_costs
-
-
-@dataclass
-class ARSFTConfig:
-    normalization: Literal["token", "sequence"] = field("token", help="'token': mean over the response tokens of "
-                                                        "the batch; 'sequence': per-sample mean, then batch mean")
-
-
-ARSFTRunConfig = run_config_class("ARSFTRunConfig", ARSFTConfig,
-                                  "Configuration of causal-LM SFT of an autoregressive model.")
 
 
 def causal_lm_loss(model: CausalLM, batch: dict[str, torch.Tensor], normalization: str = "token"

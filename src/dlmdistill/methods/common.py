@@ -15,40 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import field, save_yaml
-from ..data import DataConfig, DiffusionCollator, load_examples, tokenize_examples
+from ..config import save_yaml
+from ..configs.methods import TrainEvalConfig, run_config_class  # noqa: F401 (re-exported)
+from ..data import DiffusionCollator, load_examples, tokenize_examples
 from ..evaluation import TaskEvaluator
 from ..models.loading import ModelConfig, build_model, is_preset
 from ..models.tokenizer import char_tokenizer, train_bpe_tokenizer
-from ..sampling import GenerationConfig
 from ..tasks.base import Example
-from ..training.trainer import TrainingConfig
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
-
-
-@dataclass
-class TrainEvalConfig:
-    enabled: bool = field(True, help="evaluate the task metric during/after training")
-    limit: int | None = field(200, help="evaluation items (a subset of data.eval_*)")
-    seed: int = field(0, help="sampling seed for evaluation")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
-                                         help="sampler settings used for evaluation during training")
-
-
-def run_config_class(name: str, method_cls: type, doc: str = "") -> type:
-    """The configuration tree of a recipe: model, data, training, eval and the method's own section."""
-    cls = dataclasses.make_dataclass(name, [
-        ("model", ModelConfig, field(default_factory=ModelConfig, help="backbone and how to load it")),
-        ("data", DataConfig, field(default_factory=DataConfig, help="task and data")),
-        ("training", TrainingConfig, field(default_factory=TrainingConfig, help="optimisation, logging, checkpoints")),
-        ("eval", TrainEvalConfig, field(default_factory=TrainEvalConfig, help="evaluation during training")),
-        ("method", method_cls, field(default_factory=method_cls, help=f"{method_cls.__name__} options")),
-    ])
-    cls.__doc__ = doc or f"Configuration of a {name} run."
-    return cls
 
 
 #: Tokenization counts (long examples dropped/truncated) per run folder, from ``prepare`` to

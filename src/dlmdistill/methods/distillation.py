@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from ..configs.choices import TeacherKind
 from ..evaluation import resolve_model_path
 from ..flops import cost_table, format_cost_table, save_cost_table
 from ..models.autoregressive import CausalLM, is_autoregressive_checkpoint, load_causal_lm
@@ -14,8 +15,6 @@ from ..models.backbone import DiffusionModel
 from ..models.loading import DTYPES, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
-
-TeacherKind = Literal["auto", "dlm", "ar"]
 
 
 def load_teacher(path: str, kind: TeacherKind = "auto", *, dtype: str = "float32",

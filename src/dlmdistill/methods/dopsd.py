@@ -40,99 +40,17 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from ..config import ConfigError, field
+from ..configs.methods import ClipModeSetting, DOPSDConfig, DOPSDRunConfig  # noqa: F401 (re-exported)
 from ..errors import UserError
-from ..losses.divergences import DivergenceKind, check_clip_mode, distillation_divergence, topk_overlap
+from ..losses.divergences import distillation_divergence, topk_overlap
 from ..models.backbone import DiffusionModel
-from ..sampling import GenerationConfig, Trajectory, topk_mask
+from ..sampling import Trajectory, topk_mask
 from ..training.trainer import TrainingConfig
-from .common import finish, prepare, run_config_class, write_run_metadata
+from .common import finish, prepare, write_run_metadata
 from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batches, prompt_and_response_inputs,
                        prompt_items, response_lengths, with_prompt_columns)
 
 log = logging.getLogger(__name__)
-
-
-#: ``clip_mode`` as a setting: the clip modes plus the old name ``per_token``, accepted by the config
-#: loader only so that ``validate`` can reject it with an error that names its replacement
-ClipModeSetting = Literal["per_term", "per_position", "per_position_scale", "off", "per_token"]
-
-
-def _paper_rollout() -> GenerationConfig:
-    return GenerationConfig(gen_length=256, steps=128, block_length=32, temperature=0.9, batch_size=8)
-
-
-@dataclass
-class DOPSDConfig:
-    rollout: GenerationConfig = field(default_factory=_paper_rollout, help="sampler of the on-policy trajectories "
-                                      "(paper: 256 tokens, 128 steps, blocks of 32; temperature 0.9 as in the "
-                                      "reference code, so that pass@k resamples differ)")
-    pass_k: int = field(8, help="attempts per prompt: resample rejected prompts until the verifier accepts, at "
-                        "most this many times in all (1 = a single sample)")
-    accept_threshold: float | None = field(None, help="score from which a trajectory is accepted; null = the "
-                                           "task's own (1.0 = correct); the paper uses 0.25 for Sudoku")
-    correct_only: bool = field(True, help="train only on accepted trajectories; false = train on every prompt's "
-                               "kept trajectory (the accepted one, else the best-scoring attempt; Table 11)")
-    teacher_context: Literal["self_future", "reference_prefix"] = field(
-        "self_future", help="self_future: reveal part of the trajectory's own final answer outside the current "
-        "block (d-OPSD); reference_prefix: prompt + reference solution as the teacher's prompt (AR-style OPSD)")
-    rho: float = field(0.25, help="self_future: fraction of the still-masked positions outside the current block "
-                       "revealed to the teacher (floor(rho * eligible))")
-    exclude_after_eos: bool = field(False, help="self_future: never reveal positions after the first EOS of the "
-                                    "final answer (the EOS itself may be revealed)")
-    reference_template: str = field("{prompt}{target}\n", help="reference_prefix: the teacher's prompt, a "
-                                    "str.format pattern over {prompt} and {target} (the reference solution)")
-    teacher: Literal["fixed", "current"] = field("fixed", help="fixed: the initial policy (LoRA adapters "
-                                                 "disabled / a frozen copy); current: the policy itself, no gradient")
-    positions: Literal["teacher", "student", "committed"] = field(
-        "teacher", help="K_t: the k_t masked positions of the current block with the highest teacher (or student) "
-        "probability of its argmax token, or the positions the sampler committed at the step")
-    divergence: DivergenceKind = field("reverse_kl", help="reverse_kl = KL(student || teacher), forward_kl, or "
-                                       "jsd (GKD's generalised JSD with jsd_beta)")
-    jsd_beta: float = field(0.5, help="beta of the generalised JSD (0 < beta < 1)")
-    vocab_top_k: int = field(0, help="restrict both distributions to the teacher's top-K ids, renormalised; "
-                             "0 = full vocabulary (the paper's text; the reference scripts use 20)")
-    clip: float = field(0.05, help="clipping threshold c of the divergence (see clip_mode)")
-    clip_mode: ClipModeSetting = field(
-        "per_term", help="per_term: cap each vocabulary term at c (reference code; the paper's 'per-token "
-        "pointwise clipping'); per_position: cap a position's divergence at c, dropping the gradient of positions "
-        "above it (formerly 'per_token'); per_position_scale: same value, but positions above c keep their "
-        "gradient scaled by c / D; off")
-    train_steps: Literal["all", "informative"] = field(
-        "all", help="which recorded steps are trained: all, or informative = steps where masks remain before the "
-        "first EOS of the final answer and (self_future) the teacher sees at least one revealed position, so "
-        "never a step whose teacher input equals the student's (e.g. the last block); the reference code trains "
-        "only the latter")
-    student_dropout: bool = field(False, help="keep dropout (e.g. LoRA dropout) on in the student's loss forward; "
-                                  "false = dropout off, like the rollouts that produced the trajectories")
-    micro_batch_size: int = field(8, help="step states per forward pass (student and teacher each); the "
-                                  "gradient is accumulated over micro-batches, one optimizer step per rollout batch")
-    overlap_k: int = field(20, help="K of the logged top-K overlap between student and teacher (eq. 13)")
-    max_consecutive_skips: int = field(100, help="stop with an error after this many rollout batches in a row "
-                                       "without an accepted trajectory (0 = never)")
-
-    def validate(self) -> None:
-        """Raise ``ConfigError`` (naming the field) for an invalid option."""
-        try:
-            self.rollout.validate()
-        except ValueError as e:
-            raise ConfigError(f"rollout: {e}") from None
-        if self.pass_k < 1 or self.micro_batch_size < 1 or self.overlap_k < 1:
-            raise ConfigError("pass_k, micro_batch_size and overlap_k must be >= 1")
-        if not 0.0 <= self.rho <= 1.0:
-            raise ConfigError(f"rho must be in [0, 1] (got {self.rho})")
-        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
-            raise ConfigError(f"jsd_beta must be in (0, 1) (got {self.jsd_beta})")
-        try:
-            check_clip_mode(self.clip_mode)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.train_steps not in ("all", "informative"):
-            raise ConfigError(f"train_steps: {self.train_steps!r} is not one of ['all', 'informative']")
-        if self.clip_mode != "off" and self.clip <= 0:
-            raise ConfigError(f"clip must be > 0 (or clip_mode: off; got {self.clip})")
-        if self.vocab_top_k < 0 or self.max_consecutive_skips < 0:
-            raise ConfigError("vocab_top_k and max_consecutive_skips must be >= 0")
 
 
 #: learning rate from which docs/results.md saw per-term clipping collapse under full fine-tuning
@@ -159,9 +77,6 @@ def collapse_warnings(method: DOPSDConfig, *, learning_rate: float, lora: bool) 
         out.append(f"d-OPSD: teacher current with full fine-tuning and learning_rate {learning_rate:g} collapsed "
                    f"in the one-seed ablations of docs/results.md section 2 (train_steps all and informative)")
     return out
-
-
-DOPSDRunConfig = run_config_class("DOPSDRunConfig", DOPSDConfig, "Configuration of a d-OPSD run.")
 
 
 # --------------------------------------------------------------------------------------------

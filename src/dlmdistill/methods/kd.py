@@ -22,53 +22,23 @@ are trained by ``L_diff`` only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..config import field
-from ..diffusion import EPS, forward_process
+from ..configs.methods import KDConfig, KDRunConfig  # noqa: F401 (re-exported)
+from ..diffusion import forward_process
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
-from ..losses.kd import KLKind, logit_kd_loss
-from ..losses.selffusion import ModeNormalization, mode_loss_weights
+from ..losses.kd import logit_kd_loss
+from ..losses.selffusion import mode_loss_weights
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
 from ..training.trainer import Trainer
-from .common import finish, prepare, run_config_class, write_run_metadata
-from .distillation import TeacherKind, check_same_tokenizer, load_teacher, write_costs
+from .common import finish, prepare, write_run_metadata
+from .distillation import check_same_tokenizer, load_teacher, write_costs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KDConfig:
-    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
-    teacher_type: TeacherKind = field("auto", help="'dlm' (sees the student's noisy input), 'ar' (next-token "
-                                      "distribution from the clean prefix) or 'auto' (detect from the checkpoint)")
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
-    kd_weight: float = field(1.0, help="weight of the KD term")
-    ce_weight: float = field(1.0, help="weight of the masked-diffusion cross-entropy on the ground truth")
-    temperature: float = field(1.0, help="KD temperature T (the loss is scaled by T^2)")
-    divergence: KLKind = field("forward_kl", help="'forward_kl': KL(teacher || student); 'reverse_kl': "
-                               "KL(student || teacher) (renamed from 'forward' / 'reverse', the names d-OPSD uses)")
-    normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
-                                             "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
-    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
-    ar_skip_eos_padding: bool = field(True, help="AR teacher: no KD at the EOS padding after the response's first "
-                                      "EOS (the teacher never continued past an EOS in training)")
-
-    def validate(self) -> None:
-        if not self.teacher:
-            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if self.kd_weight < 0 or self.ce_weight < 0:
-            raise ValueError("kd_weight and ce_weight must be >= 0")
-
-
-KDRunConfig = run_config_class("KDRunConfig", KDConfig, "Configuration of a logit-level KD run (DLM student).")
 
 
 @torch.no_grad()

@@ -24,48 +24,16 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import field
+from ..configs.methods import SelfFusionConfig, SelfFusionRunConfig  # noqa: F401 (re-exported)
 from ..diffusion import EPS, NoisedBatch, apply_mask, sample_t
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import token_nll
-from ..losses.selffusion import (DirectionRule, DistillPositions, ModeNormalization, bidirectional_kd_loss,
-                                 direction_from_stats, distillation_positions, mode_loss_weights,
+from ..losses.selffusion import (bidirectional_kd_loss, direction_from_stats, distillation_positions, mode_loss_weights,
                                  selffusion_diagnostics)
 from ..models.backbone import DiffusionModel
 from ..training.trainer import Trainer
-from .common import finish, prepare, run_config_class, write_run_metadata
+from .common import finish, prepare, write_run_metadata
 from .distillation import write_costs
-
-
-@dataclass
-class SelfFusionConfig:
-    direction: DirectionRule = field("bidirectional", help="distillation direction: 'bidirectional' (per token, "
-                                     "eq. 1), or the Table 3 ablations 'easy_to_hard' / 'hard_to_easy'")
-    calibration: bool = field(True, help="RMSNorm logit calibration on the easy mode (false: the 'w/o RMSNorm' "
-                              "ablation)")
-    kd_weight: float = field(1.0, help="weight of L_bkd (paper: 1; 0 = two diffusion losses only)")
-    temperature: float = field(1.0, help="KD temperature T (the direction is always decided at T = 1)")
-    distill_positions: DistillPositions = field("both", help="distillation set D: response positions masked in "
-                                                "'both' modes (default) or in 'either' mode")
-    normalization: ModeNormalization = field("masked", help="each L_diff: 'masked' = mean over the mode's masked "
-                                             "positions of -log p / q (paper eq. 3-4); 'token' = sum / response "
-                                             "tokens (SMDM SFT); 'sequence' = per-sample mean (LLaDA)")
-    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
-    uncalibrated_diagnostics_every: int = field(10, help="every N micro-batches also log the easy mode's top-1 "
-                                                "probabilities without calibration (one extra no-grad LM-head "
-                                                "pass over D); 0 = never")
-
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if self.kd_weight < 0:
-            raise ValueError("kd_weight must be >= 0")
-        if self.uncalibrated_diagnostics_every < 0:
-            raise ValueError("uncalibrated_diagnostics_every must be >= 0")
-
-
-SelfFusionRunConfig = run_config_class("SelfFusionRunConfig", SelfFusionConfig,
-                                       "Configuration of a SelfFusion run (self-distillation between masking levels).")
 
 
 def sample_modes(input_ids: torch.Tensor, response_mask: torch.Tensor, mask_id: int, *, eps: float = EPS,

@@ -16,47 +16,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-from ..config import field
+from ..configs.methods import SeqKDConfig, SeqKDRunConfig  # noqa: F401 (re-exported)
 from ..data import DataError, encode_prompt, tokenize_examples
 from ..evaluation import generate_all
 from ..flops import ModelShape, PassCounter
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig
-from .common import finish, prepare, run_config_class, write_run_metadata
-from .distillation import TeacherKind, load_teacher, write_costs
-from .sft import SFTConfig, SFTTrainer
+from .common import finish, prepare, write_run_metadata
+from .distillation import load_teacher, write_costs
+from .sft import SFTTrainer
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "seqkd_data.jsonl"
-
-
-@dataclass
-class SeqKDConfig:
-    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
-    teacher_type: TeacherKind = field("auto", help="'dlm', 'ar' or 'auto' (detect from the checkpoint)")
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=64),
-                                         help="teacher sampling: gen_length new tokens; steps/block_length/"
-                                         "remasking for a DLM teacher (paper: 64 steps); temperature (0 = greedy)")
-    seed: int = field(0, help="sampling seed of the teacher (each chunk of prompts uses seed + chunk index)")
-    chunk_size: int = field(256, help="prompts generated between two appends to the data file")
-    sft: SFTConfig = field(default_factory=SFTConfig, help="options of the SFT stage")
-
-    def validate(self) -> None:
-        if not self.teacher:
-            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
-        if self.chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
-
-
-SeqKDRunConfig = run_config_class("SeqKDRunConfig", SeqKDConfig,
-                                  "Configuration of a sequence-level KD run (SFT on teacher responses).")
 
 
 def read_responses(path: Path, prompts: Sequence[str]) -> list[str]:

@@ -10,27 +10,15 @@ probability ``cfg_prob`` to train for classifier-free guidance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..config import field
+from ..configs.methods import SFTConfig, SFTRunConfig  # noqa: F401 (re-exported)
 from ..diffusion import EPS, diffusion_loss_weights, forward_process, mask_prompts_for_cfg
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
 from ..training.trainer import Trainer
-from .common import finish, prepare, run_config_class, write_run_metadata
-
-
-@dataclass
-class SFTConfig:
-    normalization: Literal["token", "sequence"] = field("token", help="'token': sum / response tokens in the batch "
-                                                        "(SMDM); 'sequence': per-sample mean, then batch mean (LLaDA)")
-    cfg_prob: float = field(0.0, help="probability of masking the whole prompt (classifier-free guidance training)")
-    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
-
-
-SFTRunConfig = run_config_class("SFTRunConfig", SFTConfig, "Configuration of a masked-diffusion SFT run.")
+from .common import finish, prepare, write_run_metadata
 
 
 def diffusion_batch_loss(model, batch: dict[str, torch.Tensor], *, mask_id: int, normalization: str = "token",

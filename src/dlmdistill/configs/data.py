@@ -1,0 +1,59 @@
+"""``DataConfig``: the task and its data (loading and tokenizing: ``dlmdistill.data``, which re-exports it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import field
+
+
+LONG_EXAMPLES = ("drop", "truncate", "error")
+
+
+@dataclass
+class DataConfig:
+    task: str = field("countdown", help="task name: countdown, sudoku, gsm8k, math500, instruct "
+                     "(aliases chat, auto, dolly, rouge), text")
+    task_kwargs: dict = field(default_factory=dict, help="task options, e.g. {style: d1} (countdown, sudoku) "
+                                "or {fields: [instruction, output]} (text); a wrong key lists the task's options")
+    train_source: str | None = field(None, help="training data: local JSONL/CSV/folder or a Hugging Face dataset "
+                                     "id; null = the task's default (generated for countdown/sudoku)")
+    train_split: str = field("train", help="split of train_source")
+    train_limit: int | None = field(None, help="use at most this many training examples (or generate this many)")
+    eval_source: str | None = field(None, help="evaluation data (same forms as train_source)")
+    eval_split: str = field("test", help="split of eval_source")
+    eval_limit: int | None = field(None, help="evaluate on at most this many examples")
+    max_length: int = field(256, help="maximum prompt + response tokens; longer responses are truncated "
+                            "(prompts that leave no room: see long_examples)")
+    max_prompt_length: int | None = field(None, help="maximum prompt tokens (null = max_length - 1); longer "
+                                          "prompts are handled as long_examples says")
+    long_examples: Literal["drop", "truncate", "error"] = field(
+        "drop", help="a training example whose prompt exceeds max_prompt_length: 'drop' it (counted, logged and "
+        "written to data_stats.json in the run folder), 'truncate' the prompt from the left, or 'error'")
+    response_length: int | None = field(None, help="pad every response with trained EOS to this length "
+                                        "(null = to the longest response in the batch)")
+    pad_response_with_eos: bool = field(True, help="pad responses with trained EOS tokens (LLaDA/SMDM)")
+    prompt_format: Literal["plain", "chat"] = field("plain", help="'chat' wraps text prompts in the tokenizer's chat "
+                                                    "template (conversational data always uses it)")
+    seed: int = field(0, help="seed for generated data and subsampling")
+
+    def validate(self) -> None:
+        from ..tasks.registry import task_options
+
+        options = task_options(self.task)  # an unknown task name is an error here, before anything runs
+        unknown = [k for k in self.task_kwargs if k not in options]
+        if unknown:
+            raise ValueError(f"task_kwargs: task {self.task!r} has no option {', '.join(repr(k) for k in unknown)}; "
+                             f"its options: {', '.join(options) or 'none'}")
+        for name in ("train_limit", "eval_limit", "response_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length must be >= 1 and below max_length={self.max_length} (room for a "
+                             f"response token), got {self.max_prompt_length}")
+        if self.long_examples not in LONG_EXAMPLES:
+            raise ValueError(f"long_examples must be one of {', '.join(LONG_EXAMPLES)}, got {self.long_examples!r}")

@@ -1,0 +1,272 @@
+"""The configurations of the training recipes: each method's own section (``SFTConfig``, ...), the
+evaluation section every recipe shares, and each method's run configuration (``SFTRunConfig``, ...:
+sections ``model``, ``data``, ``training``, ``eval``, ``method``). The recipes (``dlmdistill.methods.*``)
+re-export them; ``dlmdistill.methods.config_class(name)`` returns a method's run configuration without
+importing its recipe (which imports torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import ConfigError, field
+from .choices import (EPS, DirectionRule, DistillPositions, DivergenceKind, KLKind, ModeNormalization,
+                      TeacherKind)
+from .data import DataConfig
+from .generation import GenerationConfig
+from .model import ModelConfig
+from .training import TrainingConfig
+
+
+# -------------------------------------------------------------------------------------------- shared sections
+@dataclass
+class TrainEvalConfig:
+    enabled: bool = field(True, help="evaluate the task metric during/after training")
+    limit: int | None = field(200, help="evaluation items (a subset of data.eval_*)")
+    seed: int = field(0, help="sampling seed for evaluation")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
+                                         help="sampler settings used for evaluation during training")
+
+
+def run_config_class(name: str, method_cls: type, doc: str = "") -> type:
+    """The configuration tree of a recipe: model, data, training, eval and the method's own section."""
+    cls = dataclasses.make_dataclass(name, [
+        ("model", ModelConfig, field(default_factory=ModelConfig, help="backbone and how to load it")),
+        ("data", DataConfig, field(default_factory=DataConfig, help="task and data")),
+        ("training", TrainingConfig, field(default_factory=TrainingConfig, help="optimisation, logging, checkpoints")),
+        ("eval", TrainEvalConfig, field(default_factory=TrainEvalConfig, help="evaluation during training")),
+        ("method", method_cls, field(default_factory=method_cls, help=f"{method_cls.__name__} options")),
+    ])
+    cls.__doc__ = doc or f"Configuration of a {name} run."
+    return cls
+
+
+# -------------------------------------------------------------------------------------------- sft
+@dataclass
+class SFTConfig:
+    normalization: Literal["token", "sequence"] = field("token", help="'token': sum / response tokens in the batch "
+                                                        "(SMDM); 'sequence': per-sample mean, then batch mean (LLaDA)")
+    cfg_prob: float = field(0.0, help="probability of masking the whole prompt (classifier-free guidance training)")
+    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+
+
+SFTRunConfig = run_config_class("SFTRunConfig", SFTConfig, "Configuration of a masked-diffusion SFT run.")
+
+
+# -------------------------------------------------------------------------------------------- selffusion
+@dataclass
+class SelfFusionConfig:
+    direction: DirectionRule = field("bidirectional", help="distillation direction: 'bidirectional' (per token, "
+                                     "eq. 1), or the Table 3 ablations 'easy_to_hard' / 'hard_to_easy'")
+    calibration: bool = field(True, help="RMSNorm logit calibration on the easy mode (false: the 'w/o RMSNorm' "
+                              "ablation)")
+    kd_weight: float = field(1.0, help="weight of L_bkd (paper: 1; 0 = two diffusion losses only)")
+    temperature: float = field(1.0, help="KD temperature T (the direction is always decided at T = 1)")
+    distill_positions: DistillPositions = field("both", help="distillation set D: response positions masked in "
+                                                "'both' modes (default) or in 'either' mode")
+    normalization: ModeNormalization = field("masked", help="each L_diff: 'masked' = mean over the mode's masked "
+                                             "positions of -log p / q (paper eq. 3-4); 'token' = sum / response "
+                                             "tokens (SMDM SFT); 'sequence' = per-sample mean (LLaDA)")
+    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+    uncalibrated_diagnostics_every: int = field(10, help="every N micro-batches also log the easy mode's top-1 "
+                                                "probabilities without calibration (one extra no-grad LM-head "
+                                                "pass over D); 0 = never")
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.kd_weight < 0:
+            raise ValueError("kd_weight must be >= 0")
+        if self.uncalibrated_diagnostics_every < 0:
+            raise ValueError("uncalibrated_diagnostics_every must be >= 0")
+
+
+SelfFusionRunConfig = run_config_class("SelfFusionRunConfig", SelfFusionConfig,
+                                       "Configuration of a SelfFusion run (self-distillation between masking levels).")
+
+
+# -------------------------------------------------------------------------------------------- kd
+@dataclass
+class KDConfig:
+    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
+    teacher_type: TeacherKind = field("auto", help="'dlm' (sees the student's noisy input), 'ar' (next-token "
+                                      "distribution from the clean prefix) or 'auto' (detect from the checkpoint)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
+    kd_weight: float = field(1.0, help="weight of the KD term")
+    ce_weight: float = field(1.0, help="weight of the masked-diffusion cross-entropy on the ground truth")
+    temperature: float = field(1.0, help="KD temperature T (the loss is scaled by T^2)")
+    divergence: KLKind = field("forward_kl", help="'forward_kl': KL(teacher || student); 'reverse_kl': "
+                               "KL(student || teacher) (renamed from 'forward' / 'reverse', the names d-OPSD uses)")
+    normalization: ModeNormalization = field("token", help="L_diff normalisation: 'token' (SMDM SFT, as the "
+                                             "sft method), 'sequence' (LLaDA) or 'masked' (SelfFusion eq. 3)")
+    eps: float = field(EPS, help="minimum masking probability: p_mask = (1 - eps) t + eps")
+    ar_skip_eos_padding: bool = field(True, help="AR teacher: no KD at the EOS padding after the response's first "
+                                      "EOS (the teacher never continued past an EOS in training)")
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.kd_weight < 0 or self.ce_weight < 0:
+            raise ValueError("kd_weight and ce_weight must be >= 0")
+
+
+KDRunConfig = run_config_class("KDRunConfig", KDConfig, "Configuration of a logit-level KD run (DLM student).")
+
+
+# -------------------------------------------------------------------------------------------- seqkd
+@dataclass
+class SeqKDConfig:
+    teacher: str = field("", help="the teacher: a run folder, a model folder or a hub id (required)")
+    teacher_type: TeacherKind = field("auto", help="'dlm', 'ar' or 'auto' (detect from the checkpoint)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="teacher weights dtype")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=64),
+                                         help="teacher sampling: gen_length new tokens; steps/block_length/"
+                                         "remasking for a DLM teacher (paper: 64 steps); temperature (0 = greedy)")
+    seed: int = field(0, help="sampling seed of the teacher (each chunk of prompts uses seed + chunk index)")
+    chunk_size: int = field(256, help="prompts generated between two appends to the data file")
+    sft: SFTConfig = field(default_factory=SFTConfig, help="options of the SFT stage")
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("method.teacher is required (a run folder, model folder or hub id)")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+
+
+SeqKDRunConfig = run_config_class("SeqKDRunConfig", SeqKDConfig,
+                                  "Configuration of a sequence-level KD run (SFT on teacher responses).")
+
+
+# -------------------------------------------------------------------------------------------- ar-sft
+@dataclass
+class ARSFTConfig:
+    normalization: Literal["token", "sequence"] = field("token", help="'token': mean over the response tokens of "
+                                                        "the batch; 'sequence': per-sample mean, then batch mean")
+
+
+ARSFTRunConfig = run_config_class("ARSFTRunConfig", ARSFTConfig,
+                                  "Configuration of causal-LM SFT of an autoregressive model.")
+
+
+# -------------------------------------------------------------------------------------------- dopsd
+#: ``clip_mode`` as a setting: the clip modes plus the old name ``per_token``, accepted by the config
+#: loader only so that ``validate`` can reject it with an error that names its replacement
+ClipModeSetting = Literal["per_term", "per_position", "per_position_scale", "off", "per_token"]
+
+
+def _paper_rollout() -> GenerationConfig:
+    return GenerationConfig(gen_length=256, steps=128, block_length=32, temperature=0.9, batch_size=8)
+
+
+@dataclass
+class DOPSDConfig:
+    rollout: GenerationConfig = field(default_factory=_paper_rollout, help="sampler of the on-policy trajectories "
+                                      "(paper: 256 tokens, 128 steps, blocks of 32; temperature 0.9 as in the "
+                                      "reference code, so that pass@k resamples differ)")
+    pass_k: int = field(8, help="attempts per prompt: resample rejected prompts until the verifier accepts, at "
+                        "most this many times in all (1 = a single sample)")
+    accept_threshold: float | None = field(None, help="score from which a trajectory is accepted; null = the "
+                                           "task's own (1.0 = correct); the paper uses 0.25 for Sudoku")
+    correct_only: bool = field(True, help="train only on accepted trajectories; false = train on every prompt's "
+                               "kept trajectory (the accepted one, else the best-scoring attempt; Table 11)")
+    teacher_context: Literal["self_future", "reference_prefix"] = field(
+        "self_future", help="self_future: reveal part of the trajectory's own final answer outside the current "
+        "block (d-OPSD); reference_prefix: prompt + reference solution as the teacher's prompt (AR-style OPSD)")
+    rho: float = field(0.25, help="self_future: fraction of the still-masked positions outside the current block "
+                       "revealed to the teacher (floor(rho * eligible))")
+    exclude_after_eos: bool = field(False, help="self_future: never reveal positions after the first EOS of the "
+                                    "final answer (the EOS itself may be revealed)")
+    reference_template: str = field("{prompt}{target}\n", help="reference_prefix: the teacher's prompt, a "
+                                    "str.format pattern over {prompt} and {target} (the reference solution)")
+    teacher: Literal["fixed", "current"] = field("fixed", help="fixed: the initial policy (LoRA adapters "
+                                                 "disabled / a frozen copy); current: the policy itself, no gradient")
+    positions: Literal["teacher", "student", "committed"] = field(
+        "teacher", help="K_t: the k_t masked positions of the current block with the highest teacher (or student) "
+        "probability of its argmax token, or the positions the sampler committed at the step")
+    divergence: DivergenceKind = field("reverse_kl", help="reverse_kl = KL(student || teacher), forward_kl, or "
+                                       "jsd (GKD's generalised JSD with jsd_beta)")
+    jsd_beta: float = field(0.5, help="beta of the generalised JSD (0 < beta < 1)")
+    vocab_top_k: int = field(0, help="restrict both distributions to the teacher's top-K ids, renormalised; "
+                             "0 = full vocabulary (the paper's text; the reference scripts use 20)")
+    clip: float = field(0.05, help="clipping threshold c of the divergence (see clip_mode)")
+    clip_mode: ClipModeSetting = field(
+        "per_term", help="per_term: cap each vocabulary term at c (reference code; the paper's 'per-token "
+        "pointwise clipping'); per_position: cap a position's divergence at c, dropping the gradient of positions "
+        "above it (formerly 'per_token'); per_position_scale: same value, but positions above c keep their "
+        "gradient scaled by c / D; off")
+    train_steps: Literal["all", "informative"] = field(
+        "all", help="which recorded steps are trained: all, or informative = steps where masks remain before the "
+        "first EOS of the final answer and (self_future) the teacher sees at least one revealed position, so "
+        "never a step whose teacher input equals the student's (e.g. the last block); the reference code trains "
+        "only the latter")
+    student_dropout: bool = field(False, help="keep dropout (e.g. LoRA dropout) on in the student's loss forward; "
+                                  "false = dropout off, like the rollouts that produced the trajectories")
+    micro_batch_size: int = field(8, help="step states per forward pass (student and teacher each); the "
+                                  "gradient is accumulated over micro-batches, one optimizer step per rollout batch")
+    overlap_k: int = field(20, help="K of the logged top-K overlap between student and teacher (eq. 13)")
+    max_consecutive_skips: int = field(100, help="stop with an error after this many rollout batches in a row "
+                                       "without an accepted trajectory (0 = never)")
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` (naming the field) for an invalid option."""
+        try:
+            self.rollout.validate()
+        except ValueError as e:
+            raise ConfigError(f"rollout: {e}") from None
+        if self.pass_k < 1 or self.micro_batch_size < 1 or self.overlap_k < 1:
+            raise ConfigError("pass_k, micro_batch_size and overlap_k must be >= 1")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ConfigError(f"rho must be in [0, 1] (got {self.rho})")
+        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
+            raise ConfigError(f"jsd_beta must be in (0, 1) (got {self.jsd_beta})")
+        from ..losses.divergences import check_clip_mode  # imports torch
+
+        try:
+            check_clip_mode(self.clip_mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.train_steps not in ("all", "informative"):
+            raise ConfigError(f"train_steps: {self.train_steps!r} is not one of ['all', 'informative']")
+        if self.clip_mode != "off" and self.clip <= 0:
+            raise ConfigError(f"clip must be > 0 (or clip_mode: off; got {self.clip})")
+        if self.vocab_top_k < 0 or self.max_consecutive_skips < 0:
+            raise ConfigError("vocab_top_k and max_consecutive_skips must be >= 0")
+
+
+DOPSDRunConfig = run_config_class("DOPSDRunConfig", DOPSDConfig, "Configuration of a d-OPSD run.")
+
+
+# -------------------------------------------------------------------------------------------- diffu-grpo
+def _d1_rollout() -> GenerationConfig:
+    return GenerationConfig(gen_length=256, steps=128, block_length=32, temperature=0.9, batch_size=8)
+
+
+@dataclass
+class DiffuGRPOConfig:
+    rollout: GenerationConfig = field(default_factory=_d1_rollout, help="sampler of the group completions "
+                                      "(d1: 256 tokens, blocks of 32, temperature 0.9)")
+    num_generations: int = field(6, help="completions per prompt, G (d1's training config: 6)")
+    num_iterations: int = field(12, help="mu: optimizer steps on each rollout batch (d1: 12)")
+    epsilon: float = field(0.5, help="PPO clip range (d1's training config: 0.5)")
+    beta: float = field(0.04, help="weight of the k3 KL to the reference (initial) policy; 0 = no reference")
+    p_mask_prompt: float = field(0.15, help="probability of masking each prompt token in the log-prob estimate")
+    scale_rewards: bool = field(False, help="divide advantages by the group's reward std (d1: no)")
+    random_masking: bool = field(True, help="a fresh prompt mask per inner iteration (d1's random_masking); "
+                                 "false = the same mask for all iterations")
+    micro_batch_size: int = field(8, help="completions per forward pass; gradients are accumulated over "
+                                  "micro-batches into one optimizer step per inner iteration")
+
+    def validate(self) -> None:
+        self.rollout.validate()
+        if self.num_generations < 1 or self.num_iterations < 1 or self.micro_batch_size < 1:
+            raise ValueError("num_generations, num_iterations and micro_batch_size must be >= 1")
+        if not 0.0 <= self.p_mask_prompt <= 1.0:
+            raise ValueError("p_mask_prompt must be in [0, 1]")
+        if self.epsilon <= 0 or self.beta < 0:
+            raise ValueError("epsilon must be > 0 and beta >= 0")
+
+
+DiffuGRPORunConfig = run_config_class("DiffuGRPORunConfig", DiffuGRPOConfig, "Configuration of a diffu-GRPO run.")
