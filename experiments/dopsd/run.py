@@ -74,7 +74,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def task_kwargs(task: str) -> dict[str, Any]:
-    return {"style": "compact", "reasoning": False} if task == "countdown" else {"reasoning": False}
+    if task == "countdown":  # answer-only targets, one solution per puzzle (ordered_solution)
+        return {"style": "compact", "reasoning": False, "solution": "ordered"}
+    return {"reasoning": False}
 
 
 def accept_threshold(task: str, s: dict[str, Any]) -> float | None:

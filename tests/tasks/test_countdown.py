@@ -4,7 +4,7 @@ from fractions import Fraction
 import pytest
 
 from dlmdistill.tasks.countdown import (CountdownTask, ExpressionError, check_answer, evaluate_expression,
-                                        example_key, generate_countdown, solve, solve_countdown)
+                                        example_key, generate_countdown, ordered_solution, solve, solve_countdown)
 from dlmdistill.tasks.io import DataError
 
 NUMBERS, TARGET = [30, 100, 93], 23
@@ -284,3 +284,27 @@ def test_not_sum_subset_accuracy_is_reported_beside_the_whole_set():
     assert metrics["accuracy_not_sum"] == 50.0
     assert metrics["n_not_sum"] == 2.0
     assert "accuracy_not_sum" not in task.aggregate(scores)  # without the examples: the whole set only
+
+
+@pytest.mark.parametrize("numbers, target, expected", [
+    ([12, 11, 41], 64, "(12+11)+41"),   # the prompt's order, + first
+    ([46, 94, 61], 79, "(46+94)-61"),   # + before -
+    ([78, 76, 30], 60, "(78-76)*30"),   # - before *
+    ([54, 19, 63], 28, "(19+63)-54"),   # the prompt's order has no left-to-right solution: the next order
+    ([6, 4, 3], 8, "(6*4)/3"),          # * before /
+    ([5, 3, 2], 4, "(5+3)/2"),          # +, -, * of 8 and 2 miss; / is the last operator tried
+])
+def test_ordered_solution_is_the_first_left_to_right_solution_in_prompt_order(numbers, target, expected):
+    puzzle = ordered_solution(numbers, target)
+    assert puzzle.expression == expected
+    assert check_answer(puzzle.expression, numbers, target).correct
+
+
+def test_ordered_training_targets_are_correct_and_independent_of_the_generating_expression():
+    generated = CountdownTask(reasoning=False).load(split="train", limit=300)
+    ordered = CountdownTask(reasoning=False, solution="ordered").load(split="train", limit=300)
+    assert [e.prompt for e in generated] == [e.prompt for e in ordered]  # the same puzzles
+    assert all(check_answer(e.references[0], e.meta["numbers"], e.meta["target"]).correct for e in ordered)
+    assert sum(g.references != o.references for g, o in zip(generated, ordered)) > 100
+    with pytest.raises(ValueError, match="unknown solution"):
+        CountdownTask(solution="shortest")

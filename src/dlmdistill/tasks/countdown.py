@@ -317,6 +317,33 @@ def solve(numbers: list[int] | tuple[int, ...], target: int, budget: int | None 
     return CountdownPuzzle(tuple(numbers), target)
 
 
+def ordered_solution(numbers: list[int] | tuple[int, ...], target: int) -> CountdownPuzzle:
+    """The first solution in a fixed order that keeps the prompt's order where it can: orders of the
+    numbers from the prompt's own, each combined left to right (``(a op b) op c``) with the operators
+    tried as ``+ - * /``, positive-integer intermediate results first. One answer per puzzle, the
+    same whichever expression generated it: a target a small model can learn. Puzzles with no
+    left-to-right solution fall back to :func:`solve`."""
+    for natural in (True, False):
+        for order in permutations(numbers):
+            found = _left_to_right([_leaf(n) for n in order], target, natural)
+            if found is not None:
+                return CountdownPuzzle(tuple(numbers), target, found.expression, found.steps)
+    return solve(numbers, target)
+
+
+def _left_to_right(terms: list[_Term], target: int, natural: bool) -> _Term | None:
+    if len(terms) == 1:
+        return terms[0] if terms[0].value == target else None
+    for op in "+-*/":
+        term = _combine(terms[0], op, terms[1])
+        if term is None or (natural and (term.value.denominator != 1 or term.value <= 0)):
+            continue
+        found = _left_to_right([term, *terms[2:]], target, natural)
+        if found is not None:
+            return found
+    return None
+
+
 def solve_countdown(numbers: list[int] | tuple[int, ...], target: int) -> str | None:
     """An expression using each number exactly once that equals ``target``, or None."""
     return solve(numbers, target).expression or None
@@ -426,6 +453,9 @@ class CountdownTask(Task):
     puzzles with the same key are excluded. Without it the test split is ``num_test`` puzzles
     generated from ``test_seed``. ``reasoning``: training targets carry the step trace in
     ``<reasoning>`` (default) or only ``<answer>expression</answer>`` (easier for tiny models).
+    ``solution``: the expression of a generated training puzzle's target: ``"generated"`` (the random
+    expression that generated it, default) or ``"ordered"`` (:func:`ordered_solution`: one answer per
+    puzzle, in the prompt's order where possible; what a tiny model learns from scratch).
     """
 
     name = "countdown"
@@ -433,8 +463,12 @@ class CountdownTask(Task):
 
     def __init__(self, style: PromptStyle = "compact", test_source: str | None = None,
                  num_train: int = 50_000, num_test: int = 500, max_number: int = 100,
-                 max_target: int = 100, test_seed: int = 1234, reasoning: bool = True) -> None:
+                 max_target: int = 100, test_seed: int = 1234, reasoning: bool = True,
+                 solution: str = "generated") -> None:
         self.style = check_style(style)
+        if solution not in ("generated", "ordered"):
+            raise ValueError(f"countdown: unknown solution {solution!r}; valid: generated, ordered")
+        self.solution = solution
         self.reasoning = reasoning
         self.test_source = test_source
         self.num_train = num_train
@@ -478,6 +512,8 @@ class CountdownTask(Task):
             return self._read(source, split, exclude=held_out, limit=limit)
         puzzles = generate_countdown(limit or self.num_train, seed, self.max_number, self.max_target,
                                      exclude=held_out)
+        if self.solution == "ordered":
+            puzzles = [ordered_solution(p.numbers, p.target) for p in puzzles]
         return [self.example(p, f"generated:train:seed={seed}[{i}]") for i, p in enumerate(puzzles)]
 
     def _held_out(self, source: str | None) -> list[Example]:
