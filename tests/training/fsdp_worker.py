@@ -121,7 +121,7 @@ def onpolicy(out: Path, rank: int) -> dict:
         calls = [0]
         model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         cfg = training_config(folder, per_device_train_batch_size=2, save_steps=1, save_total_limit=0, max_steps=3,
-                              export_final=True, **kw)
+                              learning_rate=3e-3, export_final=True, **kw)
         common = dict(task=StubTask(lambda i, c: float((i + len(c)) % 2)), examples=examples,
                       accelerator=Accelerator(cpu=True))
         items = items_for(examples, tok, gen.gen_length)

@@ -73,3 +73,21 @@ def test_offline_fsdp_two_processes_match_one_process(tmp_path):
         # sampling through the sharded model: both ranks got the same tokens, equal to one process's
         assert a["samples"] == b["samples"] == single["samples"]
         assert a["resumed_samples"] == single["resumed_samples"]
+
+
+def test_onpolicy_fsdp_two_processes_match_ddp(tmp_path):
+    r0, r1 = launch("onpolicy", tmp_path, 29564)
+    for name in ("dopsd", "grpo"):
+        a, b = r0[name], r1[name]
+        assert a["fsdp"]["fsdp"] and a["resumed"]["fsdp"] and not a["ddp"]["fsdp"]
+        # lock-step: every rank ran as many forward passes under FSDP as under DDP, and as the other rank
+        assert a["fsdp"]["forwards"] == b["fsdp"]["forwards"] == a["ddp"]["forwards"] > 0
+        # the same rollouts were drawn and judged (the verdict depends on the sampled text)
+        assert a["fsdp"]["rollouts"] == a["ddp"]["rollouts"] and a["fsdp"]["rollouts"]["accepted"] > 0
+        assert a["fsdp"]["step"] == a["resumed"]["step"] == 3
+        run = tmp_path / name
+        diff = max_diff(run / "fsdp" / "final", run / "ddp" / "final")
+        print(f"{name}: FSDP2 x2 vs DDP x2, max |diff| of the exported weights {diff:.2e}")
+        assert diff < TOL
+        assert max_diff(run / "resumed" / "final", run / "fsdp" / "final") < TOL
+        assert max_diff(run / "fsdp" / "checkpoints" / "step-0000001", run / "fsdp" / "checkpoints" / "step-0000003") > 1e-4
