@@ -22,6 +22,7 @@ What this module provides, each a collective (every rank must call it, in the sa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Iterable
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def requested() -> bool:
@@ -54,9 +57,13 @@ def layer_classes(model: nn.Module) -> set[str]:
     return set(getattr(hf, "_no_split_modules", None) or ())
 
 
-def shard(model: nn.Module, *, reshard_after_forward: bool | None = None) -> nn.Module:
-    """Apply ``fully_shard`` to every decoder layer of ``model`` and then to ``model`` (in place)."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, *, mixed_precision: str = "no", reshard_after_forward: bool | None = None) -> nn.Module:
+    """Apply ``fully_shard`` to every decoder layer of ``model`` and then to ``model`` (in place).
+
+    ``mixed_precision: bf16`` becomes FSDP2's own policy (as Accelerate sets it for FSDP2): parameters
+    all-gathered and computed in bfloat16, gradients reduced in float32, the sharded parameters and the
+    optimizer state kept in float32. fp16 would need a gradient scaler for sharded gradients and is refused."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if getattr(model, "is_peft", False):
         raise UserError("LoRA (model.lora) is not supported with FSDP on CPU yet: train LoRA with DDP "
@@ -69,9 +76,16 @@ def shard(model: nn.Module, *, reshard_after_forward: bool | None = None) -> nn.
         raise UserError(f"FSDP: no module of the classes {sorted(names) or '(none)'} in the model "
                         f"({type(getattr(model, 'hf_model', model)).__name__}); set FSDP_TRANSFORMER_CLS_TO_WRAP "
                         "(fsdp_transformer_layer_cls_to_wrap) to its decoder layer class")
+    if mixed_precision == "fp16":
+        raise UserError("mixed_precision fp16 is not supported with FSDP on CPU: use bf16 or no")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    kinds = "/".join(sorted({type(m).__name__ for m in layers}))
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    log.info("FSDP2 (fully_shard, run by dlmdistill): %d %s units + the root, mixed_precision %s", len(layers), kinds,
+             mixed_precision)
     return model
 
 

@@ -371,7 +371,7 @@ class Trainer:
         self.fsdp_direct = fsdp.requested() and self.accelerator.distributed_type.value == "MULTI_CPU"
         if self.fsdp_direct:
             fsdp.check_version()
-            fsdp.shard(model)  # before the optimizer: it must hold the sharded (DTensor) parameters
+            fsdp.shard(model, mixed_precision=config.mixed_precision)  # before the optimizer: it must hold the sharded (DTensor) parameters
         self.optimizer = make_optimizer(config, _decay_groups(model, config.weight_decay))
         if self.fsdp_direct:  # Accelerate must not wrap the sharded model in DDP
             self.optimizer, self.train_loader = self.accelerator.prepare(self.optimizer, loader)
