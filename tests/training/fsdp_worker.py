@@ -103,6 +103,36 @@ def offline(method: str, out: Path, world: int) -> dict:
     return report
 
 
+def nonfinite_guard(out: Path) -> dict:
+    """A NaN planted in rank 1's shard of one gradient, at the second step: with nonfinite_grad skip both
+    ranks drop that update (the norm is reduced over ranks); with stop both ranks raise."""
+    from dlmdistill.training.trainer import NonFiniteLossError
+
+    class Planted(SFTTrainer):
+        def backward(self, loss):
+            super().backward(loss)
+            if self.accelerator.process_index == 1 and (self.state.epoch, self.state.batches_in_epoch) == (0, 1):
+                grad = next(self.model.parameters()).grad
+                grad.to_local().view(-1)[0] = float("nan")
+
+    report = {}
+    for mode in ("skip", "stop"):
+        tok = char_tokenizer([CHARS])
+        model, tok = tiny_model(tok, seed=0)
+        cfg = TrainingConfig(output_dir=str(out / mode), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                             progress_bar=False, report_to=["jsonl"], save_steps=1, export_final=False,
+                             nonfinite_grad=mode)
+        trainer = Planted(model.train(), tok, reverse_items(tok, 16), cfg,
+                          collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+        trainer.accelerator.end_training = lambda: None
+        try:
+            trainer.train()
+            report[mode] = {"step": trainer.state.global_step, "skipped": trainer.state.skipped_steps}
+        except NonFiniteLossError as e:
+            report[mode] = {"error": str(e), "step": trainer.state.global_step}
+    return report
+
+
 def onpolicy(out: Path, rank: int) -> dict:
     from accelerate import Accelerator
 
@@ -156,6 +186,7 @@ def main(mode: str, out: str) -> None:
     rank = int(os.environ["RANK"])
     if mode == "offline":
         report = {m: offline(m, Path(out) / m, int(os.environ["WORLD_SIZE"])) for m in ("sft", "selffusion")}
+        report["guard"] = nonfinite_guard(Path(out) / "guard")
     else:
         report = onpolicy(Path(out), rank)
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -73,6 +73,11 @@ def test_offline_fsdp_two_processes_match_one_process(tmp_path):
         # sampling through the sharded model: both ranks got the same tokens, equal to one process's
         assert a["samples"] == b["samples"] == single["samples"]
         assert a["resumed_samples"] == single["resumed_samples"]
+    # the non-finite-gradient guard decides the same on every rank (a NaN in one rank's shard only)
+    for r in (r0, r1):
+        assert r["guard"]["skip"] == {"step": 3, "skipped": 1}
+        assert r["guard"]["stop"]["step"] == 1 and "non-finite gradient norm (nan) at optimizer step 2" in \
+            r["guard"]["stop"]["error"]
 
 
 def test_onpolicy_fsdp_two_processes_match_ddp(tmp_path):
