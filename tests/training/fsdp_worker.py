@@ -15,6 +15,7 @@ the production code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -74,13 +75,14 @@ def offline_trainer(method: str, out: Path, world: int, **kw):
     return trainer
 
 
-def sample(trainer) -> list[list[int]]:
-    """Greedy samples for two prompts through the model (the sharded one under FSDP: every rank calls)."""
+def sample(trainer) -> list[list[list[int]]]:
+    """Samples for two prompts through the model (the sharded one under FSDP: every rank calls), without
+    and with the dual key/value cache."""
     tok = trainer.tokenizer
     prompts = [tok("abcde=", add_special_tokens=False).input_ids, tok("fedcb=", add_special_tokens=False).input_ids]
-    out = generate(trainer.unwrapped, prompts, SAMPLE, generator=torch.Generator().manual_seed(0),
-                   forward=trainer.sampling_forward)
-    return out.responses.tolist()
+    return [generate(trainer.unwrapped, prompts, dataclasses.replace(SAMPLE, cache=cache),
+                     generator=torch.Generator().manual_seed(0), forward=trainer.sampling_forward).responses.tolist()
+            for cache in ("none", "dual")]
 
 
 def offline(method: str, out: Path, world: int) -> dict:
