@@ -66,7 +66,7 @@ def shard(model: nn.Module, *, mixed_precision: str = "no", reshard_after_forwar
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if getattr(model, "is_peft", False):
-        raise UserError("LoRA (model.lora) is not supported with FSDP on CPU yet: train LoRA with DDP "
+        raise UserError("LoRA (model.lora_r > 0) is not supported with FSDP on CPU yet: train LoRA with DDP "
                         "(configs/accelerate/multi_cpu.yaml or plain torchrun), or full fine-tuning with FSDP")
     if reshard_after_forward is None:
         reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() != "false"
@@ -87,12 +87,6 @@ def shard(model: nn.Module, *, mixed_precision: str = "no", reshard_after_forwar
     log.info("FSDP2 (fully_shard, run by dlmdistill): %d %s units + the root, mixed_precision %s", len(layers), kinds,
              mixed_precision)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

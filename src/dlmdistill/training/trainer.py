@@ -1,8 +1,9 @@
 """The training loop shared by every method, on Hugging Face Accelerate.
 
 Accelerate provides the distributed engine (DDP, FSDP, DeepSpeed through ``accelerate launch`` or
-``torchrun``), mixed precision, gradient accumulation and checkpoint state; this module adds the
-loop a researcher expects around it, readable top to bottom:
+``torchrun``; FSDP on a multi-process CPU launch, which Accelerate does not drive, is FSDP2 applied
+by :mod:`dlmdistill.training.fsdp`), mixed precision, gradient accumulation and checkpoint state;
+this module adds the loop a researcher expects around it, readable top to bottom:
 
 * AdamW (or ``optim``: fused AdamW, Adafactor, SGD) with the schedule of ``TrainingConfig`` (names
   follow ``transformers.TrainingArguments``, including ``bf16``/``fp16``, ``report_to: none`` and
@@ -369,6 +370,9 @@ class Trainer:
         #: FSDP2 applied by dlmdistill (fsdp.py): a multi-process CPU launch that asks for FSDP, which
         #: Accelerate only drives on accelerator devices
         self.fsdp_direct = fsdp.requested() and self.accelerator.distributed_type.value == "MULTI_CPU"
+        if fsdp.requested() and self.accelerator.distributed_type.value == "NO":
+            log.warning("ACCELERATE_USE_FSDP is set but this is a single process on %s: training without FSDP "
+                        "(on a CPU, launch several processes to shard)", self.accelerator.device)
         if self.fsdp_direct:
             fsdp.check_version()
             fsdp.shard(model, mixed_precision=config.mixed_precision)  # before the optimizer: it must hold the sharded (DTensor) parameters
