@@ -49,9 +49,14 @@ def read_json(path: Path) -> Any:
 # ---------------------------------------------------------------------------------- optimizer
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """``optimizer.state_dict()`` as tensors (safetensors) + everything else (JSON)."""
+    save_optimizer_state(optimizer.state_dict(), folder)
+
+
+def save_optimizer_state(sd: dict[str, Any], folder: Path) -> None:
+    """An optimizer state dict (``{"state": {index: {...}}, "param_groups": [...]}``) as
+    ``optimizer.safetensors`` + ``optimizer.json`` (FSDP runs pass the gathered full state)."""
     from safetensors.torch import save_file
 
-    sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -68,6 +73,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(folder))
+
+
+def read_optimizer_state(folder: Path) -> dict[str, Any]:
+    """The state dict written by ``save_optimizer_state`` (tensors from safetensors, the rest from JSON)."""
     from safetensors.torch import load_file
 
     meta = read_json(folder / OPTIMIZER_JSON)
@@ -80,7 +90,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         state.setdefault(int(idx), {}).update(values)
     tuples = set(meta.get("tuples", []))
     groups = [{k: (tuple(v) if k in tuples else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------------- RNG

@@ -1,8 +1,9 @@
 """The training loop shared by every method, on Hugging Face Accelerate.
 
 Accelerate provides the distributed engine (DDP, FSDP, DeepSpeed through ``accelerate launch`` or
-``torchrun``), mixed precision, gradient accumulation and checkpoint state; this module adds the
-loop a researcher expects around it, readable top to bottom:
+``torchrun``; FSDP on a multi-process CPU launch, which Accelerate does not drive, is FSDP2 applied
+by :mod:`dlmdistill.training.fsdp`), mixed precision, gradient accumulation and checkpoint state;
+this module adds the loop a researcher expects around it, readable top to bottom:
 
 * AdamW (or ``optim``: fused AdamW, Adafactor, SGD) with the schedule of ``TrainingConfig`` (names
   follow ``transformers.TrainingArguments``, including ``bf16``/``fp16``, ``report_to: none`` and
@@ -43,6 +44,7 @@ from ..errors import UserError
 from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
 from . import checkpoint as ckio
+from . import fsdp
 from .checkpoint import MODEL_FILE, PARTIAL_FILE
 
 log = logging.getLogger(__name__)
@@ -284,8 +286,21 @@ class Trainer:
         n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
         log.info("%s: %s parameters, %s trainable; %d training examples", self.method_name, f"{n_all:,}",
                  f"{n_train:,}", len(self.train_dataset))
+        #: FSDP2 applied by dlmdistill (fsdp.py): a multi-process CPU launch that asks for FSDP, which
+        #: Accelerate only drives on accelerator devices
+        self.fsdp_direct = fsdp.requested() and self.accelerator.distributed_type.value == "MULTI_CPU"
+        if fsdp.requested() and self.accelerator.distributed_type.value == "NO":
+            log.warning("ACCELERATE_USE_FSDP is set but this is a single process on %s: training without FSDP "
+                        "(on a CPU, launch several processes to shard)", self.accelerator.device)
+        if self.fsdp_direct:
+            fsdp.check_version()
+            fsdp.shard(model, mixed_precision=config.mixed_precision)  # before the optimizer: it must hold the sharded (DTensor) parameters
         self.optimizer = make_optimizer(config, _decay_groups(model, config.weight_decay))
-        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
+        if self.fsdp_direct:  # Accelerate must not wrap the sharded model in DDP
+            self.optimizer, self.train_loader = self.accelerator.prepare(self.optimizer, loader)
+            self.model = model
+        else:
+            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
         self.total_steps = self._total_steps()
         self.scheduler = self._make_scheduler()
         # (not registered with Accelerate's checkpointing: it would pickle the schedule and unpickle it on
@@ -324,7 +339,7 @@ class Trainer:
         """What the sampler should call during training: the wrapped model under FSDP (its parameters
         are sharded; every rank must then run the same number of forward passes), else ``None``
         (the unwrapped model: under DDP the wrapper's forward could synchronise buffers)."""
-        return self.model if self.accelerator.distributed_type.value == "FSDP" else None
+        return self.model if self.accelerator.distributed_type.value == "FSDP" or self.fsdp_direct else None
 
     # ------------------------------------------------------------------ schedule
     def updates_per_epoch(self) -> int:
@@ -370,7 +385,10 @@ class Trainer:
         self._skipped_update = False
         # an infinite clipping norm measures without changing the gradients (they are scaled by exactly 1)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        gn = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.fsdp_direct:  # DTensor gradients: the norm is reduced over ranks
+            gn = fsdp.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            gn = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(gn) if gn is not None else None
         if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
             msg = (f"non-finite gradient norm ({grad_norm}) at optimizer step {self.state.global_step + 1} "
@@ -523,8 +541,14 @@ class Trainer:
             return None
         return {n for n, p in named if p.requires_grad}
 
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # inside Accelerate's wrapper
+
     def _check_weights_finite(self) -> None:
-        bad = [n for n, p in self.unwrapped.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if self.fsdp_direct:  # (a collective: every rank checks its shards)
+            bad = fsdp.nonfinite_parameters(self.model)
+        else:
+            bad = [n for n, p in self.unwrapped.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             raise NonFiniteLossError(
                 f"non-finite weights at optimizer step {self.state.global_step} ({', '.join(bad[:3])}"
@@ -552,6 +576,16 @@ class Trainer:
             # FSDP/DeepSpeed shard model and optimizer: Accelerate writes them (model as safetensors; it
             # reads its files back with torch.load(weights_only=True)); nothing is registered with it
             acc.save_state(str(tmp), safe_serialization=True)
+        elif self.fsdp_direct:
+            # full (unsharded) state gathered on rank 0, written in the single-process layout
+            from safetensors.torch import save_file
+
+            keep = self._trainable_only()
+            sd = fsdp.full_model_state_dict(self.model, keep)
+            osd = fsdp.full_optimizer_state_dict(self.model, self._base_optimizer())
+            if acc.is_main_process:
+                save_file(_unshared(sd), str(tmp / (MODEL_FILE if keep is None else PARTIAL_FILE)))
+                ckio.save_optimizer_state(osd, tmp)
         elif acc.is_main_process:
             from safetensors.torch import save_file, save_model
 
@@ -626,6 +660,13 @@ class Trainer:
             return
         if self._sharded():
             acc.load_state(str(ckpt))
+        elif self.fsdp_direct:
+            from safetensors.torch import load_file
+
+            keep = self._trainable_only()
+            path = ckpt / (MODEL_FILE if keep is None else PARTIAL_FILE)
+            fsdp.load_model_state_dict(self.model, load_file(str(path)), strict=keep is None)
+            fsdp.load_optimizer_state_dict(self.model, self._base_optimizer(), ckio.read_optimizer_state(ckpt))
         else:
             from safetensors.torch import load_file, load_model
 
@@ -670,6 +711,8 @@ class Trainer:
         """Export the trained model (transformers format) and tokenizer; auxiliary modules are left out."""
         acc = self.accelerator
         state_dict = acc.get_state_dict(self.model) if acc.distributed_type.value in ("FSDP", "DEEPSPEED") else None
+        if self.fsdp_direct:
+            state_dict = fsdp.full_model_state_dict(self.model)
         if acc.is_main_process:
             self.unwrapped.save_pretrained(path, self.tokenizer, merge_lora=self.config.merge_lora_on_export,
                                            state_dict=state_dict)
@@ -688,6 +731,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (one whose trainer_state.json was written) or None."""
     done = complete_checkpoints(output_dir)
     return done[-1] if done else None
+
+
+def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with tensors that share memory (tied weights) copied, as safetensors requires."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state_dict.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone() if ptr in seen else v
+        if ptr != -1:
+            seen.add(ptr)
+    return out
 
 
 def _round(value: Any) -> Any:
