@@ -163,8 +163,10 @@ def student_names(root: Path, s: dict[str, Any]) -> list[tuple[str, str, dict[st
 
 
 def evaluate_run(run: Path, s: dict[str, Any], files: dict[str, Path], *, headline: bool) -> dict[str, Any]:
-    """ROUGE-L of one run on the five sets (temperature 0.7, so that evaluation seeds differ)."""
-    gen = {"gen_length": s["gen_length"], "steps": s["gen_length"], "batch_size": 64, "temperature": 0.7}
+    """ROUGE-L of one run on the five sets (temperature 0.7, so that evaluation seeds differ). DLMs are
+    sampled with CFG scale 1.0, the paper's setting for every DLM (Sec. 4.1); an AR model ignores it."""
+    gen = {"gen_length": s["gen_length"], "steps": s["gen_length"], "batch_size": 64, "temperature": 0.7,
+           "cfg_scale": 1.0}
     seeds = s["eval_seeds"] if headline else s["eval_seeds"][:1]
     return {es: evaluate_once(run, "instruct", steps=s["eval_steps"], seeds=seeds, generation=gen,
                               source=str(files[es]), name=f"rouge_{es}") for es in EVAL_SETS}
