@@ -21,6 +21,8 @@ Stages, each skipped when its output exists (rerun the same command to continue)
    Dolly makes the comparison meaningless.
 4. ``students`` (not at the ``cpu`` scale): from the adapted model, SFT, SFT for twice the epochs and
    SelfFusion (the paper's defaults: bidirectional, RMSNorm calibration, KD weight 1), each per seed.
+   None of them drops prompts (SelfFusion has no such option, so SFT does not either): both keep the
+   unconditional model that the adaptation's prompt dropout trained, which CFG uses.
 5. ``eval``: ROUGE-L of every student on the five sets at ``eval_steps`` (8 and 16) with CFG scale
    1.0 (the paper's setting for every DLM) and evaluation seeds ``eval_seeds``.
 
@@ -212,7 +214,7 @@ def students(root: Path, s: dict[str, Any], files: dict[str, Path], on_result: A
         for name, (method, mult) in STUDENTS.items():
             run = train_once(method, config(root / f"{name}_seed{seed}", s, base=base, files=files, lr=s["lr"],
                                             seed=seed, epochs=s["epochs"] * mult,
-                                            method={"cfg_prob": s["cfg_prob"]} if method == "sft" else {}))
+                                            method={}))
             for es in EVAL_SETS:
                 evaluate_once(run, "instruct", steps=s["eval_steps"], seeds=s["eval_seeds"], generation=generation(s),
                               source=str(files[es]), name=f"rouge_{es}")
