@@ -134,6 +134,32 @@ def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], path: 
     plt.close(fig)
 
 
+def rouge(report: dict[str, Any], steps: int | str) -> list[float]:
+    """Per-seed ROUGE-L of one evaluation report at ``steps`` (AR models report under 'ar')."""
+    res = report["results"].get(str(steps)) or report["results"].get("ar")
+    return [m["rouge_l"] for m in res["seeds"].values()] if res else []
+
+
+def rouge_tables(evals: dict[str, dict[str, Any]], eval_steps: Sequence[int], eval_sets: Sequence[str],
+                 heading: str = "") -> str:
+    """One Markdown table per step count: a row per run group (run names without ``_seedN``), a column
+    per evaluation set (mean +- std over every (training seed, evaluation seed) pair) and their average.
+    ``evals``: run name -> evaluation set -> report; ``heading`` is appended to each table's title."""
+    groups: dict[str, list[str]] = {}
+    for run_name in evals:
+        groups.setdefault(run_name.rsplit("_seed", 1)[0], []).append(run_name)
+    parts = []
+    for steps in eval_steps:
+        rows = []
+        for group, names in groups.items():
+            per_set = [[v for n in names for v in rouge(evals[n][es], steps)] for es in eval_sets]
+            avg = [mean_std(v)[0] for v in per_set]
+            rows.append([group, str(len(names)), *[fmt(v) for v in per_set], f"{sum(avg) / len(avg):.2f}"])
+        parts.append(f"### ROUGE-L at {steps} steps{heading}\n\n"
+                     + markdown_table(["run", "training seeds", *eval_sets, "average"], rows))
+    return "\n\n".join(parts)
+
+
 def stage(name: str, fn: Callable[[], Any]) -> Any:
     t0 = time.time()
     log.info("== %s", name)

@@ -35,7 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import evaluate_once, fmt, markdown_table, mean_std, setup_logging, stage, train_once  # noqa: E402
+from common import (evaluate_once, markdown_table, rouge, rouge_tables, setup_logging, stage,  # noqa: E402
+                    train_once)
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -201,32 +202,6 @@ def collect(root: Path, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def rouge(report: dict[str, Any], steps: int | str) -> list[float]:
-    """Per-seed ROUGE-L of one report at ``steps`` (AR models report under 'ar')."""
-    res = report["results"].get(str(steps)) or report["results"].get("ar")
-    return [m["rouge_l"] for m in res["seeds"].values()] if res else []
-
-
-def tables(s: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
-    groups: dict[str, list[str]] = {}
-    for run_name in evals:
-        groups.setdefault(run_name.rsplit("_seed", 1)[0], []).append(run_name)
-    parts = []
-    for steps in s["eval_steps"]:
-        rows = []
-        for group, names in groups.items():
-            cells = []
-            for es in EVAL_SETS:
-                vals = [v for n in names for v in rouge(evals[n][es], steps)]
-                # one number per (training seed, eval seed): the spread covers both
-                cells.append(fmt(vals))
-            avg = [mean_std([v for n in names for v in rouge(evals[n][es], steps)])[0] for es in EVAL_SETS]
-            rows.append([group, str(len(names)), *cells, f"{sum(avg) / len(avg):.2f}"])
-        parts.append(f"### ROUGE-L at {steps} steps\n\n" + markdown_table(
-            ["run", "training seeds", *EVAL_SETS, "average"], rows))
-    return "\n\n".join(parts)
-
-
 def latency(root: Path, s: dict[str, Any], files: dict[str, Path]) -> str:
     """Per-sample latency of the DLM student at 1..64 steps vs the AR teacher (Table 5), batch 1."""
     from dlmdistill.models.autoregressive import load_for_inference
@@ -284,7 +259,7 @@ def main() -> None:
                  f"masked-diffusion pretraining on {n_texts} Dolly texts. ROUGE-L on {s['eval_items']} items per set, "
                  f"temperature 0.7; mean ± std over training seeds x evaluation seeds.", ""]
         if evals:
-            parts += ["## ROUGE-L (Tables 1, 3, 4)", "", tables(s, evals), ""]
+            parts += ["## ROUGE-L (Tables 1, 3, 4)", "", rouge_tables(evals, s["eval_steps"], EVAL_SETS), ""]
         if (root / "latency.json").exists():
             parts += ["## Latency (Table 5)", "", latency(root, s, files), ""]
         text = "\n".join(parts) + "\n"

@@ -40,7 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import evaluate_once, fmt, markdown_table, mean_std, read_logs, setup_logging, stage, train_once  # noqa: E402
+from common import (evaluate_once, markdown_table, mean_std, read_logs, rouge, rouge_tables,  # noqa: E402
+                    setup_logging, stage, train_once)
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -231,27 +232,6 @@ def collect(root: Path, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def rouge(report: dict[str, Any], steps: int) -> list[float]:
-    res = report["results"].get(str(steps))
-    return [m["rouge_l"] for m in res["seeds"].values()] if res else []
-
-
-def tables(s: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
-    groups: dict[str, list[str]] = {}
-    for run_name in evals:
-        groups.setdefault(run_name.rsplit("_seed", 1)[0], []).append(run_name)
-    parts = []
-    for steps in s["eval_steps"]:
-        rows = []
-        for group, names in groups.items():
-            per_set = [[v for n in names for v in rouge(evals[n][es], steps)] for es in EVAL_SETS]
-            avg = [mean_std(v)[0] for v in per_set]
-            rows.append([group, str(len(names)), *[fmt(v) for v in per_set], f"{sum(avg) / len(avg):.2f}"])
-        parts.append(f"### ROUGE-L at {steps} steps (CFG scale {s['cfg_scale']})\n\n"
-                     + markdown_table(["run", "training seeds", *EVAL_SETS, "average"], rows))
-    return "\n\n".join(parts)
-
-
 def write_results(root: Path, scale: str, s: dict[str, Any]) -> str:
     curve = adapt_curve(root)
     evals = collect(root, s)
@@ -261,7 +241,7 @@ def write_results(root: Path, scale: str, s: dict[str, Any]) -> str:
              f"{s['eval_steps'][-1]} steps, temperature 0.7, CFG scale {s['cfg_scale']}, seed 10.", "",
              markdown_table(["step", "ROUGE-L"], [[str(a), f"{b:.2f}"] for a, b in curve]), ""]
     if evals:
-        parts += ["## SFT vs SelfFusion (Table 1)", "", tables(s, evals), ""]
+        parts += ["## SFT vs SelfFusion (Table 1)", "", rouge_tables(evals, s["eval_steps"], EVAL_SETS, f" (CFG scale {s['cfg_scale']})"), ""]
     text = "\n".join(parts) + "\n"
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps(
