@@ -63,6 +63,18 @@ def test_generate_and_evaluate(sft_run, tmp_path, capsys):
     assert "| 8 |" in capsys.readouterr().out
 
 
+def test_evaluate_checks_the_blocks_with_the_step_counts_it_runs(sft_run, tmp_path, capsys):
+    # 3 blocks: the step counts 6 and 12 divide them, generation.steps' default 8 does not (it is replaced)
+    ev = tmp_path / "ev"
+    args = ["evaluate", "--model", str(sft_run), "--task", "countdown", "--limit", "2", "--gen_length", "24",
+            "--block_length", "8", "--seeds", "0", "--output_dir", str(ev), "--progress_bar", "false"]
+    assert main([*args, "--steps", "6", "12"]) == 0
+    assert set(json.loads((ev / "metrics.json").read_text())["results"]) == {"6", "12"}
+    capsys.readouterr()
+    assert main([*args, "--steps", "6", "8"]) == 2  # a step count the blocks do not divide is still refused
+    assert "steps (8) must be a multiple of the number of blocks (3)" in capsys.readouterr().err
+
+
 def test_report(sft_run, tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", str(sft_run), "--out", str(out)]) == 0

@@ -229,7 +229,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
 
-    cfg = load_config(EvalRunConfig, config, rest)
+    cfg = load_config(EvalRunConfig, config, rest, prepare=EvalRunConfig.prepare)
     device = _device(cfg.device)
     run_dir = Path(cfg.model.name_or_path)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)

@@ -21,6 +21,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -357,8 +358,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load ``cls`` from an optional YAML file, then apply command-line overrides."""
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """Load ``cls`` from an optional YAML file, then apply command-line overrides. ``prepare``, if given,
+    rewrites the merged data before it is built and checked (e.g. one field standing for another)."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -373,7 +376,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             pass
         data = deep_merge(data, parse_overrides(cls, overrides))
         where = f"{where} + command line" if path else "command line"
-    return from_dict(cls, data, where=where)
+    return from_dict(cls, prepare(data) if prepare else data, where=where)
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

@@ -60,3 +60,14 @@ class EvalRunConfig:
             raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
         for s in self.steps:
             replace(self.generation, steps=s).validate()
+
+    @staticmethod
+    def prepare(data: dict) -> dict:
+        """``generation.steps`` is replaced by each of ``steps``: unless given, it takes the first of them,
+        so that the generation section is checked with a step count the run uses (not the default 8,
+        which e.g. 3 blocks do not divide)."""
+        steps = data.get("steps")
+        generation = data.get("generation") or {}
+        if not isinstance(steps, list) or not steps or not isinstance(generation, dict) or "steps" in generation:
+            return data
+        return {**data, "generation": {**generation, "steps": steps[0]}}
