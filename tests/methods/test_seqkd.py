@@ -1,3 +1,5 @@
+import json
+from dataclasses import replace
 
 import pytest
 
@@ -47,3 +49,35 @@ def test_sft_on_teacher_responses_runs(tokenizer, tmp_path):
     rows = trainer.cost_rows(ModelShape.of(teacher), teacher_is_ar=False)
     assert rows["seqkd"]["teacher_training"] > 0
     assert rows["seqkd"]["student_training"] == rows["sft"]["student_training"]
+
+
+def test_answers_of_other_settings_are_refused_not_reused(tokenizer, tmp_path):
+    teacher = tiny_model(tokenizer, seed=1)[0]
+    gen = GenerationConfig(gen_length=4, steps=4, batch_size=2)
+    path = tmp_path / "seqkd_data.jsonl"
+    first = generate_teacher_responses(teacher, tokenizer, PROMPTS, gen, path, source={"teacher": "a"})
+    assert json.loads((tmp_path / "seqkd_data.json").read_text())["teacher"] == "a"
+    # the same settings reuse the answers (a resumed run); the teacher is not asked again
+    assert generate_teacher_responses(None, tokenizer, PROMPTS, gen, path, source={"teacher": "a"}) == first
+    with pytest.raises(DataError, match=r"teacher: 'a' there, 'b' now"):
+        generate_teacher_responses(teacher, tokenizer, PROMPTS, gen, path, source={"teacher": "b"})
+    with pytest.raises(DataError, match=r"generation: .*'steps': 4.* there, .*'steps': 2"):
+        generate_teacher_responses(teacher, tokenizer, PROMPTS, replace(gen, steps=2), path, source={"teacher": "a"})
+    with pytest.raises(DataError, match="seed: 0 there, 1 now"):
+        generate_teacher_responses(teacher, tokenizer, PROMPTS, gen, path, seed=1, source={"teacher": "a"})
+    assert read_responses(path, PROMPTS) == first  # a refused run leaves the answers as they were
+    (tmp_path / "seqkd_data.json").unlink()  # answers from before the record existed: refused too
+    with pytest.raises(DataError, match="without a record of the teacher"):
+        generate_teacher_responses(teacher, tokenizer, PROMPTS, gen, path, source={"teacher": "a"})
+
+
+def test_overwrite_output_dir_deletes_the_teacher_answers(tmp_path):
+    from dlmdistill.training.trainer import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final_metrics.json").write_text("{}")
+    for name in ("seqkd_data.jsonl", "seqkd_data.json"):
+        (out / name).write_text("old teacher\n")
+    check_output_dir(TrainingConfig(output_dir=str(out), overwrite_output_dir=True))
+    assert not (out / "seqkd_data.jsonl").exists() and not (out / "seqkd_data.json").exists()

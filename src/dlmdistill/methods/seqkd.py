@@ -5,7 +5,10 @@
    left-to-right sampling (transformers ``generate``; greedy at temperature 0). The responses are
    appended, batch by batch, to ``<output_dir>/seqkd_data.jsonl`` (``index``, ``prompt``,
    ``response``); a run that finds the file reuses it and generates only what is missing, so an
-   interrupted run resumes without regenerating.
+   interrupted run resumes without regenerating. ``seqkd_data.json`` beside it records what
+   generated the answers (teacher, its type and dtype, sampler settings, seed, prompt format, chunk
+   size); a run with other settings is refused rather than trained on another teacher's answers, and
+   ``--overwrite_output_dir`` deletes both files.
 2. The student is trained with the ``sft`` recipe on (prompt, teacher response) pairs.
 
 Generation runs on the main process (the others wait), before training starts.
@@ -33,6 +36,8 @@ from .sft import SFTTrainer
 log = logging.getLogger(__name__)
 
 DATA_FILE = "seqkd_data.jsonl"
+#: what generated DATA_FILE (written beside it)
+SOURCE_FILE = "seqkd_data.json"
 
 
 def read_responses(path: Path, prompts: Sequence[str]) -> list[str]:
@@ -53,12 +58,39 @@ def read_responses(path: Path, prompts: Sequence[str]) -> list[str]:
     return out
 
 
+def check_source(path: Path, source: dict[str, Any]) -> None:
+    """Record ``source`` (what generates the answers in ``path``) beside ``path``, or, if answers are
+    already there, check that they came from the same source. Raises :class:`DataError` naming the
+    settings that differ, or when answers exist without a record of their source."""
+    meta = path.with_suffix(".json")
+    source = json.loads(json.dumps(source))  # as it reads back (tuples -> lists, ...)
+    if path.exists() and path.stat().st_size > 0:
+        fix = f"delete {path.name} and {meta.name} to regenerate them, or use another training.output_dir"
+        if not meta.exists():
+            raise DataError(f"{path}: teacher answers without a record of the teacher that wrote them ({meta.name}); "
+                            f"{fix}")
+        try:
+            old = json.loads(meta.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta}: not valid JSON ({e.msg}); {fix}") from None
+        differ = sorted(k for k in set(old) | set(source) if old.get(k) != source.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {source.get(k)!r} now" for k in differ)
+            raise DataError(f"{path} holds answers generated with other settings ({shown}); {fix}")
+        return
+    meta.write_text(json.dumps(source, indent=2) + "\n")
+
+
 def generate_teacher_responses(teacher: DiffusionModel | CausalLM, tokenizer, prompts: Sequence[str],
                                gen: GenerationConfig, path: Path, *, prompt_format: str = "plain", seed: int = 0,
-                               chunk_size: int = 256) -> list[str]:
+                               chunk_size: int = 256, source: dict[str, Any] | None = None) -> list[str]:
     """The teacher's response to every prompt, generated in chunks of ``chunk_size`` prompts (chunk c
     sampled with seed ``seed + c``) and appended to the JSONL ``path``; complete chunks already in the
-    file are reused, so an interrupted run gives the same file as an uninterrupted one."""
+    file are reused, so an interrupted run gives the same file as an uninterrupted one. ``source``
+    names the teacher (e.g. ``{"teacher": path}``); with the sampler settings, seed, prompt format and
+    chunk size it is recorded beside ``path`` and checked before answers are reused (:func:`check_source`)."""
+    check_source(path, {**(source or {}), "generation": dataclasses.asdict(gen), "seed": seed,
+                        "prompt_format": prompt_format, "chunk_size": chunk_size})
     done = read_responses(path, prompts)
     if len(done) < len(prompts):
         done = done[: len(done) // chunk_size * chunk_size]  # a partly written chunk is redone whole
@@ -121,7 +153,10 @@ def run(cfg: Any) -> dict[str, float]:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         generate_teacher_responses(teacher, teacher_tok, prompts, m.generation, out / DATA_FILE,
-                                   prompt_format=cfg.data.prompt_format, seed=m.seed, chunk_size=m.chunk_size)
+                                   prompt_format=cfg.data.prompt_format, seed=m.seed, chunk_size=m.chunk_size,
+                                   source={"teacher": str(Path(m.teacher).resolve()) if Path(m.teacher).exists()
+                                           else m.teacher, "teacher_type": m.teacher_type,
+                                           "teacher_dtype": m.teacher_dtype})
     state.wait_for_everyone()
     del teacher
     responses = read_responses(out / DATA_FILE, prompts)

@@ -55,7 +55,8 @@ LOG_FILE = "logs.jsonl"
 #: what a previous run leaves in its folder; any of these makes output_dir "an existing run"
 RUN_RESULTS = ("checkpoints", LOG_FILE, "tb", "final", "final_metrics.json")
 #: what overwrite_output_dir deletes (in this order: checkpoints first, so a stale one is never resumed)
-RUN_OUTPUTS = ("checkpoints", "final", "final_metrics.json", LOG_FILE, "eval", "tb", "flops.json", "tokenizer")
+RUN_OUTPUTS = ("checkpoints", "final", "final_metrics.json", LOG_FILE, "eval", "tb", "flops.json", "tokenizer",
+               "seqkd_data.jsonl", "seqkd_data.json")  # the last two: sequence-KD's teacher answers
 
 
 class NonFiniteLossError(RuntimeError):
