@@ -187,6 +187,36 @@ def test_nonfinite_gradient_skip_drops_the_update_and_continues(tokenizer, tmp_p
     assert _all_finite(_weights(t))
 
 
+def test_fp16_scaler_skip_is_a_skipped_update(tokenizer, tmp_path, monkeypatch):
+    """Under fp16 the gradient scaler drops an overflowing update inside optimizer.step(). That step must
+    count as skipped: no schedule step, no optimizer step counted, the global step not advanced. fp16
+    needs a GPU, so the scaler and Accelerate's skip flag are stood in for (at optimizer step 3)."""
+    from accelerate import Accelerator
+
+    t = make_trainer(tokenizer, tmp_path, max_steps=6)
+    calls = {"n": 0}
+
+    class Scaler:
+        def scale(self, loss):
+            return loss
+
+        def get_scale(self):
+            return 1024.0
+
+        def state_dict(self):
+            return {"scale": 1024.0}
+
+    def skipped(self):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    monkeypatch.setattr(t.accelerator, "scaler", Scaler())
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
+    t.train()
+    assert t.state.global_step == 6 and t.state.skipped_steps == 1 and t.state.optimizer_steps == 6
+    assert t.scheduler.last_epoch == 6  # one schedule step per applied update
+
+
 class PoisonWeightsAfter(SFTTrainer):
     """After optimizer step 2 a weight becomes NaN (a finite gradient norm can still overflow a weight)."""
 

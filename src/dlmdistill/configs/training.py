@@ -57,7 +57,8 @@ class TrainingConfig:
     nonfinite_grad: Literal["stop", "skip"] = field(
         "stop", help="NaN/inf gradient norm, checked before every optimizer step: stop with an error naming the "
         "step and the last good checkpoint, or skip the update (no optimizer or schedule step; counted in "
-        "skipped_steps). Under fp16 the gradient scaler handles overflows itself")
+        "skipped_steps). Under fp16 the gradient scaler skips overflowing updates itself; they are counted in "
+        "skipped_steps too, without a schedule step")
     overwrite_output_dir: bool = field(
         False, help="allow training into an output_dir that already holds a run (without resume): its "
         "checkpoints/, logs.jsonl, final/, final_metrics.json, eval/, tb/, flops.json and tokenizer/ are "

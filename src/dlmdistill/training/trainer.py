@@ -381,7 +381,8 @@ class Trainer:
 
         A non-finite gradient norm is never applied: per ``nonfinite_grad`` the run stops with
         :class:`NonFiniteLossError`, or the update is skipped (``self.last_update_skipped`` is then True).
-        Under fp16 the gradient scaler skips overflowing steps itself."""
+        Under fp16 the gradient scaler skips overflowing steps itself (and lowers its scale); such a
+        step is handled like a skipped one: no schedule step, counted in ``skipped_steps``."""
         acc = self.accelerator
         self._skipped_update = False
         # an infinite clipping norm measures without changing the gradients (they are scaled by exactly 1)
@@ -403,6 +404,13 @@ class Trainer:
             self._skipped_update = True
             return grad_norm
         self.optimizer.step()
+        if acc.scaler is not None and acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler dropped it
+            log.info("optimizer step %d: fp16 gradient overflow, update skipped by the gradient scaler (scale now "
+                     "%g)", self.state.global_step + 1, acc.scaler.get_scale())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            self._skipped_update = True
+            return grad_norm
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
