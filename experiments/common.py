@@ -26,20 +26,40 @@ def setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
+#: written into a run folder whose on-policy run stopped because nothing was left to train (its policy
+#: collapsed: no rollout solved a puzzle for ``max_consecutive_skips`` batches); its logs hold its curve
+STOPPED_FILE = "stopped.json"
+
+
+def stopped(run: Path) -> str | None:
+    """Why ``run`` stopped early (``STOPPED_FILE``), or None."""
+    path = run / STOPPED_FILE
+    return json.loads(path.read_text())["reason"] if path.exists() else None
+
+
 def train_once(method: str, config: dict[str, Any]) -> Path:
-    """Train ``method`` with ``config`` unless its run folder already holds ``final/``."""
+    """Train ``method`` with ``config`` unless its run folder already holds ``final/`` or a record that it
+    stopped with nothing left to train (then its logged evaluations are its result)."""
     from dlmdistill.api import train
+    from dlmdistill.methods.dopsd import NothingToTrainError
 
     out = Path(config["training"]["output_dir"])
     if (out / "final" / "config.json").exists() or (out / "final" / "adapter_config.json").exists():
         log.info("skip %s (done): %s", method, out)
+        return out
+    if stopped(out):
+        log.info("skip %s (stopped early: %s): %s", method, stopped(out), out)
         return out
     # a folder left by an interrupted run is continued (from its last checkpoint, or from scratch with its
     # log cleared when it has none); training refuses an existing run folder without resume
     resume = out.is_dir()
     log.info("%s %s -> %s", "resume" if resume else "train", method, out)
     t0 = time.time()
-    train(method, {**config, "training": {**config["training"], "resume": resume}})
+    try:
+        train(method, {**config, "training": {**config["training"], "resume": resume}})
+    except NothingToTrainError as e:
+        log.warning("%s stopped early: %s", out, e)
+        (out / STOPPED_FILE).write_text(json.dumps({"reason": str(e)}))
     (out / "wall_seconds.json").write_text(json.dumps({"seconds": time.time() - t0}))
     return out
 

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (eval_curve, evaluate_once, fmt, markdown_table, mean_std, plot_curves,  # noqa: E402
-                    read_logs, setup_logging, stage, train_once)
+                    read_logs, setup_logging, stage, stopped, train_once)
 
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(base_steps=800, post_steps=60, eval_every=10, eval_items=200, seeds=[0, 1, 2], batch=8,
@@ -173,7 +173,19 @@ def wanted(name: str, only: list[str] | None) -> bool:
 
 
 def finished(run: Path) -> bool:
-    return (run / "final_metrics.json").exists()
+    """Trained to the end, or stopped early with nothing left to train (its logged evaluations count)."""
+    return (run / "final_metrics.json").exists() or stopped(run) is not None
+
+
+def stop_note(runs: list[Path]) -> str:
+    """' (stopped early: ...)' for the runs of a row that stopped with nothing left to train."""
+    notes = []
+    for run in runs:
+        if stopped(run):
+            last = max((r.get("optimizer_steps", r.get("step", 0)) for r in read_logs(run)), default=0)
+            notes.append(f"{run.name} stopped after optimizer step {last:.0f}: no rollout batch had anything "
+                         "to train for max_consecutive_skips batches in a row")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def main_comparison(root: Path, s: dict[str, Any], task: str, only: list[str] | None = None) -> dict[str, Any]:
@@ -252,7 +264,8 @@ def summarize(root: Path, runs: dict[str, list[Path]], base_acc: float) -> tuple
     not_sum = {label: [ys[-1] for ys in (eval_curve(r, "eval/accuracy_not_sum")[1] for r in rs) if ys]
                for label, rs in runs.items()}
     header = ["method", "best accuracy (%)", "final accuracy (%)", "seeds"]
-    rows = [[label, fmt(best[label]), fmt(final[label]), str(len(best[label]))] for label in curves]
+    rows = [[label + stop_note(runs[label]), fmt(best[label]), fmt(final[label]), str(len(best[label]))]
+            for label in curves]
     if any(not_sum.values()):
         header.insert(3, "final accuracy, not-sum puzzles (%)")
         for row, label in zip(rows, curves):
@@ -279,13 +292,13 @@ def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | N
     for name, over in ABLATIONS.items():
         if rows_only and name not in rows_only:
             continue
-        accs = []
+        accs, runs = [], []
         for seed in s["ablation_seeds"]:
             cfg = post_config("dopsd", root, f"ablation_{name}_seed{seed}", s, task, seed, {**ABLATION_BASE, **over})
-            run = train_once("dopsd", cfg)
-            accs.append(max(curve(run)[1] or [float("nan")]))
+            runs.append(train_once("dopsd", cfg))
+            accs.append(max(curve(runs[-1])[1] or [float("nan")]))
         out[name] = accs
-        rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())})", fmt(accs)])
+        rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())}){stop_note(runs)}", fmt(accs)])
     for seed in s["ablation_seeds"]:
         train_once("dopsd", post_config("dopsd", root, f"dopsd_pertoken_seed{seed}", s, task, seed,
                                         dict(MAIN_RUNS["d-OPSD, per-position clipping"][2])))

@@ -53,6 +53,12 @@ from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batche
 log = logging.getLogger(__name__)
 
 
+class NothingToTrainError(UserError):
+    """``max_consecutive_skips`` rollout batches in a row had nothing to train (no accepted trajectory,
+    or no trainable step): the policy no longer solves what it is asked. The run stops here, at the
+    step it reached; its logs and checkpoints stay as they are."""
+
+
 #: learning rate from which docs/results.md saw per-term clipping collapse under full fine-tuning
 COLLAPSE_LR = 1e-4
 
@@ -461,7 +467,7 @@ class DOPSDTrainer(OnPolicyTrainer):
         self._consecutive_skips += 1
         limit = self.method.max_consecutive_skips
         if limit and self._consecutive_skips >= limit:
-            raise UserError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had nothing to train "
+            raise NothingToTrainError(f"d-OPSD: {self._consecutive_skips} rollout batches in a row had nothing to train "
                                f"(last: {reason}; pass_k={self.method.pass_k}, accept_threshold="
                                f"{self.method.accept_threshold}, train_steps={self.method.train_steps}). Start from a "
                                f"model that sometimes solves the task (e.g. after SFT), raise pass_k, or lower "
@@ -488,6 +494,6 @@ def run(cfg: Any) -> dict[str, float]:
     return finish(trainer, trainer.train())
 
 
-__all__ = ["COLLAPSE_LR", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
+__all__ = ["COLLAPSE_LR", "NothingToTrainError", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
            "collapse_warnings", "confident_positions", "current_block_mask", "flatten_trajectories",
            "informative_steps", "loss_scale", "reweighted", "run", "self_future_teacher_states", "step_logits"]
