@@ -183,8 +183,8 @@ def stop_note(runs: list[Path]) -> str:
     for run in runs:
         if stopped(run):
             last = max((r.get("optimizer_steps", r.get("step", 0)) for r in read_logs(run)), default=0)
-            notes.append(f"{run.name} stopped after optimizer step {last:.0f}: no rollout batch had anything "
-                         "to train for max_consecutive_skips batches in a row")
+            notes.append(f"{run.name} stopped after optimizer step {last:.0f}: nothing to train in "
+                         "max_consecutive_skips rollout batches in a row")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -292,21 +292,24 @@ def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | N
     for name, over in ABLATIONS.items():
         if rows_only and name not in rows_only:
             continue
-        accs, runs = [], []
+        accs, finals, runs = [], [], []
         for seed in s["ablation_seeds"]:
             cfg = post_config("dopsd", root, f"ablation_{name}_seed{seed}", s, task, seed, {**ABLATION_BASE, **over})
             runs.append(train_once("dopsd", cfg))
-            accs.append(max(curve(runs[-1])[1] or [float("nan")]))
+            ys = curve(runs[-1])[1] or [float("nan")]
+            accs.append(max(ys))
+            finals.append(ys[-1])
         out[name] = accs
-        rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())}){stop_note(runs)}", fmt(accs)])
+        rows.append([f"{name} ({', '.join(f'{k}={v}' for k, v in over.items())}){stop_note(runs)}", fmt(accs),
+                     fmt(finals)])
     for seed in s["ablation_seeds"]:
         train_once("dopsd", post_config("dopsd", root, f"dopsd_pertoken_seed{seed}", s, task, seed,
                                         dict(MAIN_RUNS["d-OPSD, per-position clipping"][2])))
     for label, prefix in [("d-OPSD, per-term clipping (paper default)", "dopsd"),
                           ("d-OPSD, per-position clipping (the ablation base)", "dopsd_pertoken")]:
-        rows.insert(0, [label, fmt([max(curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")])
-                                    for seed in s["ablation_seeds"]])])
-    return markdown_table(["variant", "best accuracy (%)"], rows), out
+        ys = [curve(root / f"{prefix}_seed{seed}")[1] or [float("nan")] for seed in s["ablation_seeds"]]
+        rows.insert(0, [label, fmt([max(y) for y in ys]), fmt([y[-1] for y in ys])])
+    return markdown_table(["variant", "best accuracy (%)", "final accuracy (%)"], rows), out
 
 
 def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:

@@ -126,11 +126,12 @@ def done(run: Path) -> bool:
 def reuse_answers(first: Path, run: Path) -> None:
     """Copy the first seed's teacher answers (sequence KD) into ``run`` unless it has its own. Only
     from a finished run: a file still being written would be copied part-way (the rest regenerated)."""
-    from dlmdistill.methods.seqkd import DATA_FILE
+    from dlmdistill.methods.seqkd import DATA_FILE, SOURCE_FILE
 
     if first != run and done(first) and not (run / DATA_FILE).exists():
         run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(first / DATA_FILE, run / DATA_FILE)
+        for name in (SOURCE_FILE, DATA_FILE):  # with the record of what generated them (checked on reuse)
+            shutil.copyfile(first / name, run / name)
 
 
 @cache

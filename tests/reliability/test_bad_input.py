@@ -400,7 +400,7 @@ def test_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     metrics, texts, report = values
     assert isinstance(metrics, dict)
     assert isinstance(texts, list) and len(texts) == 1 and isinstance(texts[0], str)
-    assert report["task"] == "countdown" and report["n"] == 4 and set(report["results"]) == {"8", "16"}
+    assert report["task"] == "countdown" and report["n"] == 4 and set(report["results"]) == {"12", "24"}
 
 
 # ------------------------------------------------------------------------------------ more cases found on the way
