@@ -75,6 +75,36 @@ def test_evaluate_checks_the_blocks_with_the_step_counts_it_runs(sft_run, tmp_pa
     assert "steps (8) must be a multiple of the number of blocks (3)" in capsys.readouterr().err
 
 
+def test_evaluate_a_run_with_its_own_settings(sft_run, tmp_path, capsys):
+    """Without generation options, a run is evaluated as it was during training (its config.yaml: 48
+    tokens, 12 steps, its task options); what the command line gives wins; another task drops the run's
+    task options."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["task_kwargs"] = {"style": "d1", "solution": "ordered"}  # 'solution': countdown only
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    common = ["--limit", "2", "--seeds", "0", "--progress_bar", "false"]
+    assert main(["evaluate", "--model", str(run / "final"), "--output_dir", str(tmp_path / "a"), *common]) == 0
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert set(report["results"]) == {"12"} and report["generation"]["gen_length"] == 48
+    rows = [json.loads(x) for x in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("Using the numbers") for r in rows)  # the run's d1-style prompts
+    assert "evaluation settings of the run" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(run), "--gen_length", "32", "--steps", "8", "--task_kwargs", "{style: compact}",
+                 "--output_dir", str(tmp_path / "b"), *common]) == 0
+    report = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert set(report["results"]) == {"8"} and report["generation"]["gen_length"] == 32
+    rows = [json.loads(x) for x in (tmp_path / "b" / "generations.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("numbers:") for r in rows)
+    assert main(["evaluate", "--model", str(run), "--task", "sudoku", "--output_dir", str(tmp_path / "c"),
+                 *common]) == 0  # the run's countdown options are not handed to sudoku
+
+
 def test_report(sft_run, tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", str(sft_run), "--out", str(out)]) == 0

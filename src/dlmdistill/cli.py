@@ -21,8 +21,9 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, format_help, load_config
+from .config import ConfigError, deep_merge, format_help, load_config, load_yaml
 from .errors import UserError, describe, is_user_error
 
 USAGE = """usage: dlmdistill [--debug] COMMAND [ARGS ...]   (dlmdistill COMMAND --help for a command's options)
@@ -229,7 +230,13 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
 
-    cfg = load_config(EvalRunConfig, config, rest, prepare=EvalRunConfig.prepare)
+    # a training run's own evaluation settings, under what the config file and the command line give
+    from_run = run_eval_defaults(_given_model(config, rest))
+    cfg = load_config(EvalRunConfig, config, rest, prepare=lambda d: EvalRunConfig.prepare(_under(from_run, d)))
+    if from_run:
+        print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
+              f"{cfg.data.task} {cfg.data.task_kwargs or ''}, gen_length {cfg.generation.gen_length}, block_length "
+              f"{cfg.generation.block_length}, steps {' '.join(map(str, cfg.steps))}", file=sys.stderr)
     device = _device(cfg.device)
     run_dir = Path(cfg.model.name_or_path)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
@@ -247,6 +254,53 @@ def cmd_evaluate(argv: list[str]) -> int:
     print(format_table(report))
     print(f"\ngenerations: {out_dir}/generations.jsonl\nmetrics:     {out_dir}/metrics.json")
     return 0
+
+
+def run_eval_defaults(model: str) -> dict[str, Any]:
+    """The evaluation settings a training run used (its ``config.yaml``: ``data.task``, ``task_kwargs``,
+    ``prompt_format``, the evaluation source and split, ``eval.generation``, its step count), when
+    ``model`` is a run folder or its ``final/``; else {}. A model trained on 24-token answers is then
+    evaluated on 24 tokens, and a run trained on d1-style prompts sees d1-style prompts."""
+    p = Path(model)
+    run = p if (p / "final").is_dir() else p.parent if p.name == "final" else None
+    if run is None or not (run / "config.yaml").is_file():
+        return {}
+    saved = load_yaml(run / "config.yaml")
+    data, ev = saved.get("data") or {}, saved.get("eval") or {}
+    gen = dict(ev.get("generation") or {})
+    out: dict[str, Any] = {"data": {k: data[k] for k in ("task", "task_kwargs", "prompt_format", "eval_source",
+                                                         "eval_split") if data.get(k) is not None}}
+    if gen:
+        out["generation"] = gen
+        if gen.get("steps"):
+            out["steps"] = [gen["steps"]]
+    return out
+
+
+def _given_model(config: str | None, rest: list[str]) -> str:
+    """The model named on the command line (``--model.name_or_path``, ``--name_or_path``) or in the config
+    file, before the configuration is built (its defaults depend on it); '' if none."""
+    for i, arg in enumerate(rest):
+        for key in ("--model.name_or_path", "--name_or_path"):
+            if arg == key and i + 1 < len(rest):
+                return rest[i + 1]
+            if arg.startswith(key + "="):
+                return arg.split("=", 1)[1]
+    if config:
+        return str((load_yaml(config).get("model") or {}).get("name_or_path") or "")
+    return ""
+
+
+def _under(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``defaults``; a run's task options and evaluation data only count for its own task."""
+    if not defaults:
+        return given
+    task = (given.get("data") or {}).get("task")
+    data = defaults.get("data") or {}
+    if task is not None and task != data.get("task"):
+        defaults = {**defaults, "data": {k: v for k, v in data.items()
+                                         if k not in ("task_kwargs", "eval_source", "eval_split")}}
+    return deep_merge(defaults, given)
 
 
 # ------------------------------------------------------------------------------------ others
