@@ -105,6 +105,19 @@ def test_evaluate_a_run_with_its_own_settings(sft_run, tmp_path, capsys):
                  *common]) == 0  # the run's countdown options are not handed to sudoku
 
 
+def test_generate_uses_the_runs_decoding_unless_told(sft_run, tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["generate", "--model", str(sft_run), "--prompt", "numbers: 1 2 3 target: 6\n", "--output",
+            str(tmp_path / "g.jsonl"), "--trajectory", str(tmp_path / "t.safetensors")]
+    assert main(base) == 0  # the run evaluated with 48 tokens in 12 steps
+    traj = load_file(str(tmp_path / "t.safetensors"))
+    assert traj["states"].shape[0] == 12 and traj["committed"].sum() == 48
+    assert main([*base, "--gen_length", "16", "--steps", "4"]) == 0
+    traj = load_file(str(tmp_path / "t.safetensors"))
+    assert traj["states"].shape[0] == 4 and traj["committed"].sum() == 16
+
+
 def test_report(sft_run, tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", str(sft_run), "--out", str(out)]) == 0

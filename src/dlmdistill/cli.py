@@ -158,7 +158,11 @@ def cmd_generate(argv: list[str]) -> int:
     from .models.autoregressive import CausalLM, load_for_inference
     from .sampling import decode_responses, generate
 
-    cfg = load_config(GenerateRunConfig, config, rest)
+    # a training run's own decoding and prompt format, under what the config file and the command line give
+    from_run = run_eval_defaults(_given_model(config, rest))
+    defaults = {k: v for k, v in (("generation", from_run.get("generation")),
+                                  ("prompt_format", from_run.get("data", {}).get("prompt_format"))) if v}
+    cfg = load_config(GenerateRunConfig, config, rest, prepare=lambda d: deep_merge(defaults, d))
     sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
     sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file else []
     if not sourced:
