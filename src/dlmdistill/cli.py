@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, deep_merge, format_help, load_config, load_yaml
+from .config import ConfigError, deep_merge, format_help, load_config, load_yaml, parse_overrides
 from .errors import UserError, describe, is_user_error
 
 USAGE = """usage: dlmdistill [--debug] COMMAND [ARGS ...]   (dlmdistill COMMAND --help for a command's options)
@@ -159,7 +159,7 @@ def cmd_generate(argv: list[str]) -> int:
     from .sampling import decode_responses, generate
 
     # a training run's own decoding and prompt format, under what the config file and the command line give
-    from_run = run_eval_defaults(_given_model(config, rest))
+    from_run = run_eval_defaults(_given_model(GenerateRunConfig, config, rest))
     defaults = {k: v for k, v in (("generation", from_run.get("generation")),
                                   ("prompt_format", from_run.get("data", {}).get("prompt_format"))) if v}
     cfg = load_config(GenerateRunConfig, config, rest, prepare=lambda d: deep_merge(defaults, d))
@@ -235,7 +235,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .tasks.registry import get_task
 
     # a training run's own evaluation settings, under what the config file and the command line give
-    from_run = run_eval_defaults(_given_model(config, rest))
+    from_run = run_eval_defaults(_given_model(EvalRunConfig, config, rest))
     cfg = load_config(EvalRunConfig, config, rest, prepare=lambda d: EvalRunConfig.prepare(_under(from_run, d)))
     if from_run:
         print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
@@ -281,18 +281,11 @@ def run_eval_defaults(model: str) -> dict[str, Any]:
     return out
 
 
-def _given_model(config: str | None, rest: list[str]) -> str:
-    """The model named on the command line (``--model.name_or_path``, ``--name_or_path``) or in the config
-    file, before the configuration is built (its defaults depend on it); '' if none."""
-    for i, arg in enumerate(rest):
-        for key in ("--model.name_or_path", "--name_or_path"):
-            if arg == key and i + 1 < len(rest):
-                return rest[i + 1]
-            if arg.startswith(key + "="):
-                return arg.split("=", 1)[1]
-    if config:
-        return str((load_yaml(config).get("model") or {}).get("name_or_path") or "")
-    return ""
+def _given_model(cls: type, config: str | None, rest: list[str]) -> str:
+    """The model named in the config file or on the command line, before the configuration is built
+    (its defaults depend on it); '' if none."""
+    given = deep_merge(load_yaml(config) if config else {}, parse_overrides(cls, rest))
+    return str((given.get("model") or {}).get("name_or_path") or "")
 
 
 def _under(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
