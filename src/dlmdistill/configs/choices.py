@@ -21,5 +21,9 @@ KLKind = Literal["forward_kl", "reverse_kl"]
 # dlmdistill.losses.divergences
 DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd"]
 
+# dlmdistill.methods.dopsd
+RevealScope = Literal["after_block", "before_eos", "official"]
+TrainSteps = Literal["all", "informative", "official"]
+
 # dlmdistill.methods.distillation
 TeacherKind = Literal["auto", "dlm", "ar"]

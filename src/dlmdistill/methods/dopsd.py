@@ -40,6 +40,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from ..configs.choices import RevealScope
 from ..configs.methods import ClipModeSetting, DOPSDConfig, DOPSDRunConfig  # noqa: F401 (re-exported)
 from ..errors import UserError
 from ..losses.divergences import distillation_divergence, topk_overlap
@@ -98,20 +99,34 @@ def current_block_mask(blocks: torch.Tensor, block_length: int, gen_length: int)
 
 def self_future_teacher_states(states: torch.Tensor, final: torch.Tensor, blocks: torch.Tensor, *, block_length: int,
                                mask_id: int, rho: float, generator: torch.Generator | None = None,
-                               eos_id: int | None = None) -> torch.Tensor:
+                               eos_id: int | None = None, scope: RevealScope = "after_block") -> torch.Tensor:
     """The teacher's response state (eq. 8): ``y_t`` with part of the self-generated future revealed.
 
     states: [N, G] the student's states ``y_t``; final: [N, G] the answers ``y_0``; blocks: [N] the
     block decoded at each state. Eligible positions: still masked in ``y_t`` and outside the
-    current block (and, when ``eos_id`` is given, not after the first ``eos_id`` of ``y_0``). Of the
-    ``n`` eligible positions of a row, ``floor(rho * n)`` chosen uniformly at random take their
-    ``y_0`` token; everything else is ``y_t``. Returns [N, G].
+    current block, and by ``scope`` (``eos_id`` needed for the last two):
+
+    * ``after_block``: nothing more (in block decoding: every position after the current block,
+      the answer's EOS tail included);
+    * ``before_eos``: not after the first ``eos_id`` of ``y_0``;
+    * ``official``: none at all in a row whose next block starts at or after the first EOS of
+      ``y_0`` (the official code; the EOS tail stays eligible otherwise).
+
+    Of the ``n`` eligible positions of a row, ``floor(rho * n)`` chosen uniformly at random take
+    their ``y_0`` token; everything else is ``y_t``. Returns [N, G].
     """
     g = states.shape[1]
     eligible = (states == mask_id) & ~current_block_mask(blocks, block_length, g)
-    if eos_id is not None:
-        last = response_lengths(final, eos_id)  # index of the first EOS (G if none)
-        eligible &= torch.arange(g, device=states.device)[None, :] <= last[:, None]
+    if scope != "after_block":
+        if eos_id is None:
+            raise ValueError(f"reveal scope {scope!r} needs the EOS id")
+        first_eos = response_lengths(final, eos_id)  # index of the first EOS (G if none)
+        if scope == "before_eos":
+            eligible &= torch.arange(g, device=states.device)[None, :] <= first_eos[:, None]
+        elif scope == "official":
+            eligible &= ((blocks + 1) * block_length < first_eos)[:, None]
+        else:
+            raise ValueError(f"unknown reveal scope {scope!r}; choose after_block, before_eos or official")
     count = torch.floor(rho * eligible.sum(1).double() + 1e-9).long()  # guard 0.29 * 100 -> 28.999...
     noise = torch.rand(states.shape, generator=generator, device=states.device)
     reveal = topk_mask(torch.where(eligible, noise, torch.full_like(noise, -1.0)), count) & eligible
@@ -131,6 +146,9 @@ class StepStates:
     k:          [R] long, tokens committed at the step.
     weights:    [R] float32, ``1 / (T_j * k)``: a position's share of its trajectory's loss
                 (``T_j`` = steps of the trajectory with k > 0), so each trajectory sums to 1.
+    chunk:      [R] long, the optimizer step of the rollout batch that trains the row (``chunked``).
+    loss_weights: [R] float32, a position's weight in its chunk's loss: ``1 / (T_jc * k)`` with
+                ``T_jc`` the trajectory's rows in that chunk (``1 / T_jc`` when K_t is summed).
     """
 
     rows: torch.Tensor
@@ -141,6 +159,8 @@ class StepStates:
     committed: torch.Tensor
     k: torch.Tensor
     weights: torch.Tensor
+    chunk: torch.Tensor
+    loss_weights: torch.Tensor
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -166,7 +186,8 @@ def flatten_trajectories(trajectory: Trajectory, rows: Sequence[int], *, block_l
     weights = 1.0 / (per_traj.repeat_interleave(s).float() * k.clamp(min=1).float())
     candidates = (states == mask_id) & current_block_mask(blocks, block_length, g)
     keep = k > 0
-    out = StepStates(rows_t.repeat_interleave(s), step, states, states, candidates, committed, k, weights)
+    out = StepStates(rows_t.repeat_interleave(s), step, states, states, candidates, committed, k, weights,
+                     torch.zeros_like(step), weights)
     return out.part(keep)
 
 
@@ -190,13 +211,53 @@ def informative_steps(states: torch.Tensor, teacher: torch.Tensor, finals: torch
     return keep
 
 
+def official_steps(states: torch.Tensor, blocks: torch.Tensor, *, num_blocks: int, mask_id: int,
+                   eos_id: int | None) -> torch.Tensor:
+    """[R] bool: the step states the official code trains (``train_steps: official``).
+
+    states: [R, G] the student's states ``y_t``; blocks: [R] the block each decodes. The official
+    sampler records a state only outside the last block and while a mask remains before the first
+    EOS of the state itself (all of it when it has no EOS yet): its recorded steps are its trained
+    steps. (It then also leaves the last recorded state out, an indexing artefact not copied here.)
+    """
+    g = states.shape[1]
+    first_eos = response_lengths(states, eos_id)
+    before_eos = torch.arange(g, device=states.device)[None, :] < first_eos[:, None]
+    return (blocks < num_blocks - 1) & ((states == mask_id) & before_eos).any(1)
+
+
 def reweighted(steps: StepStates) -> StepStates:
     """``steps`` with ``weights = 1 / (T_j * k)`` recomputed, ``T_j`` = the rows of trajectory j left."""
     if not len(steps):
         return steps
     _, inverse, counts = torch.unique(steps.rows, return_inverse=True, return_counts=True)
     weights = 1.0 / (counts[inverse].float() * steps.k.clamp(min=1).float())
-    return replace(steps, weights=weights)
+    return replace(steps, weights=weights, loss_weights=weights)
+
+
+def chunked(steps: StepStates, batch_divide: int, kt_reduction: Literal["mean", "sum"] = "mean") -> StepStates:
+    """``steps`` with each trajectory's rows split, in step order, into ``batch_divide`` chunks.
+
+    Rows must be grouped by trajectory (``flatten_trajectories`` order). A trajectory of ``T`` rows
+    puts its ``r``-th row in chunk ``floor(r * batch_divide / T)``: contiguous chunks whose sizes
+    differ by at most one (fewer than ``batch_divide`` when ``T < batch_divide``). ``loss_weights``
+    become ``1 / (T_jc * k)`` -- the mean over the chunk's steps of the mean over K_t -- or
+    ``1 / T_jc`` with ``kt_reduction="sum"`` (the official code: the sum over K_t divided by the
+    steps in the chunk). ``batch_divide=1`` with ``mean`` leaves ``loss_weights == weights``.
+    """
+    if not len(steps):
+        return steps
+    _, counts = torch.unique_consecutive(steps.rows, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    total = counts.repeat_interleave(counts)
+    rank = torch.arange(len(steps), device=steps.rows.device) - starts.repeat_interleave(counts)
+    chunk = torch.div(rank * batch_divide, total, rounding_mode="floor")
+    key = steps.rows * batch_divide + chunk  # (trajectory, chunk), consecutive like the rows
+    _, per_chunk = torch.unique_consecutive(key, return_counts=True)
+    size = per_chunk.repeat_interleave(per_chunk).float()
+    k = steps.k.clamp(min=1).float()
+    loss_weights = 1.0 / (size * k) if kt_reduction == "mean" else 1.0 / size
+    return replace(steps, chunk=chunk, loss_weights=loss_weights)
 
 
 def loss_scale(num_processes: int, n_trained_global: float) -> float:
@@ -219,13 +280,16 @@ class StepLogits:
     row: torch.Tensor
 
 
-def confident_positions(logits: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k[r]`` candidates of each row where the model's top token is most probable.
+def confident_positions(logits: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor,
+                        by: Literal["probability", "max_logit"] = "probability") -> torch.Tensor:
+    """The ``k[r]`` candidates of each row where the model is most confident.
 
-    logits: [C, V] at the True entries of candidates [n, G] (row-major); k: [n]. Ranking is by the
-    probability of the argmax token (softmax in float32), not by the raw logit. Returns [n, G] bool.
+    logits: [C, V] at the True entries of candidates [n, G] (row-major); k: [n]. ``by``: the
+    probability of the argmax token (softmax in float32), or the raw maximum logit (the official
+    code; not a confidence: a flat row of large logits outranks a peaked one). Returns [n, G] bool.
     """
-    conf = torch.softmax(logits.detach().float(), dim=-1).amax(dim=-1)
+    logits = logits.detach().float()
+    conf = torch.softmax(logits, dim=-1).amax(dim=-1) if by == "probability" else logits.amax(dim=-1)
     scores = torch.full(candidates.shape, float("-inf"), device=candidates.device)
     scores[candidates] = conf
     return topk_mask(scores, torch.minimum(k, candidates.sum(1))) & candidates
@@ -233,23 +297,24 @@ def confident_positions(logits: torch.Tensor, candidates: torch.Tensor, k: torch
 
 def step_logits(student: LogitsFn, teacher: LogitsFn, steps: StepStates, prompts: Sequence[Sequence[int]],
                 teacher_prompts: Sequence[Sequence[int]], *, pad_id: int,
-                select: Literal["teacher", "student", "committed"] = "teacher") -> StepLogits:
+                select: Literal["teacher", "student", "committed"] = "teacher",
+                confidence: Literal["probability", "max_logit"] = "probability") -> StepLogits:
     """One student and one teacher forward over a micro-batch of step states.
 
     ``prompts`` / ``teacher_prompts`` hold each row's prompt tokens. The LM head runs only at the
-    candidate positions of the model that ranks them and at K_t for the other one.
+    candidate positions of the model that ranks them (by ``confidence``) and at K_t for the other one.
     """
     s_ids, s_attn, p = prompt_and_response_inputs(prompts, steps.states, pad_id)
     t_ids, t_attn, tp = prompt_and_response_inputs(teacher_prompts, steps.teacher, pad_id)
     cand = steps.candidates
     if select == "teacher":
         ranked = teacher(t_ids, t_attn, with_prompt_columns(cand, tp))
-        chosen = confident_positions(ranked, cand, steps.k)
+        chosen = confident_positions(ranked, cand, steps.k, confidence)
         t_logits = ranked[chosen[cand]]
         s_logits = student(s_ids, s_attn, with_prompt_columns(chosen, p))
     elif select == "student":
         ranked = student(s_ids, s_attn, with_prompt_columns(cand, p))
-        chosen = confident_positions(ranked, cand, steps.k)
+        chosen = confident_positions(ranked, cand, steps.k, confidence)
         s_logits = ranked[chosen[cand]]
         t_logits = teacher(t_ids, t_attn, with_prompt_columns(chosen, tp))
     elif select == "committed":
@@ -314,8 +379,13 @@ class DOPSDTrainer(OnPolicyTrainer):
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, batch: list[dict[str, Any]]) -> Rollout:
-        """Pass@k rollouts: resample the prompts not accepted yet while any rank still has one."""
+        """Pass@k rollouts. ``first_accepted``: resample the prompts not accepted yet while any rank still
+        has one; a rejected prompt keeps its best attempt (the earliest among ties), or its last one with
+        ``rejected: zero_weight``. ``best_of_k``: every prompt draws ``pass_k`` attempts and keeps the
+        highest-scoring one, ties to the later."""
         m, gen = self.method, self.method.rollout
+        best_of_k = m.pass_k_mode == "best_of_k"
+        keep_last = m.rejected == "zero_weight"
         indices = [int(it["index"]) for it in batch]
         prompts = [list(it["prompt_ids"]) for it in batch]
         key = "teacher_prompt_ids" if m.teacher_context == "reference_prefix" else "prompt_ids"
@@ -342,33 +412,42 @@ class DOPSDTrainer(OnPolicyTrainer):
                 first = (sc, self.correct(sc), response_lengths(responses, self.unwrapped.eos_id).cpu())
             for p, i in enumerate(pending):
                 attempts[i] = attempt
-                if ok[p] or sc[p] > scores[i]:  # keep the accepted attempt, else the best so far
+                keep = sc[p] >= scores[i] if best_of_k else bool(ok[p]) or keep_last or sc[p] > scores[i]
+                if keep:
                     states[:, i], committed[:, i] = traj.states[:, p], traj.committed[:, p]
-                    finals[i], scores[i], accepted[i] = responses[p], sc[p], ok[p]
-            pending = [i for i in pending if not accepted[i]]
+                    finals[i], scores[i] = responses[p], sc[p]
+                    accepted[i] = ok[p]
+            if not best_of_k:
+                pending = [i for i in pending if not accepted[i]]
         blocks = torch.arange(s, device=device) // gen.trajectory_steps_per_block
         return Rollout(indices, prompts, teacher_prompts, Trajectory(states, committed, blocks), finals, scores,
                        accepted, attempts, *first)
 
     def step_states(self, roll: Rollout, rows: Sequence[int]) -> StepStates:
         """The step states of the trained trajectories, with the teacher's states filled in; with
-        ``train_steps: informative`` only the informative ones (``informative_steps``), re-weighted
-        so that each trajectory's kept steps still average to its loss."""
+        ``train_steps`` informative or official only those steps (``informative_steps``,
+        ``official_steps``), re-weighted so that each trajectory's kept steps still average to its loss;
+        then split into ``batch_divide`` chunks (``chunked``)."""
         m = self.method
         block = m.rollout.block_length or m.rollout.gen_length
-        mask_id = self.unwrapped.mask_id
+        mask_id, eos_id = self.unwrapped.mask_id, self.unwrapped.eos_id
         steps = flatten_trajectories(roll.trajectory, rows, block_length=block, mask_id=mask_id)
-        if m.teacher_context == "self_future" and len(steps):
-            blocks = roll.trajectory.block[steps.step]
+        if not len(steps):
+            return steps
+        blocks = roll.trajectory.block[steps.step]
+        if m.teacher_context == "self_future":
             steps.teacher = self_future_teacher_states(
                 steps.states, roll.finals[steps.rows], blocks, block_length=block, mask_id=mask_id, rho=m.rho,
-                generator=self.generator("teacher"), eos_id=self.unwrapped.eos_id if m.exclude_after_eos else None)
-        if m.train_steps == "informative" and len(steps):
+                generator=self.generator("teacher"), eos_id=eos_id, scope=m.reveal)
+        if m.train_steps == "informative":
             keep = informative_steps(steps.states, steps.teacher, roll.finals[steps.rows], mask_id=mask_id,
-                                     eos_id=self.unwrapped.eos_id,
-                                     require_reveal=m.teacher_context == "self_future")
+                                     eos_id=eos_id, require_reveal=m.teacher_context == "self_future")
             steps = reweighted(steps.part(keep))
-        return steps
+        elif m.train_steps == "official":
+            keep = official_steps(steps.states, blocks, num_blocks=m.rollout.num_blocks, mask_id=mask_id,
+                                  eos_id=eos_id)
+            steps = reweighted(steps.part(keep))
+        return chunked(steps, m.batch_divide, m.kt_reduction)
 
     def padding_steps(self, roll: Rollout) -> StepStates:
         """A zero-weight step state (a fully masked response, one position) for ranks with less work."""
@@ -380,29 +459,32 @@ class DOPSDTrainer(OnPolicyTrainer):
         committed = torch.zeros_like(cand)
         committed[0, 0] = True
         one = torch.ones(1, dtype=torch.long, device=device)
-        return StepStates(one * 0, one * 0, states, states, cand, committed, one, torch.zeros(1, device=device))
+        zero = torch.zeros(1, device=device)
+        return StepStates(one * 0, one * 0, states, states, cand, committed, one, zero, one * 0, zero)
 
     # ------------------------------------------------------------------ loss
     def teacher_logits_fn(self) -> LogitsFn:
         return self.initial_policy_logits if self.method.teacher == "fixed" else self.current_policy_logits
 
     def micro_batch_loss(self, steps: StepStates, roll: Rollout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, sums)``: the scaled loss of a micro-batch and the detached weighted sums of
-        (divergence, clip fraction, top-K overlap) for the logs."""
+        """``(loss, sums)``: the scaled loss of a micro-batch (``loss_weights``) and the detached sums, weighted
+        by ``weights``, of (divergence, clip fraction, top-K overlap) for the logs."""
         m = self.method
         rows = steps.rows.tolist()
         out = step_logits(self.policy_logits, self.teacher_logits_fn(), steps, [roll.prompts[r] for r in rows],
-                          [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions)
+                          [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions,
+                          confidence=m.confidence)
         div = distillation_divergence(student_logits=out.student, teacher_logits=out.teacher, kind=m.divergence,
                                       beta=m.jsd_beta, top_k=m.vocab_top_k, clip=m.clip, clip_mode=m.clip_mode)
         w = steps.weights[out.row]
         overlap = topk_overlap(student_logits=out.student.detach(), teacher_logits=out.teacher, k=m.overlap_k)
         sums = torch.stack([(w * div.divergence.detach()).sum(), (w * div.clipped).sum(), (w * overlap).sum()])
-        return (w * div.divergence).sum() * scale, sums.double()
+        return (steps.loss_weights[out.row] * div.divergence).sum() * scale, sums.double()
 
     # ------------------------------------------------------------------ one rollout batch
     def training_step(self, batch: list[dict[str, Any]]) -> tuple[bool, dict[str, float]]:
         m = self.method
+        zero_weight = m.correct_only and m.rejected == "zero_weight"
         roll = self.sample(batch)
         trained = roll.accepted if m.correct_only else torch.ones_like(roll.accepted)
         rows = trained.nonzero(as_tuple=True)[0].tolist()
@@ -413,47 +495,71 @@ class DOPSDTrainer(OnPolicyTrainer):
         metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n, "accepted": float(totals[3]) / n,
                    "attempts": float(totals[4]) / n, "completion_length": float(totals[5]) / n}
         nothing = n_train == 0
-        self.count_rollouts(float(totals[4]), float(totals[3]), idle=nothing, skipped=nothing,
-                            why=f"no accepted trajectory (up to pass_k={m.pass_k} attempts per prompt), so no "
-                            "optimizer step",
+        self.count_rollouts(float(totals[4]), float(totals[3]), idle=nothing, skipped=nothing and not zero_weight,
+                            why=f"no accepted trajectory (up to pass_k={m.pass_k} attempts per prompt), so "
+                            + ("only zero-weight optimizer steps" if zero_weight else "no optimizer step"),
                             advice=f"The model does not solve these prompts yet: start from a model that sometimes "
                             f"does (e.g. after SFT), raise method.pass_k (now {m.pass_k}) or lower "
                             f"method.accept_threshold (now {m.accept_threshold}); the run stops after "
                             f"method.max_consecutive_skips={m.max_consecutive_skips} such batches")
-        if nothing:
+        if nothing and not zero_weight:
             return self._skip(metrics, "no accepted trajectory")
         steps = self.step_states(roll, rows)
         recorded = int(roll.trajectory.committed[:, rows].any(-1).sum()) if rows else 0  # steps with k_t > 0
-        counts = self.global_sum([float(steps.rows.unique().numel()), float(len(steps)), float(recorded)])
+        d = m.batch_divide
+        chunk_traj = [float(len(steps.rows[steps.chunk == c].unique())) for c in range(d)] if len(steps) else [0.0] * d
+        counts = self.global_sum([float(steps.rows.unique().numel()) if len(steps) else 0.0, float(len(steps)),
+                                  float(recorded), *chunk_traj])
         n_train = float(counts[0])  # trajectories with at least one trained step
         metrics.update(trained_steps=float(counts[1]) / max(n_train, 1.0),
                        trained_step_fraction=float(counts[1]) / max(float(counts[2]), 1.0))
-        if n_train == 0:
+        if n_train == 0 and not zero_weight:
             self.rollout_counts["skipped"] += 1
             return self._skip(metrics, "no informative step in any accepted trajectory")
         self._consecutive_skips = 0
-        parts = micro_batches(len(steps), m.micro_batch_size)
-        n_parts = self.global_max(len(parts))
-        scale = loss_scale(self.accelerator.num_processes, n_train)
         sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
-        with self.student_mode():
-            for i in range(n_parts):
-                last = i == n_parts - 1
-                with nullcontext() if last else self.accelerator.no_sync(self.model):
-                    part = steps.part(parts[i]) if i < len(parts) else self.padding_steps(roll)
-                    loss, part_sums = self.micro_batch_loss(part, roll, scale)
-                    self.backward(loss)
-                sums += part_sums
-        sums = self.global_sum(sums)
-        if not self.check_finite(sums[0]):
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, metrics
-        metrics.update(loss=float(sums[0]) / n_train, clip_ratio=float(sums[1]) / n_train,
-                       topk_overlap=float(sums[2]) / n_train, trained_trajectories=n_train, skipped=0.0)
-        grad_norm = self.optimizer_step()
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        return True, metrics
+        grad_norms, stepped = [], False
+        for c in range(d):
+            # the mean over the trajectories this optimizer step trains (zero_weight: over every prompt, the
+            # rejected ones adding 0, as the official code's loss * 0 does under DDP's gradient average)
+            n_chunk = n if zero_weight else float(counts[3 + c])
+            if n_chunk == 0:
+                continue  # no trajectory has a step in this chunk anywhere: no optimizer step
+            part_rows = (steps.chunk == c).nonzero(as_tuple=True)[0] if len(steps) else torch.zeros(0, dtype=torch.long)
+            parts = micro_batches(len(part_rows), m.micro_batch_size)
+            n_parts = self.global_max(len(parts))
+            scale = loss_scale(self.accelerator.num_processes, n_chunk)
+            chunk_sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+            with self.student_mode():
+                for i in range(n_parts):
+                    last = i == n_parts - 1
+                    with nullcontext() if last else self.accelerator.no_sync(self.model):
+                        part = steps.part(part_rows[parts[i]]) if i < len(parts) else self.padding_steps(roll)
+                        loss, part_sums = self.micro_batch_loss(part, roll, scale)
+                        self.backward(loss)
+                    chunk_sums += part_sums
+            chunk_sums = self.global_sum(chunk_sums)
+            if not self.check_finite(chunk_sums[0]):
+                self.optimizer.zero_grad(set_to_none=True)
+                return stepped, metrics
+            sums += chunk_sums
+            if n_parts == 0:  # zero_weight and nothing trained anywhere: a zero gradient still steps AdamW
+                for p in self.model.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            grad_norm = self.optimizer_step()
+            stepped = stepped or not self.last_update_skipped
+            if grad_norm is not None:
+                grad_norms.append(grad_norm)
+        n_metric = max(n_train, 1.0)
+        metrics.update(loss=float(sums[0]) / n_metric, clip_ratio=float(sums[1]) / n_metric,
+                       topk_overlap=float(sums[2]) / n_metric, trained_trajectories=n_train, skipped=0.0)
+        if grad_norms:
+            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return stepped, metrics
+
+    def optimizer_steps_per_batch(self) -> int:
+        return self.method.batch_divide
 
     def student_mode(self):
         """Context of the student's loss forwards and backwards: dropout modules at p = 0 unless
@@ -495,5 +601,6 @@ def run(cfg: Any) -> dict[str, float]:
 
 
 __all__ = ["COLLAPSE_LR", "NothingToTrainError", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
-           "collapse_warnings", "confident_positions", "current_block_mask", "flatten_trajectories",
-           "informative_steps", "loss_scale", "reweighted", "run", "self_future_teacher_states", "step_logits"]
+           "chunked", "collapse_warnings", "confident_positions", "current_block_mask", "flatten_trajectories",
+           "informative_steps", "loss_scale", "official_steps", "reweighted", "run", "self_future_teacher_states",
+           "step_logits"]
