@@ -118,6 +118,25 @@ def test_generate_uses_the_runs_decoding_unless_told(sft_run, tmp_path):
     assert traj["states"].shape[0] == 4 and traj["committed"].sum() == 16
 
 
+def test_toy_check_on_a_run_folder(sft_run, tmp_path, capsys):
+    out = tmp_path / "toy.json"
+    assert main(["toy-check", "--model", str(sft_run), "--limit", "4", "--pass_k", "2", "--rhos", "0.5",
+                 "--gen_length", "48", "--block_length", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Gate (" in printed and "| self-teacher, rho = 0.25 |" in printed
+    report = json.loads(out.read_text())
+    assert report["n"] == 4 and set(report["self_teacher"]) == {"0.5", "0.25"}
+    assert report["settings"] == {"pass_k": 2, "retry_temperature": 1.0, "pass_k_mode": "first_accepted",
+                                  "reveal": "content", "gen_length": 48, "block_length": 16, "steps": 24,
+                                  "temperature": 0.0}
+    assert report["task"]["name"] == "countdown" and len(report["blocks"]) == 3
+    # a model folder that is not a run names the missing task
+    assert main(["toy-check", "--model", str(sft_run / "final"), "--gen_length", "48", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["toy-check", "--model", str(tmp_path), "--out", str(out)]) == 2
+    assert "name the task with --task" in capsys.readouterr().err
+
+
 def test_report(sft_run, tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", str(sft_run), "--out", str(out)]) == 0
@@ -284,9 +303,10 @@ METHOD_FIELDS = {
               "chunk_size", "sft.normalization", "sft.cfg_prob", "sft.eps"],
     "ar-sft": ["normalization"],
     "dopsd": ["rollout.gen_length", "rollout.temperature", "pass_k", "accept_threshold", "correct_only",
-              "teacher_context", "rho", "exclude_after_eos", "reference_template", "teacher", "positions",
-              "divergence", "jsd_beta", "vocab_top_k", "clip", "clip_mode", "train_steps", "student_dropout",
-              "micro_batch_size", "overlap_k", "max_consecutive_skips"],
+              "teacher_context", "rho", "reveal", "reference_template", "teacher", "positions", "confidence",
+              "kt_reduction", "divergence", "jsd_beta", "vocab_top_k", "clip", "clip_mode", "train_steps",
+              "batch_divide", "pass_k_mode", "rejected", "student_dropout", "micro_batch_size", "overlap_k",
+              "max_consecutive_skips"],
     "diffu-grpo": ["rollout.gen_length", "num_generations", "num_iterations", "epsilon", "beta", "p_mask_prompt",
                    "scale_rewards", "random_masking", "micro_batch_size"],
 }

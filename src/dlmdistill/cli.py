@@ -300,6 +300,100 @@ def _under(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(defaults, given)
 
 
+# ------------------------------------------------------------------------------------ toy-check
+def cmd_toy_check(argv: list[str]) -> int:
+    """toy-check --model RUN [--limit 500] [--rhos 0.1 0.25 0.5]: d-OPSD's toy verification (Table 3) as a go/no-go gate"""
+    p = argparse.ArgumentParser(
+        prog="dlmdistill toy-check",
+        description="The d-OPSD paper's toy verification (Table 3, appendix D.2) with the official code's choices: "
+        "the student's first attempt (greedy), pass@k with retries at temperature 1.0, then regeneration from a "
+        "teacher input holding rho of the kept answer's content tokens, each block cleared when decoding reaches "
+        "it, greedy, two tokens per step. Go/no-go: the self-teacher beats the student by at least --margin "
+        "points at rho 0.25. Prints the table and a per-block diagnostic; writes the report as JSON.")
+    p.add_argument("--model", required=True, help="a run folder (its task, task options, prompt format and "
+                   "decoding blocks are used) or a model folder with --task")
+    p.add_argument("--task", default=None, help="the task (default: the run's)")
+    p.add_argument("--task_kwargs", default=None, help="task options as YAML/JSON, e.g. '{reasoning: true}' "
+                   "(default: the run's, for its own task)")
+    p.add_argument("--limit", type=int, default=500, help="training prompts (the paper: 500)")
+    p.add_argument("--data_seed", type=int, default=99, help="seed of generated training prompts")
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="revealed fractions")
+    p.add_argument("--pass_k", type=int, default=8)
+    p.add_argument("--retry_temperature", type=float, default=1.0, help="temperature of attempts 2..k")
+    p.add_argument("--pass_k_mode", choices=["first_accepted", "best_of_k"], default=None,
+                   help="default: best_of_k for sudoku (the official code), else first_accepted")
+    p.add_argument("--accept_threshold", type=float, default=None, help="acceptance score (default: the task's; "
+                   "0.25 for sudoku as the official code)")
+    p.add_argument("--reveal", choices=["content", "after_block", "before_eos"], default="content",
+                   help="content: rho of the answer's tokens before its EOS, anywhere (the official toy)")
+    p.add_argument("--gen_length", type=int, default=None, help="default: the run's eval.generation")
+    p.add_argument("--block_length", type=int, default=None, help="default: the run's eval.generation")
+    p.add_argument("--steps", type=int, default=None, help="default: gen_length / 2 (two tokens per step)")
+    p.add_argument("--margin", type=float, default=5.0, help="points the self-teacher must gain at rho 0.25")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", default=None, help="JSON report (default: RUN/eval/toy_check.json, or "
+                   "toy_check.json here for a model folder)")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    import yaml
+
+    from .analysis.dopsd import format_self_teacher_check, self_teacher_check
+    from .configs import DataConfig
+    from .data import load_examples
+    from .evaluation import resolve_model_path
+    from .models.loading import load_model
+    from .sampling import GenerationConfig
+    from .tasks.registry import get_task
+
+    run = run_eval_defaults(a.model)
+    data = dict(run.get("data") or {})
+    if a.task and a.task != data.get("task"):
+        data = {"task": a.task}
+    if a.task_kwargs is not None:
+        kwargs = yaml.safe_load(a.task_kwargs)
+        if not isinstance(kwargs, dict):
+            raise UserError(f"--task_kwargs: expected a mapping such as '{{reasoning: true}}', got {a.task_kwargs!r}")
+        data["task_kwargs"] = kwargs
+    if not data.get("task"):
+        raise UserError(f"--model {a.model}: not a run folder with a config.yaml; name the task with --task")
+    gen_saved = run.get("generation") or {}
+    g = a.gen_length or gen_saved.get("gen_length")
+    if not g:
+        raise UserError("--gen_length: the model is not a run folder with eval.generation; give --gen_length")
+    block = a.block_length if a.block_length is not None else gen_saved.get("block_length")
+    gen = GenerationConfig(gen_length=g, block_length=block, steps=a.steps or max(g // 2, 1), temperature=0.0,
+                           batch_size=a.batch_size)
+    try:
+        gen.validate()
+    except ValueError as e:
+        raise UserError(f"decoding: {e} (gen_length {g}, block_length {block}: from "
+                        f"{'the command line' if a.gen_length or a.block_length else 'the run config.yaml'})") from None
+    task = get_task(data["task"], **(data.get("task_kwargs") or {}))
+    cfg = DataConfig(task=data["task"], task_kwargs=data.get("task_kwargs") or {},
+                     prompt_format=data.get("prompt_format", "plain"), train_limit=a.limit, seed=a.data_seed)
+    examples = load_examples(cfg, "train")
+    sudoku = task.name == "sudoku"
+    threshold = a.accept_threshold if a.accept_threshold is not None else (0.25 if sudoku else None)
+    model, tok = load_model(resolve_model_path(a.model))
+    model.to(_device(a.device))
+    report = self_teacher_check(model, tok, task, examples, gen, rhos=tuple(a.rhos), pass_k=a.pass_k,
+                                retry_temperature=a.retry_temperature, accept_threshold=threshold,
+                                pass_k_mode=a.pass_k_mode or ("best_of_k" if sudoku else "first_accepted"),
+                                reveal=a.reveal, prompt_format=cfg.prompt_format, gate_margin=a.margin, seed=a.seed)
+    report["task"] = {"name": task.name, "task_kwargs": cfg.task_kwargs, "model": a.model}
+    print(format_self_teacher_check(report))
+    root = Path(a.model)
+    run_dir = root if (root / "final").is_dir() else root.parent if root.name == "final" else None
+    out = Path(a.out) if a.out else (run_dir / "eval" / "toy_check.json" if run_dir else Path("toy_check.json"))
+    if out.exists() and not a.out:
+        out = out.with_name(f"toy_check_{a.reveal}_{g}_{block}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nreport: {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ others
 def cmd_demo(argv: list[str]) -> int:
     """demo: a tiny DLM on Sudoku, post-trained with SFT, SelfFusion and d-OPSD and compared, on a CPU"""
@@ -429,7 +523,8 @@ def cmd_estimate(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "report": cmd_report, "convert": cmd_convert, "score": cmd_score, "estimate": cmd_estimate}
+            "report": cmd_report, "convert": cmd_convert, "score": cmd_score, "estimate": cmd_estimate,
+            "toy-check": cmd_toy_check}
 
 
 def usage() -> str:

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from dlmdistill.methods.dopsd import (DOPSDConfig, DOPSDRunConfig, DOPSDTrainer, collapse_warnings,
+from dlmdistill.methods.dopsd import (DOPSDConfig, DOPSDRunConfig, DOPSDTrainer, chunked, collapse_warnings,
                                       confident_positions, current_block_mask, flatten_trajectories,
-                                      informative_steps, loss_scale, reweighted, self_future_teacher_states,
-                                      step_logits)
+                                      informative_steps, loss_scale, official_steps, reweighted,
+                                      self_future_teacher_states, step_logits)
 from dlmdistill.errors import UserError
 from dlmdistill.sampling import GenerationConfig, Trajectory, generate
 from dlmdistill.training import latest_checkpoint
@@ -55,9 +55,34 @@ def test_teacher_rounding_and_eos_exclusion():
     t = self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=0.29)
     assert int((t != mask).sum()) == 29  # floor(0.29 * 100), not 28 from float error
     final[0, 60] = eos
-    t = self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=1.0, eos_id=eos)
+    t = self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=1.0, eos_id=eos,
+                                   scope="before_eos")
     revealed = (t != mask).nonzero(as_tuple=True)[1]
     assert revealed.min() == 10 and revealed.max() == 60  # up to and including the first EOS
+
+
+def test_official_reveal_scope_stops_once_the_next_block_starts_at_the_first_eos():
+    # the official code (d_opsd_trainer.py): at block n, int(ratio * count) of the positions from the start of
+    # block n + 1 to the end of the sequence (EOS tail included), none once block n + 1 starts at or after the
+    # first EOS of the final answer. 40 positions in blocks of 10, first EOS at 25.
+    mask, eos = 99, 7
+    final = torch.arange(40)[None].repeat(4, 1) % 5 + 10
+    final[:, 25:] = eos
+    blocks = torch.tensor([0, 1, 2, 3])
+    states = torch.where(torch.arange(40)[None] < (blocks[:, None] * 10 + 3), final, torch.full_like(final, mask))
+    t = self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=0.5, eos_id=eos,
+                                   scope="official", generator=torch.Generator().manual_seed(0))
+    revealed = t != states
+    # block 0: next block starts at 10 < 25: int(0.5 * 30) = 15 of positions 10-39, the EOS tail too;
+    # block 1: starts at 20 < 25: int(0.5 * 20) = 10 of 20-39; block 2: 30 >= 25: none; block 3: nothing after it
+    assert revealed.sum(1).tolist() == [15, 10, 0, 0]
+    assert revealed[0, :10].sum() == 0 and revealed[1, :20].sum() == 0
+    assert torch.equal(t[revealed], final[revealed])
+    tail = self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=1.0, eos_id=eos,
+                                      scope="official")
+    assert bool((tail[0, 25:] == eos).all())  # the EOS tail is revealable, as in the official code
+    with pytest.raises(ValueError, match="needs the EOS id"):
+        self_future_teacher_states(states, final, blocks, block_length=10, mask_id=mask, rho=0.5, scope="official")
 
 
 def test_confidence_ranks_by_probability_not_raw_logit():
@@ -66,6 +91,36 @@ def test_confidence_ranks_by_probability_not_raw_logit():
     cand = torch.tensor([[True, True]])
     chosen = confident_positions(logits, cand, torch.tensor([1]))
     assert chosen.tolist() == [[False, True]]
+    # the official code ranks by the raw maximum logit: 5 > 1
+    assert confident_positions(logits, cand, torch.tensor([1]), by="max_logit").tolist() == [[True, False]]
+
+
+def test_official_steps_by_hand():
+    # 3 blocks of 2; the official sampler records a state outside the last block while a mask remains before
+    # the first EOS of the state itself
+    m, eos = 9, 1
+    states = torch.tensor([[m, m, m, m, m, m],   # block 0, no EOS yet -> trained
+                           [4, 1, m, m, m, m],   # block 1, EOS committed at 1, no mask before it -> not trained
+                           [4, m, 1, m, m, m],   # block 1, a mask before the EOS at 2 -> trained
+                           [4, 5, 6, 7, m, m]])  # block 2, the last block -> never trained
+    blocks = torch.tensor([0, 1, 1, 2])
+    assert official_steps(states, blocks, num_blocks=3, mask_id=m, eos_id=eos).tolist() == [True, False, True, False]
+
+
+def test_chunks_split_each_trajectory_in_step_order_with_hand_weights():
+    m = 9
+    steps = flatten_trajectories(hand_trajectory(m), [0, 1], block_length=2, mask_id=m)
+    # rows: trajectory 0 steps 0, 1, 2 (k 2, 1, 1); trajectory 1 steps 0, 1 (k 2, 2)
+    two = chunked(steps, 2)
+    assert two.chunk.tolist() == [0, 0, 1, 0, 1]  # floor(r * 2 / T): T = 3 -> 0, 0, 1; T = 2 -> 0, 1
+    # mean over the chunk's steps of the mean over K_t: 1 / (T_jc * k)
+    assert two.loss_weights.tolist() == pytest.approx([1 / 4, 1 / 2, 1, 1 / 2, 1 / 2])
+    summed = chunked(steps, 2, "sum")  # the official code: the sum over K_t / steps in the chunk
+    assert summed.loss_weights.tolist() == pytest.approx([1 / 2, 1 / 2, 1, 1, 1])
+    one = chunked(steps, 1)
+    assert one.chunk.tolist() == [0] * 5 and torch.allclose(one.loss_weights, steps.weights)
+    assert torch.equal(two.weights, steps.weights)  # the logged metrics keep the whole-trajectory weights
+    assert chunked(steps, 4).chunk.tolist() == [0, 1, 2, 0, 2]  # T < batch_divide: some chunks stay empty
 
 
 @pytest.mark.parametrize("select", ["teacher", "student", "committed"])
@@ -122,6 +177,77 @@ def test_rejected_batch_takes_no_step_and_changes_nothing(tokenizer, tmp_path):
     with pytest.raises(UserError, match="3 rollout batches in a row"):
         t.train()
     assert t.state.global_step == 0
+
+
+def test_zero_weight_rejection_steps_the_optimizer_as_the_official_code(tokenizer, tmp_path):
+    # the official code multiplies a rejected sample's loss by 0 and still steps: a zero gradient, so with
+    # AdamW only the decoupled weight decay moves the weights, once per chunk (batch_divide)
+    method = DOPSDConfig(rollout=GEN, pass_k=2, micro_batch_size=16, rejected="zero_weight", batch_divide=3)
+    t = make_trainer(tokenizer, tmp_path, lambda i, c: 0.0, method=method, weight_decay=0.1, learning_rate=1e-2)
+    before = params(t)
+    stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
+    assert stepped and m["accepted"] == 0.0 and m["skipped"] == 0.0 and m["trained_trajectories"] == 0.0
+    assert t.state.optimizer_steps == 3 and t.state.skipped_steps == 0
+    after = params(t)
+    decayed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert decayed  # the weight-decay groups
+    for k in decayed:
+        torch.testing.assert_close(after[k], before[k] * (1 - 1e-2 * 0.1) ** 3)
+
+
+def test_zero_weight_counts_the_rejected_prompts_in_the_mean(tokenizer, tmp_path):
+    # one of 4 prompts accepted: with skip its trajectory has the whole loss, with zero_weight a quarter of it
+    losses = {}
+    for mode in ("skip", "zero_weight"):
+        method = DOPSDConfig(rollout=GEN, pass_k=1, micro_batch_size=64, rejected=mode, clip_mode="off")
+        t = make_trainer(tokenizer, tmp_path / mode, lambda i, c: float(i == 0), method=method)
+        scales = []
+        orig = t.micro_batch_loss
+        t.micro_batch_loss = lambda steps, roll, scale: scales.append(scale) or orig(steps, roll, scale)
+        stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
+        assert stepped and m["trained_trajectories"] == 1.0
+        losses[mode] = scales
+    assert losses["skip"] == [1.0] and losses["zero_weight"] == [0.25]
+
+
+def test_best_of_k_draws_every_attempt_and_keeps_the_best_ties_to_the_later(tokenizer, tmp_path):
+    calls = {}
+
+    def verdict(i, completion):  # prompt i's attempt a scores table[i][a]
+        a = calls[i] = calls.get(i, -1) + 1
+        return [[0.5, 1.0, 0.5], [0.25, 0.25, 0.25], [0.0, 0.0, 0.0], [1.0, 0.75, 0.0]][i][a]
+
+    method = DOPSDConfig(rollout=GEN, pass_k=3, micro_batch_size=64, pass_k_mode="best_of_k", accept_threshold=0.25)
+    t = make_trainer(tokenizer, tmp_path, verdict, method=method)
+    kept = {}
+    orig = t.rollout
+
+    def rollout(prompts, gen, generator, **kw):
+        out = orig(prompts, gen, generator, **kw)
+        for p, prompt in enumerate(prompts):  # remember each attempt's answer per prompt
+            kept.setdefault(tuple(prompt), []).append(out[0][p].clone())
+        return out
+
+    t.rollout = rollout
+    roll = t.sample([t.train_dataset[i] for i in range(4)])
+    assert roll.attempts.tolist() == [3, 3, 3, 3]  # no early stop, even for a correct first attempt
+    assert roll.scores.tolist() == [1.0, 0.25, 0.0, 1.0] and roll.accepted.tolist() == [True, True, False, True]
+    answers = [kept[tuple(t.train_dataset[i]["prompt_ids"])] for i in range(4)]
+    for i, attempt in enumerate([1, 2, 2, 0]):  # the best; among ties the later one
+        assert torch.equal(roll.finals[i], answers[i][attempt])
+
+
+def test_batch_divide_takes_one_optimizer_step_per_chunk(tokenizer, tmp_path):
+    method = DOPSDConfig(rollout=GEN, pass_k=1, micro_batch_size=64, batch_divide=2)
+    t = make_trainer(tokenizer, tmp_path, lambda i, c: 1.0, method=method)
+    seen = []
+    orig = t.micro_batch_loss
+    t.micro_batch_loss = lambda steps, roll, scale: seen.append(steps) or orig(steps, roll, scale)
+    stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
+    assert stepped and t.state.optimizer_steps == 2 and t.optimizer_steps_per_batch() == 2
+    assert [set(p.chunk.tolist()) for p in seen] == [{0}, {1}]
+    half = GEN.steps // 2  # every trajectory has GEN.steps steps: the first half trains at step 1, the rest at 2
+    assert all(((p.step < half) == (c == 0)).all() for c, p in enumerate(seen))
 
 
 def test_only_accepted_trajectories_are_trained(tokenizer, tmp_path):
@@ -414,18 +540,60 @@ def test_short_countdown_run_logs_and_resumes(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], msg=k)
 
 
-def test_toy_regeneration_from_the_self_teacher(tokenizer):
-    from dlmdistill.analysis.dopsd import regenerate_from_self_teacher
+def test_content_reveal_draws_rho_of_the_answer_tokens_before_its_eos():
+    from dlmdistill.analysis.dopsd import content_reveal
+
+    mask, eos = 99, 7
+    finals = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 7, 7, 7, 7, 7],      # 6 content tokens
+                           [1, 2, 3, 4, 5, 6, 8, 9, 1, 2, 3, 7]])     # 11
+    init = content_reveal(finals, 0.5, mask_id=mask, eos_id=eos, generator=torch.Generator().manual_seed(0))
+    revealed = init != mask
+    assert revealed.sum(1).tolist() == [3, 5]  # floor(0.5 * 6), floor(0.5 * 11)
+    assert not revealed[0, 6:].any() and not revealed[1, 11:].any()  # never the EOS tail (it is stripped)
+    assert torch.equal(init[revealed], finals[revealed])
+    everything = content_reveal(finals, 1.0, mask_id=mask, eos_id=eos)
+    assert (everything != mask).sum(1).tolist() == [6, 11]
+
+
+def test_block_diagnostic_by_hand():
+    from dlmdistill.analysis.dopsd import PassAtK, _block_diagnostic
+
+    m, eos = 99, 7
+    # 3 prompts, 6 positions in blocks of 2. Prompt 0: the student is wrong and y_0 right, first difference at
+    # position 3 (block 1); prompt 1: fixable, differs at 0 (block 0); prompt 2: the student was right.
+    finals = torch.tensor([[1, 2, 3, 4, 7, 7], [1, 2, 3, 4, 5, 7], [1, 2, 7, 7, 7, 7]])
+    first = torch.tensor([[1, 2, 3, 5, 7, 7], [2, 2, 3, 4, 6, 7], [1, 2, 7, 7, 7, 7]])
+    kept = PassAtK(finals, first, torch.ones(3), torch.ones(3, dtype=torch.bool),
+                   torch.tensor([False, False, True]), None)
+    init = torch.full_like(finals, m)
+    init[0, 3] = 4  # prompt 0: reveals position 3 (block 1, where it decides) and 5 (block 2)
+    init[0, 5] = 7
+    init[1, 4] = 5  # prompt 1: reveals position 4 (block 2), where the student wrote 6
+    rows = _block_diagnostic(kept, torch.ones(3, dtype=torch.bool), torch.tensor([True, False, True]), init,
+                             mask_id=m, eos_id=eos, block=2, num_blocks=3)
+    assert [r["deciding"] for r in rows] == [0.5, 0.5, 0.0] and [r["n_deciding"] for r in rows] == [1, 1, 0]
+    # while decoding block 0 the teacher sees the reveals of blocks 1-2: prompt 0 two, prompt 1 one, prompt 2 none
+    assert [r["visible"] for r in rows] == pytest.approx([1.0, 2 / 3, 0.0])
+    # contradicting (the fixable prompts): block 0 sees prompt 0's position 3 (student 5) and prompt 1's 4
+    assert [r["contradicting"] for r in rows] == pytest.approx([1.0, 0.5, 0.0])
+    assert rows[0]["fixed"] == 0.0 and rows[1]["fixed"] == 1.0 and rows[2]["fixed"] != rows[2]["fixed"]  # NaN
+    assert [r["content"] for r in rows] == pytest.approx([2.0, 4 / 3, 1 / 3])
+
+
+def test_self_teacher_check_reports_the_gate_and_the_blocks(tokenizer):
+    from dlmdistill.analysis.dopsd import self_teacher_check
 
     model, tok = tiny_model(tokenizer)
-    examples = stub_examples(3)
-    report = regenerate_from_self_teacher(model, tok, StubTask(lambda i, c: float(i == 0)), examples, GEN,
-                                          rhos=(0.0, 0.5, 1.0), pass_k=2)
+    greedy = GenerationConfig(gen_length=16, steps=8, block_length=4, temperature=0.0, batch_size=8)
+    report = self_teacher_check(model, tok, StubTask(lambda i, c: float(i == 0)), stub_examples(3), greedy,
+                                rhos=(0.0, 0.5), pass_k=2)
     assert report["n"] == 3 and report["student"] == pytest.approx(100 / 3) and report["pass@2"] == pytest.approx(100 / 3)
-    outside_first_block = (GEN.gen_length - 4) / GEN.gen_length
-    assert report["revealed_fraction"] == pytest.approx({0.0: 0.0, 0.5: outside_first_block / 2,
-                                                         1.0: outside_first_block})
-    assert set(report["self_teacher"]) == {0.0, 0.5, 1.0}
+    assert set(report["self_teacher"]) == {0.0, 0.25, 0.5}  # the gate's rho is always measured
+    assert report["self_teacher"][0.25] == pytest.approx(100 / 3)
+    assert report["gate"]["delta"] == pytest.approx(0.0) and not report["gate"]["passed"]
+    assert len(report["blocks"]) == 4 and report["blocks"][1]["positions"] == "4-7"
+    assert report["revealed_fraction"][0.0] == 0.0
+    assert report["settings"]["reveal"] == "content" and report["settings"]["retry_temperature"] == 1.0
 
 
 def test_overlap_is_measured_only_on_informative_steps(tokenizer):
@@ -458,3 +626,18 @@ def test_example_configs_parse(path):
     assert cfg.method.rollout.num_blocks > 1  # the self-future teacher needs blocks
     # shipped recipes avoid the combinations our own runs saw collapse
     assert collapse_warnings(cfg.method, learning_rate=cfg.training.learning_rate, lora=cfg.model.lora_r > 0) == []
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("dopsd_official_*.yaml")))
+def test_official_configs_are_the_official_recipe(path):
+    from dlmdistill.config import load_config
+    from dlmdistill.configs.methods import OFFICIAL_DOPSD, OFFICIAL_DOPSD_TRAINING
+
+    cfg = load_config(DOPSDRunConfig, ROOT / "configs" / path)
+    for key, value in OFFICIAL_DOPSD.items():
+        assert getattr(cfg.method, key) == value, key
+    for key, value in OFFICIAL_DOPSD_TRAINING.items():
+        if key != "learning_rate":  # chosen on validation puzzles for a model of another size
+            assert getattr(cfg.training, key) == value, key
+    assert cfg.model.lora_r > 0 and cfg.model.lora_alpha / cfg.model.lora_r == 0.5  # the official 64 / 128
+    assert cfg.model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "up_proj"]

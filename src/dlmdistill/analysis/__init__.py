@@ -1,5 +1,5 @@
-"""Analysis helpers that run a model outside a trainer (the papers' diagnostic experiments)."""
+"""Analyses of trained models that are not training: d-OPSD's toy verification and teacher overlap."""
 
-from .dopsd import compare_teacher_overlap, regenerate_from_self_teacher
+from .dopsd import compare_teacher_overlap, content_reveal, pass_at_k, self_teacher_check
 
-__all__ = ["compare_teacher_overlap", "regenerate_from_self_teacher"]
+__all__ = ["compare_teacher_overlap", "content_reveal", "pass_at_k", "self_teacher_check"]
