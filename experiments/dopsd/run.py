@@ -47,14 +47,25 @@ SCALES: dict[str, dict[str, Any]] = {
 #: puzzles, 3,000 steps; 500 held-out puzzles. Post-training decodes 24 tokens in 3 blocks of 8, one token
 #: per step: with a single block, no position lies outside the current block, so d-OPSD's self-future
 #: teacher would see exactly the student's input.
-TASK_SCALES: dict[tuple[str, str], dict[str, Any]] = {
-    ("cpu", "countdown"): dict(base_steps=3000, base_train_examples=50000, tokenizer="bpe:512", max_length=48,
-                               response_length=24, gen_length=24, block_length=8, steps=24, eval_items=500),
+TASK_SCALES: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("cpu", "countdown", "answer"): dict(base_steps=3000, base_train_examples=50000, tokenizer="bpe:512",
+                                         max_length=48, response_length=24, gen_length=24, block_length=8, steps=24,
+                                         eval_items=500),
+    # the trace layout (configs/sft_countdown_reasoning_tiny.yaml): 27-31-token answers, the steps of the
+    # solution in blocks 0-1 and the final expression in block 2 of 4 blocks of 8, two tokens per step
+    ("cpu", "countdown", "trace"): dict(base_steps=6000, base_train_examples=50000, tokenizer="bpe:512",
+                                        max_length=48, response_length=32, gen_length=32, block_length=8, steps=16,
+                                        eval_items=500, base_config="configs/sft_countdown_reasoning_tiny.yaml"),
+    ("smoke", "countdown", "trace"): dict(gen_length=32, block_length=8, steps=16),
 }
 
+#: the toy check (gate stage): training prompts, as the paper's Table 3
+GATE_ITEMS = {"cpu": 500, "smoke": 4}
 
-def settings(scale: str, task: str) -> dict[str, Any]:
-    return {**SCALES[scale], **TASK_SCALES.get((scale, task), {})}
+
+def settings(scale: str, task: str, layout: str = "answer") -> dict[str, Any]:
+    return {**SCALES[scale], **TASK_SCALES.get((scale, task, layout), {}), "layout": layout,
+            "gate_items": GATE_ITEMS[scale]}
 
 
 #: the ablations vary one setting of d-OPSD with per-position clipping (formerly "per_token"): with the
@@ -76,10 +87,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def task_kwargs(task: str) -> dict[str, Any]:
-    if task == "countdown":  # answer-only targets, one solution per puzzle (ordered_solution)
-        return {"style": "compact", "reasoning": False, "solution": "ordered"}
-    return {"reasoning": False}
+def task_kwargs(task: str, layout: str = "answer") -> dict[str, Any]:
+    """``answer``: answer-only targets; ``trace``: the answer after a reasoning trace (Countdown: the steps of
+    the solution; Sudoku: the fill order). Countdown's solution is one per puzzle (``ordered_solution``)."""
+    reasoning = layout == "trace"
+    if task == "countdown":
+        return {"style": "compact", "reasoning": reasoning, "solution": "ordered"}
+    return {"reasoning": reasoning}
 
 
 def accept_threshold(task: str, s: dict[str, Any]) -> float | None:
@@ -97,7 +111,7 @@ def generation(s: dict[str, Any], batch: int = 200) -> dict[str, Any]:
 def common_config(out: Path, s: dict[str, Any], task: str, seed: int, *, model: str, steps: int) -> dict[str, Any]:
     return {
         "model": {"name_or_path": model},
-        "data": {"task": task, "task_kwargs": task_kwargs(task), "train_limit": s["train_examples"],
+        "data": {"task": task, "task_kwargs": task_kwargs(task, s["layout"]), "train_limit": s["train_examples"],
                  "max_length": s.get("max_length", 128), "response_length": s.get("response_length"), "seed": seed},
         "training": {"output_dir": str(out), "max_steps": steps, "seed": seed, "save_steps": 0,
                      "logging_steps": 1, "report_to": ["jsonl"], "eval_steps": s["eval_every"],
@@ -111,6 +125,12 @@ def base_run(root: Path, s: dict[str, Any], task: str, *, name: str = "base", me
              tokenizer: str | None = None, overrides: dict[str, Any] | None = None) -> Path:
     """SFT from scratch to a partial accuracy. The SelfFusion Sudoku study reuses this recipe for its
     teachers: another ``name``, ``method`` ('ar-sft'), architecture ``overrides`` and the base's tokenizer."""
+    if s.get("base_config") and name == "base":  # the shipped recipe itself, into this experiment's folder
+        from dlmdistill.config import load_yaml
+
+        cfg = load_yaml(Path(__file__).resolve().parents[2] / s["base_config"])
+        cfg["training"].update(output_dir=str(root / name), progress_bar=False, report_to=["jsonl"])
+        return train_once(method, cfg)
     cfg = common_config(root / name, s, task, 0, model="preset:tiny", steps=s["base_steps"])
     cfg["model"].update(tokenizer=tokenizer or s.get("tokenizer", "char"),
                         preset_overrides={**s["preset_overrides"], **(overrides or {})})
@@ -313,7 +333,7 @@ def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | N
 
 
 def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
-    from dlmdistill.analysis.dopsd import compare_teacher_overlap, regenerate_from_self_teacher
+    from dlmdistill.analysis.dopsd import compare_teacher_overlap, self_teacher_check
     from dlmdistill.models.loading import load_model
     from dlmdistill.sampling import GenerationConfig
     from dlmdistill.tasks.registry import get_task
@@ -323,10 +343,11 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
         res = json.loads(path.read_text())
     else:
         model, tok = load_model(str(root / "base" / "final"))
-        t = get_task(task, **task_kwargs(task))
+        t = get_task(task, **task_kwargs(task, s["layout"]))
         examples = t.load(None, split="train", limit=s["toy_items"], seed=99)
         gen = GenerationConfig(**{**generation(s, batch=64), "temperature": 0.9})
-        regen = regenerate_from_self_teacher(model, tok, t, examples, gen, rhos=(0.1, 0.25, 0.5), pass_k=8)
+        regen = self_teacher_check(model, tok, t, examples, gen, rhos=(0.1, 0.25, 0.5), pass_k=8,
+                                   retry_temperature=None, reveal="after_block")
         # Figure 3 on the informative steps (the teacher sees a revealed position, masks remain before
         # EOS), and, for comparison with earlier versions of this page, on every step: the same
         # trajectories (same seed), the last block and EOS tail included (overlap 1 by construction)
@@ -359,13 +380,53 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
     return text, res
 
 
+def gate_generation(s: dict[str, Any]) -> "GenerationConfig":
+    """The toy check's decoding: the layout's blocks, greedy, two tokens per step (the official toy)."""
+    from dlmdistill.sampling import GenerationConfig
+
+    return GenerationConfig(gen_length=s["gen_length"], block_length=s["block_length"],
+                            steps=s["gen_length"] // 2, temperature=0.0, batch_size=100)
+
+
+def gate(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+    """The paper's toy verification with the official toy's choices (``dlmdistill toy-check`` on the base):
+    ``gate_items`` training prompts, pass@8 with retries at temperature 1.0, rho of the kept answer's content
+    tokens revealed, each block cleared on entry, greedy regeneration at two tokens per step. Go/no-go: the
+    self-teacher beats the student by 5 points at rho 0.25 (``gate.json``: ``gate.passed``)."""
+    from dlmdistill.analysis.dopsd import format_self_teacher_check, self_teacher_check
+    from dlmdistill.models.loading import load_model
+    from dlmdistill.tasks.registry import get_task
+
+    path = root / "gate.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+    else:
+        model, tok = load_model(str(root / "base" / "final"))
+        t = get_task(task, **task_kwargs(task, s["layout"]))
+        examples = t.load(None, split="train", limit=s["gate_items"], seed=99)
+        sudoku = task == "sudoku"
+        res = self_teacher_check(model, tok, t, examples, gate_generation(s), rhos=(0.1, 0.25, 0.5), pass_k=8,
+                                 retry_temperature=1.0, pass_k_mode="best_of_k" if sudoku else "first_accepted",
+                                 accept_threshold=accept_threshold(task, s), reveal="content")
+        path.write_text(json.dumps(res, indent=2))
+    return format_self_teacher_check(res), res
+
+
+def gate_passed(root: Path) -> bool | None:
+    """The verdict of the gate stage (None when it has not run)."""
+    path = root / "gate.json"
+    return bool(json.loads(path.read_text())["gate"]["passed"]) if path.exists() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--task", choices=["sudoku", "countdown"], default="sudoku")
-    ap.add_argument("--out", default=None, help="output folder (default runs/exp_dopsd_<task>_<scale>)")
+    ap.add_argument("--layout", choices=["answer", "trace"], default="answer",
+                    help="answer: answer-only targets; trace: the answer after a reasoning trace")
+    ap.add_argument("--out", default=None, help="output folder (default runs/exp_dopsd_<task>[_trace]_<scale>)")
     ap.add_argument("--stages", nargs="*", default=["base", "main", "ablations", "control", "toy"],
-                    help="base, main, ablations, control, toy (the base is always trained or reused)")
+                    help="base, gate, main, ablations, control, toy (the base is always trained or reused)")
     ap.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
                     help="train only the main and control runs whose folder names match these shell patterns "
                          "(e.g. 'dopsd_seed1' 'control_*'), so that several processes can share an experiment; "
@@ -377,13 +438,14 @@ def main() -> None:
     if unknown:
         ap.error(f"--ablations: unknown row(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
     setup_logging()
-    s = settings(a.scale, a.task)
-    root = Path(a.out or f"runs/exp_dopsd_{a.task}_{a.scale}")
+    s = settings(a.scale, a.task, a.layout)
+    root = Path(a.out or f"runs/exp_dopsd_{a.task}{'_trace' if a.layout == 'trace' else ''}_{a.scale}")
     root.mkdir(parents=True, exist_ok=True)
     stage("base", lambda: base_run(root, s, a.task))
     # the base at the post-training runs' decoding and puzzles (its own training may have evaluated otherwise)
     base_report = evaluate_once(root / "base", a.task, steps=[s["steps"]], seeds=[0], generation=generation(s),
-                                limit=s["eval_items"], task_kwargs=task_kwargs(a.task), name="post_training_decoding")
+                                limit=s["eval_items"], task_kwargs=task_kwargs(a.task, a.layout),
+                                name="post_training_decoding")
     base_metrics = base_report["results"][str(s["steps"])]["seeds"]["0"]
     base_acc = base_metrics.get("accuracy", float("nan"))
     base_line = (f"Base model (masked-diffusion SFT from scratch, {s['base_steps']} steps): {base_acc:.1f}% accuracy "
@@ -391,8 +453,11 @@ def main() -> None:
     if "accuracy_not_sum" in base_metrics:
         base_line += (f"; {base_metrics['accuracy_not_sum']:.1f}% on the {base_metrics['n_not_sum']:.0f} of them "
                       "that summing every number does not solve")
-    parts = [f"# d-OPSD experiment ({a.task}, scale {a.scale})", "", base_line + ".", "", base_curve(root), ""]
+    parts = [f"# d-OPSD experiment ({a.task}, {a.layout} layout, scale {a.scale})", "", base_line + ".", "", base_curve(root), ""]
     results: dict[str, Any] = {"base_accuracy": base_acc, "scale": s}
+    if "gate" in a.stages:
+        text, results["gate"] = stage("gate", lambda: gate(root, s, a.task))
+        parts += ["## Toy verification as a gate (Table 3, the official toy's choices)", "", text, ""]
     if "main" in a.stages:
         runs = stage("main", lambda: main_comparison(root, s, a.task, a.only))
         text, results["main"] = summarize(root, runs, base_acc)
