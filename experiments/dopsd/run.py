@@ -64,7 +64,7 @@ GATE_ITEMS = {"cpu": 500, "smoke": 4}
 
 
 def settings(scale: str, task: str, layout: str = "answer") -> dict[str, Any]:
-    return {**SCALES[scale], **TASK_SCALES.get((scale, task, layout), {}), "layout": layout,
+    return {**SCALES[scale], **TASK_SCALES.get((scale, task, layout), {}), "layout": layout, "scale": scale,
             "gate_items": GATE_ITEMS[scale]}
 
 
@@ -418,6 +418,205 @@ def gate_passed(root: Path) -> bool | None:
     return bool(json.loads(path.read_text())["gate"]["passed"]) if path.exists() else None
 
 
+# -------------------------------------------------------------------------------------------- official
+#: issue 22's comparison, run only where the gate passed: d-OPSD with the official recipe (OFFICIAL_DOPSD, LoRA
+#: scaled to the model), diffu-GRPO with d1's settings (6 generations, mu = 12, clip 0.5, beta 0.04) and continued
+#: SFT, each for the same number of optimizer steps (``opt_steps``, evaluated every ``eval_every`` of them), from the
+#: same base, with the same LoRA adapter. Learning rates: the best of ``lrs`` on validation puzzles (another
+#: ``test_seed``, one seed), then ``seeds`` on the held-out test puzzles at that rate.
+PREMISE: dict[str, dict[str, Any]] = {
+    "cpu": dict(opt_steps=1200, eval_every=48, lrs=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], dopsd_batch=4,
+                grpo_batch=8, grpo_group=6, grpo_mu=12, sft_batch=64, val_seed=4321, overlap_items=200),
+    "smoke": dict(opt_steps=24, eval_every=12, lrs=[1e-3], seeds=[0], dopsd_batch=2, grpo_batch=2, grpo_group=2,
+                  grpo_mu=12, sft_batch=8, val_seed=4321, overlap_items=4),
+}
+#: the official r 128 of LLaDA-8B's width 4096, alpha / r 0.5, on the targets the official names match in LLaDA
+PREMISE_LORA: dict[str, Any] = {"lora_r": 4, "lora_alpha": 2.0, "lora_dropout": 0.05,
+                                "lora_target_modules": ["q_proj", "k_proj", "v_proj", "up_proj"]}
+#: label -> (method, run-name prefix, method overrides). The second d-OPSD row changes only the clipping: per-term
+#: clipping has a minimum away from the teacher (docs/methods/dopsd.md), per-position clipping does not.
+PREMISE_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "d-OPSD (official recipe)": ("dopsd", "dopsd", {}),
+    "d-OPSD (official recipe, per-position clipping)": ("dopsd", "dopsd_perpos", {"clip_mode": "per_position"}),
+    "diffu-GRPO (d1 settings)": ("diffu-grpo", "diffu-grpo", {}),
+    "continued SFT": ("sft", "sft", {}),
+}
+
+
+def official_config(method: str, root: Path, name: str, s: dict[str, Any], task: str, seed: int, lr: float, *,
+                    validation: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from dlmdistill.configs.methods import OFFICIAL_DOPSD, OFFICIAL_DOPSD_SUDOKU, OFFICIAL_DOPSD_TRAINING
+
+    p = PREMISE[s["scale"]]
+    per = {"dopsd": OFFICIAL_DOPSD["batch_divide"], "diffu-grpo": p["grpo_mu"], "sft": 1}[method]
+    cfg = common_config(root / name, s, task, seed, model=str(root / "base" / "final"), steps=p["opt_steps"] // per)
+    cfg["model"].update(PREMISE_LORA)
+    cfg["training"].update(eval_steps=max(p["eval_every"] // per, 1), learning_rate=lr)
+    if validation:  # validation puzzles: another generated held-out set, never the test puzzles
+        cfg["data"]["task_kwargs"] = {**cfg["data"]["task_kwargs"], "test_seed": p["val_seed"]}
+    rollout = {**generation(s, batch=64), "temperature": 0.9}
+    if method == "dopsd":
+        cfg["training"].update({**OFFICIAL_DOPSD_TRAINING, "learning_rate": lr},
+                               per_device_train_batch_size=p["dopsd_batch"])
+        cfg["method"] = {**OFFICIAL_DOPSD, **(OFFICIAL_DOPSD_SUDOKU if task == "sudoku" else {}), "rollout": rollout,
+                         "micro_batch_size": 64, "max_consecutive_skips": 0, **(overrides or {})}
+        if s["accept"] is not None:
+            cfg["method"]["accept_threshold"] = s["accept"]
+    elif method == "diffu-grpo":  # d1's optimiser: the one the official d-OPSD config keeps from it
+        cfg["training"].update({**OFFICIAL_DOPSD_TRAINING, "learning_rate": lr},
+                               per_device_train_batch_size=p["grpo_batch"])
+        cfg["method"] = {"rollout": rollout, "num_generations": p["grpo_group"], "num_iterations": p["grpo_mu"],
+                         "epsilon": 0.5, "beta": 0.04, "micro_batch_size": 64}
+    else:
+        cfg["training"].update(per_device_train_batch_size=p["sft_batch"])
+    return cfg
+
+
+def chosen_lr(root: Path, prefix: str, lrs: list[float]) -> tuple[float | None, dict[float, float]]:
+    """The learning rate whose validation run reached the highest accuracy (the smaller one among ties)."""
+    best = {}
+    for lr in lrs:
+        ys = curve(root / f"val_{prefix}_lr{lr:g}_seed0")[1]
+        if ys:
+            best[lr] = max(ys)
+    if not best:
+        return None, best
+    return max(best, key=lambda lr: (best[lr], -lr)), best
+
+
+def rollouts_curve(run: Path, method: str, batch: int, group: int) -> tuple[list[float], list[float]]:
+    """Accuracy against completions sampled: d-OPSD logs the mean attempts per prompt of each rollout batch,
+    diffu-GRPO samples ``batch * group`` per rollout batch; SFT samples none (its examples seen instead)."""
+    done, at_step = 0.0, {}
+    for rec in read_logs(run):
+        if "reward" in rec:
+            done += batch * (rec["attempts"] if method == "dopsd" else group)
+            at_step[rec["step"]] = done
+    xs, ys = eval_curve(run, "eval/accuracy")
+    return [at_step.get(x, float("nan")) for x in xs], ys
+
+
+def wall_curve(run: Path) -> tuple[list[float], list[float]]:
+    """Accuracy against training seconds (``elapsed_s`` of the logged step of each evaluation; evaluation
+    time excluded only as far as the trainer's clock does)."""
+    at_step = {rec["step"]: rec["elapsed_s"] for rec in read_logs(run) if "elapsed_s" in rec}
+    xs, ys = eval_curve(run, "eval/accuracy")
+    return [at_step.get(x, float("nan")) for x in xs], ys
+
+
+def official(root: Path, s: dict[str, Any], task: str, base_acc: float,
+             only: list[str] | None = None, ignore_gate: bool = False) -> tuple[str, dict[str, Any]]:
+    p = PREMISE[s["scale"]]
+    passed = gate_passed(root)
+    if not passed and not ignore_gate:
+        why = "has not run (--stages gate)" if passed is None else "did not pass on this layout"
+        return f"The toy gate {why}: the comparison is not run.", {"skipped": why}
+    out: dict[str, Any] = {"lr": {}, "validation": {}}
+    lines = [f"Learning rates chosen on {s['eval_items']} validation puzzles (test_seed {p['val_seed']}), seed 0, "
+             f"{p['opt_steps']} optimizer steps; best validation accuracy (%) per rate:", ""]
+    rows = []
+    for label, (method, prefix, over) in PREMISE_METHODS.items():
+        for lr in p["lrs"]:
+            name = f"val_{prefix}_lr{lr:g}_seed0"
+            if wanted(name, only):
+                train_once(method, official_config(method, root, name, s, task, 0, lr, validation=True,
+                                                   overrides=over))
+        lr, best = chosen_lr(root, prefix, p["lrs"])
+        out["lr"][prefix], out["validation"][prefix] = lr, best
+        rows.append([label, *(f"{best[x]:.1f}" if x in best else "-" for x in p["lrs"]),
+                     f"{lr:g}" if lr else "-"])
+    lines.append(markdown_table(["method", *(f"lr {x:g}" for x in p["lrs"]), "chosen"], rows))
+    runs: dict[str, list[Path]] = {label: [] for label in PREMISE_METHODS}
+    for seed in p["seeds"]:
+        for label, (method, prefix, over) in PREMISE_METHODS.items():
+            lr = out["lr"][prefix]
+            name = f"{prefix}_seed{seed}"
+            if lr is not None and wanted(name, only):
+                train_once(method, official_config(method, root, name, s, task, seed, lr, overrides=over))
+            if finished(root / name):
+                runs[label].append(root / name)
+    curves = {label: [curve(r) for r in rs] for label, rs in runs.items()}
+    best = {label: [max(c[1]) for c in cs if c[1]] for label, cs in curves.items()}
+    final = {label: [c[1][-1] for c in cs if c[1]] for label, cs in curves.items()}
+    best_at = {label: [c[0][c[1].index(max(c[1]))] for c in cs if c[1]] for label, cs in curves.items()}
+    grpo = "diffu-GRPO (d1 settings)"
+    grpo_best = mean_std(best[grpo])[0]
+    reach = {label: [next((x for x, y in zip(*c) if y >= grpo_best), float("nan")) for c in cs]
+             for label, cs in curves.items()}
+    rows = []
+    for label in PREMISE_METHODS:
+        hit = [r for r in reach[label] if r == r]
+        rows.append([label, f"{out['lr'][PREMISE_METHODS[label][1]] or float('nan'):g}", fmt(best[label]),
+                     fmt(final[label]), fmt(best_at[label], 0),
+                     f"{fmt(hit, 0)} ({len(hit)}/{len(reach[label])})" if hit else f"- (0/{len(reach[label])})"])
+    lines += ["", f"From the base at {base_acc:.1f}% on the {s['eval_items']} test puzzles; mean ± std over seeds "
+              f"{', '.join(map(str, p['seeds']))}; {p['opt_steps']} optimizer steps each, evaluated every "
+              f"{p['eval_every']}:", "",
+              markdown_table(["method", "lr", "best accuracy (%)", "final accuracy (%)",
+                              "optimizer step of the best", f"optimizer steps to reach diffu-GRPO's mean best "
+                              f"({grpo_best:.1f}%) (runs reaching it)"], rows)]
+    dopsd_hit = [r for r in reach["d-OPSD (official recipe)"] if r == r]
+    if dopsd_hit and best_at[grpo]:
+        ratio = mean_std(dopsd_hit)[0] / mean_std(best_at[grpo])[0]
+        out["steps_ratio"] = ratio
+        lines += ["", f"d-OPSD reaches diffu-GRPO's mean best in {mean_std(dopsd_hit)[0]:.0f} optimizer steps on "
+                  f"average, {100 * ratio:.0f}% of the {mean_std(best_at[grpo])[0]:.0f} diffu-GRPO takes to reach its "
+                  "own best (the paper's unit: gradient updates)."]
+    from_base = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in cs] for label, cs in curves.items()}
+    plot_curves(from_base, root / "official_accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
+                title=f"post-training from a base at {base_acc:.1f}%")
+    group = {"dopsd": 1, "diffu-grpo": p["grpo_group"], "sft": 1}
+    batch = {"dopsd": p["dopsd_batch"], "diffu-grpo": p["grpo_batch"], "sft": 0}
+    method_of = {label: m for label, (m, _, _) in PREMISE_METHODS.items()}
+    plot_curves({label: [rollouts_curve(r, method_of[label], batch[method_of[label]], group[method_of[label]])
+                         for r in rs]
+                 for label, rs in runs.items() if method_of[label] != "sft"},
+                root / "official_accuracy_vs_rollouts.png", xlabel="completions sampled", ylabel="accuracy (%)",
+                title="on-policy methods: accuracy against rollouts")
+    plot_curves({label: [wall_curve(r) for r in rs] for label, rs in runs.items()},
+                root / "official_accuracy_vs_time.png", xlabel="training seconds (evaluations excluded)",
+                ylabel="accuracy (%)", title="accuracy against wall time")
+    lines += ["", "![accuracy vs optimizer steps](official_accuracy_vs_steps.png)",
+              "![accuracy vs rollouts](official_accuracy_vs_rollouts.png)",
+              "![accuracy vs time](official_accuracy_vs_time.png)"]
+    text, out["overlap"] = overlap_on_accepted(root, s, task)
+    lines += ["", text]
+    out.update(best=best, final=final, best_at=best_at, reach=reach, grpo_best=grpo_best)
+    return "\n".join(lines), out
+
+
+def overlap_on_accepted(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+    """Figure 3 on the trajectories d-OPSD trains on: pass@8 at temperature 0.9, accepted ones only, the official
+    reveal; the AR-style teacher sees the prompt and the reference solution (with the trace layout, the worked
+    solution: the paper's Table 4 setting)."""
+    from dlmdistill.analysis.dopsd import compare_teacher_overlap
+    from dlmdistill.models.loading import load_model
+    from dlmdistill.sampling import GenerationConfig
+    from dlmdistill.tasks.registry import get_task
+
+    path = root / "overlap_accepted.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+    else:
+        model, tok = load_model(str(root / "base" / "final"))
+        t = get_task(task, **task_kwargs(task, s["layout"]))
+        examples = t.load(None, split="train", limit=PREMISE[s["scale"]]["overlap_items"], seed=99)
+        gen = GenerationConfig(**{**generation(s, batch=64), "temperature": 0.9})
+        res = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, pass_k=8, accepted_only=True,
+                                      accept_threshold=accept_threshold(task, s), reveal="official")
+        path.write_text(json.dumps(res, indent=2))
+    per_step = {name: [([i for i, y in enumerate(v["per_step"]) if y is not None],
+                        [y for y in v["per_step"] if y is not None])]
+                for name, v in res.items() if isinstance(v, dict)}
+    plot_curves(per_step, root / "overlap_accepted.png", xlabel="denoising step", ylabel="top-20 overlap",
+                title="student vs teacher on accepted pass@8 trajectories (Figure 3)")
+    rows = [[name, f"{v['mean']:.3f}", f"{v['steps_used']}/{v['steps_total']}"]
+            for name, v in res.items() if isinstance(v, dict)]
+    return (f"Figure 3 on {res['trajectories']} accepted pass@8 trajectories (informative steps):\n\n"
+            + markdown_table(["teacher construction", "top-20 overlap with the student (eq. 13)",
+                              "steps used / total"], rows) + "\n\n![overlap](overlap_accepted.png)"), res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
@@ -426,11 +625,14 @@ def main() -> None:
                     help="answer: answer-only targets; trace: the answer after a reasoning trace")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_dopsd_<task>[_trace]_<scale>)")
     ap.add_argument("--stages", nargs="*", default=["base", "main", "ablations", "control", "toy"],
-                    help="base, gate, main, ablations, control, toy (the base is always trained or reused)")
+                    help="base, gate, official, main, ablations, control, toy (the base is always trained or "
+                         "reused; official runs only where the gate passed)")
     ap.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
                     help="train only the main and control runs whose folder names match these shell patterns "
                          "(e.g. 'dopsd_seed1' 'control_*'), so that several processes can share an experiment; "
                          "the tables show every finished run")
+    ap.add_argument("--ignore_gate", action="store_true",
+                    help="run the official stage even where the toy gate did not pass (for tests; not a result)")
     ap.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
                     help=f"run only these ablation rows (default: all of {', '.join(ABLATIONS)})")
     a = ap.parse_args()
@@ -458,6 +660,10 @@ def main() -> None:
     if "gate" in a.stages:
         text, results["gate"] = stage("gate", lambda: gate(root, s, a.task))
         parts += ["## Toy verification as a gate (Table 3, the official toy's choices)", "", text, ""]
+    if "official" in a.stages:
+        text, results["official"] = stage("official", lambda: official(root, s, a.task, base_acc, a.only,
+                                                                        a.ignore_gate))
+        parts += ["## Where the gate passed: the official recipe against diffu-GRPO and SFT (issue 22)", "", text, ""]
     if "main" in a.stages:
         runs = stage("main", lambda: main_comparison(root, s, a.task, a.only))
         text, results["main"] = summarize(root, runs, base_acc)

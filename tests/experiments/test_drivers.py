@@ -30,6 +30,26 @@ def test_dopsd_driver_smoke(tmp_path):
     assert (tmp_path / "accuracy_vs_steps.png").exists()
 
 
+def test_dopsd_driver_trace_layout_gate_and_official_stage(tmp_path):
+    text = run("dopsd/run.py", tmp_path, "--task", "countdown", "--layout", "trace", "--stages", "gate", "official")
+    assert "## Toy verification as a gate" in text and "Gate (" in text
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    if not gate["gate"]["passed"]:  # an untrained smoke model: the comparison is refused
+        assert "the comparison is not run" in text and not (tmp_path / "dopsd_seed0").exists()
+    text = run("dopsd/run.py", tmp_path, "--task", "countdown", "--layout", "trace", "--stages", "official",
+               "--ignore_gate")
+    for row in ("d-OPSD (official recipe)", "diffu-GRPO (d1 settings)", "continued SFT", "self_future"):
+        assert row in text
+    assert (tmp_path / "official_accuracy_vs_steps.png").exists() and (tmp_path / "val_dopsd_lr0.001_seed0").is_dir()
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "dopsd_seed0" / "config.yaml").read_text())
+    assert cfg["method"]["batch_divide"] == 4 and cfg["method"]["reveal"] == "official"
+    assert cfg["model"]["lora_r"] == 4 and cfg["training"]["max_steps"] == 6  # 24 optimizer steps / batch_divide
+    val = yaml.safe_load((tmp_path / "val_dopsd_lr0.001_seed0" / "config.yaml").read_text())
+    assert val["data"]["task_kwargs"]["test_seed"] == 4321  # validation puzzles, not the test set
+
+
 @pytest.mark.skipif(not (SHARED / "data").exists(), reason="needs the shared Dolly data")
 def test_selffusion_driver_smoke(tmp_path):
     text = run("selffusion/run.py", tmp_path)
