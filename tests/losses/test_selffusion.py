@@ -1,6 +1,6 @@
 import torch
 
-from dlmdistill.losses.selffusion import (bidirectional_kd_loss, choose_direction, distillation_positions,
+from dlmdistill.losses.selffusion import (bidirectional_kd_loss, choose_direction, distillation_positions, student_masked,
                                           mode_loss_weights, selffusion_diagnostics)
 
 NEG = -4.0
@@ -82,6 +82,17 @@ def test_distillation_positions():
     h = torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)
     assert distillation_positions(e, h, "both").tolist() == [[True, False, False, False]]
     assert distillation_positions(e, h, "either").tolist() == [[True, True, True, False]]
+    assert distillation_positions(e, h, "own").tolist() == [[True, True, True, False]]
+
+
+def test_own_reading_keeps_a_pair_only_where_its_student_is_masked():
+    # D = either = positions 0, 1, 2 of the test above: 0 masked in both, 1 only in easy, 2 only in hard
+    easy_m = torch.tensor([True, True, False])
+    hard_m = torch.tensor([True, False, True])
+    # easy teaches at 0 and 1 (students: hard, masked at 0 only), hard teaches at 2 (student: easy, visible)
+    assert student_masked(torch.tensor([True, True, False]), easy_m, hard_m).tolist() == [True, False, False]
+    # hard teaches everywhere: the easy student is masked at 0 and 1
+    assert student_masked(torch.tensor([False, False, False]), easy_m, hard_m).tolist() == [True, True, False]
 
 
 def test_masked_normalisation_is_the_mean_over_masked_positions_of_nll_over_q():

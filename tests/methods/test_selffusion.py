@@ -130,6 +130,41 @@ def test_easy_and_hard_rows_of_the_distillation_set_are_aligned_position_by_posi
     assert torch.equal(hard_code, (d_rows + b) * length + d_cols)
 
 
+def test_own_distillation_set_trains_each_mode_only_where_it_is_masked(monkeypatch):
+    import dlmdistill.methods.selffusion as sf
+
+    b, length, prompt = 8, 16, 4
+    vocab = 2 * b * length
+
+    def model(ids, attn, positions, calibrate=None):
+        rows, cols = positions.nonzero(as_tuple=True)
+        return torch.nn.functional.one_hot(rows * length + cols, vocab).float() * 20.0
+
+    dm = type("DM", (), {"mask_id": 1})()
+    ids = torch.randint(5, 30, (b, length), generator=torch.Generator().manual_seed(0))
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, prompt:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+    seen = {}
+    real_modes, real_kd = sf.sample_modes, sf.bidirectional_kd_loss
+    monkeypatch.setattr(sf, "sample_modes", lambda *a, **k: seen.setdefault("modes", real_modes(*a, **k)))
+    monkeypatch.setattr(sf, "bidirectional_kd_loss",
+                        lambda e, h, t, *a, **k: seen.update(easy=e, teaches=t) or real_kd(e, h, t, *a, **k))
+    sf.selffusion_batch_loss(model, dm, batch, SelfFusionConfig(distill_positions="own"), calibrated=False,
+                             generator=torch.Generator().manual_seed(0))
+    easy, hard = seen["modes"]
+    code = seen["easy"].argmax(-1)
+    rows, cols = code // length, code % length
+    student = torch.where(seen["teaches"], hard.masked[rows, cols], easy.masked[rows, cols])
+    assert bool(student.all())  # every kept pair's student is masked there
+    union = easy.masked | hard.masked
+    both = easy.masked & hard.masked
+    assert both.sum() <= code.numel() < union.sum()  # positions masked in both always kept; some dropped
+    kept = torch.zeros_like(union)
+    kept[rows, cols] = True
+    assert not (both & ~kept).any()
+
+
 def make_trainer(tokenizer, out, method=None, cls=SelfFusionTrainer, **kw):
     model, tok = tiny_model(tokenizer, seed=0)
     cfg = TrainingConfig(output_dir=str(out), per_device_train_batch_size=32, learning_rate=3e-3, weight_decay=0.0,

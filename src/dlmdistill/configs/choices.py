@@ -12,7 +12,7 @@ EPS = 1e-3
 
 # dlmdistill.losses.selffusion
 DirectionRule = Literal["bidirectional", "easy_to_hard", "hard_to_easy"]
-DistillPositions = Literal["both", "either"]
+DistillPositions = Literal["both", "either", "own"]
 ModeNormalization = Literal["masked", "token", "sequence"]
 
 # dlmdistill.losses.kd

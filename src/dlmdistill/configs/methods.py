@@ -64,7 +64,8 @@ class SelfFusionConfig:
     kd_weight: float = field(1.0, help="weight of L_bkd (paper: 1; 0 = two diffusion losses only)")
     temperature: float = field(1.0, help="KD temperature T (the direction is always decided at T = 1)")
     distill_positions: DistillPositions = field("both", help="distillation set D: response positions masked in "
-                                                "'both' modes (default) or in 'either' mode")
+                                                "'both' modes (default), in 'either' mode, or 'own': either, "
+                                                "each mode a student only on its own masked positions (App. A.4)")
     normalization: ModeNormalization = field("masked", help="each L_diff: 'masked' = mean over the mode's masked "
                                              "positions of -log p / q (paper eq. 3-4); 'token' = sum / response "
                                              "tokens (SMDM SFT); 'sequence' = per-sample mean (LLaDA)")

@@ -31,16 +31,34 @@ def distillation_positions(easy_masked: torch.Tensor, hard_masked: torch.Tensor,
                            which: DistillPositions = "both") -> torch.Tensor:
     """The distillation set D as a [B, L] bool mask.
 
-    easy_masked, hard_masked: [B, L] bool, the masked response positions of each mode.
-    ``"both"`` (default): positions masked in both modes, where both predictions are genuine
-    predictions; ``"either"``: masked in at least one mode (at the others, one mode sees the answer
-    token in its input and predicts a position it was never trained to predict).
+    easy_masked, hard_masked: [B, L] bool, the masked response positions of each mode. The paper
+    defines ``L_bkd`` over "the set of distillation positions" D (Sec. 3.2) without saying which;
+    its Appendix A.4 measures each mode on its own masked positions and notes that "a token masked
+    in one mode may remain visible in the other mode", where "the counterpart mode may observe the
+    ground truth token". The readings:
+
+    * ``"both"`` (default): masked in both modes, where both predictions are genuine predictions;
+    * ``"either"``: masked in at least one mode; at a position visible in one mode, that mode sees
+      the answer token in its input (its prediction there is one it was never trained to make) and
+      the direction rule may still make it the student;
+    * ``"own"``: the same positions as ``either``, but each mode is a student only on its own masked
+      positions (``student_masked`` drops the others after the direction rule): the KD of the
+      A.4 reading, where the counterpart may teach from a position it sees.
     """
     if which == "both":
         return easy_masked & hard_masked
-    if which == "either":
+    if which in ("either", "own"):
         return easy_masked | hard_masked
-    raise ValueError(f"unknown distillation set {which!r}; expected 'both' or 'either'")
+    raise ValueError(f"unknown distillation set {which!r}; expected 'both', 'either' or 'own'")
+
+
+def student_masked(easy_teaches: torch.Tensor, easy_masked: torch.Tensor, hard_masked: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the distillation positions where the student mode is masked (``distill_positions: own``).
+
+    easy_teaches: [N] the direction (``DirectionDecision.easy_teaches``); easy_masked, hard_masked:
+    [N] whether each mode is masked at the N positions. The student is the hard mode where the easy
+    one teaches, else the easy mode."""
+    return torch.where(easy_teaches, hard_masked, easy_masked)
 
 
 def mode_loss_weights(masked: torch.Tensor, p_mask: torch.Tensor, response_mask: torch.Tensor,

@@ -29,7 +29,7 @@ from ..diffusion import EPS, NoisedBatch, apply_mask, sample_t
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import token_nll
 from ..losses.selffusion import (bidirectional_kd_loss, direction_from_stats, distillation_positions, mode_loss_weights,
-                                 selffusion_diagnostics)
+                                 selffusion_diagnostics, student_masked)
 from ..models.backbone import DiffusionModel
 from ..training.trainer import Trainer
 from .common import finish, prepare, write_run_metadata
@@ -143,7 +143,11 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
                                     config.direction)
     loss = terms["diff_hard"] + terms["diff_easy"]
     if config.kd_weight > 0:
-        terms["kd"] = bidirectional_kd_loss(easy_d, hard_d, decision.easy_teaches, config.temperature)
+        kd_easy, kd_hard, teaches = easy_d, hard_d, decision.easy_teaches
+        if config.distill_positions == "own":  # each mode a student only where it is masked itself
+            keep = student_masked(teaches, in_mask[e_rows], in_mask[h_rows])
+            kd_easy, kd_hard, teaches = easy_d[keep], hard_d[keep], teaches[keep]
+        terms["kd"] = bidirectional_kd_loss(kd_easy, kd_hard, teaches, config.temperature)
         loss = loss + config.kd_weight * terms["kd"]
     metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
     metrics["kd/frac_of_response"] = float(distill.sum() / resp.sum().clamp(min=1))
