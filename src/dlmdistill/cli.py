@@ -229,7 +229,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         print("dlmdistill evaluate --model M --task T [--steps 8 16 32] [--seeds 10 20 30] [--key value ...]\n")
         print(format_help(EvalRunConfig))
         return 0
-    from .data import load_examples
+    from .data import load_examples, resolve_task
     from .evaluation import evaluate_model, format_table, resolve_model_path
     from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
@@ -237,6 +237,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     # a training run's own evaluation settings, under what the config file and the command line give
     from_run = run_eval_defaults(_given_model(EvalRunConfig, config, rest))
     cfg = load_config(EvalRunConfig, config, rest, prepare=lambda d: EvalRunConfig.prepare(_under(from_run, d)))
+    cfg.data.task = resolve_task(cfg.data, "eval")
     if from_run:
         print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
               f"{cfg.data.task} {cfg.data.task_kwargs or ''}, gen_length {cfg.generation.gen_length}, block_length "

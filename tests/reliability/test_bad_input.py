@@ -436,3 +436,40 @@ def test_evaluate_output_dir_is_an_existing_file(capsys, work, model_dir):
     bad_input(capsys, work, ["evaluate", "--model", str(model_dir), "--task", "countdown", "--limit", "2",
                              "--steps", "8", "--seeds", "1", "--gen_length", "8", "--output_dir", "ev"],
               "'ev'", "existing file")
+
+
+# ------------------------------------------------------------------------------------ issue 25: own data, values given
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_own_data_whose_task_cannot_be_told_names_the_task(capsys, work):
+    data = write_records(work / "qa.jsonl", [{"question": "1 + 1?", "answer": "#### 2"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--output_dir", str(work / "run"), *TINY],
+              f"{data}:1", "data.task is not given", "gsm8k data", "--task gsm8k")
+    other = write_records(work / "other.jsonl", [{"query": "a", "reply": "b"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(other), "--output_dir", str(work / "run"), *TINY],
+              f"{other}:1", "(query, reply)", "--task", "instruct for chat 'messages'", "text for 'text'")
+
+
+def test_own_data_without_an_evaluation_set_when_told_to_stop(capsys, work):
+    data = write_records(work / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "ok"}]}] * 4)
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--eval.when_missing", "error",
+                             "--output_dir", str(work / "run"), *TINY],
+              "data.eval_source is not set", "instruct task", "--eval.when_missing", "--data.eval_source")
+
+
+def test_a_file_too_small_to_hold_records_out(capsys, work):
+    data = write_records(work / "chat.jsonl", [{"prompt": "hi", "completion": "ok"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--output_dir", str(work / "run"), *TINY],
+              f"{data}: 1 training record(s)", "eval.when_missing", "data.eval_source")
+
+
+def test_long_answer_with_long_examples_error(capsys, work):
+    data = write_records(work / "pc.jsonl", [{"prompt": "hi", "completion": "ok"},
+                                             {"prompt": "hi", "completion": "a very long answer " * 5}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--max_length", "32", "--long_examples",
+                             "error", "--eval.enabled", "false", "--output_dir", str(work / "run"), *TINY],
+              f"{data}:2", "answer has 96 tokens with its EOS", "the 30 that max_length=32 leaves", "long_examples")
