@@ -419,3 +419,22 @@ def test_own_data_without_evaluation_gives_one_notice(tmp_path, caplog):
     assert err.count("no evaluation during training") == 1 and "eval.when_missing=skip" in err
     assert json.loads((out / "data_stats.json").read_text())["kept"] == 10
     assert not any(k.startswith("eval/") for x in (out / "logs.jsonl").read_text().splitlines() for k in json.loads(x))
+
+
+def test_train_errors_name_the_default_they_come_from(tmp_path, capsys):
+    # 16 evaluation tokens and the default 32 steps: the error says where 32 came from and how to change it
+    assert main(["train", "sft", "--task", "countdown", "--eval.generation.gen_length", "16", "--output_dir",
+                 str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "steps (32) cannot exceed gen_length (16)" in err
+    assert "; steps 32 is the default of eval.generation.steps (--steps overrides it)" in err
+
+
+def test_evaluate_uses_a_single_step_count_over_the_runs(sft_run, tmp_path, capsys):
+    """The run decoded 48 tokens in 12 steps; --gen_length 8 --steps 8 is what the user asked for and runs
+    (before, a single --steps value did not replace the run's 12, which 8 tokens cannot take)."""
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(sft_run), "--limit", "2", "--seeds", "0", "--gen_length", "8",
+                 "--steps", "8", "--output_dir", str(ev), "--progress_bar", "false"]) == 0
+    report = json.loads((ev / "metrics.json").read_text())
+    assert set(report["results"]) == {"8"} and report["generation"]["gen_length"] == 8
