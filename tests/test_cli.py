@@ -1,6 +1,7 @@
 """End to end through the command line: train, generate, evaluate, report, demo (tiny sizes)."""
 
 import json
+import logging
 
 import pytest
 
@@ -376,3 +377,64 @@ def test_task_kwargs_example_in_the_help_is_accepted(tmp_path):
     assert cfg.task_kwargs == {"style": "d1"}
     cfg = load_config(DataConfig, None, ["--task", "text", "--task_kwargs", "{fields: [instruction, output]}"])
     assert cfg.task_kwargs == {"fields": ["instruction", "output"]}
+
+
+# ------------------------------------------------------------------------------------ your own data (issue 25)
+def chat_records(n):
+    return "".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                            {"role": "assistant", "content": f"{i}"}]}) + "\n" for i in range(n))
+
+
+OWN = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval.generation.gen_length", "8",
+       "--eval.generation.steps", "8", "--report_to", "jsonl", *TINY]
+
+
+def test_own_chat_file_trains_with_one_flag(tmp_path, caplog):
+    """The README's example: a chat file and nothing else. The task is told from the records, and the run
+    evaluates on a held-out slice of the file, whose size the log states."""
+    data, out = tmp_path / "chat.jsonl", tmp_path / "run"
+    data.write_text(chat_records(30))
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "sft", "--model.name_or_path", "preset:tiny", "--data.train_source", str(data),
+                     "--output_dir", str(out), *OWN]) == 0
+    err = caplog.text
+    assert "the records are 'messages' data, so the task is 'instruct'" in err
+    assert "holding out 3 of the 30 training records" in err
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["task"] == "instruct"
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["kept"] == 27 and stats["evaluation"]["held_out_records"] == 3
+    logs = [json.loads(x) for x in (out / "logs.jsonl").read_text().splitlines()]
+    assert any("eval/rouge_l" in rec for rec in logs)
+
+
+def test_own_data_without_evaluation_gives_one_notice(tmp_path, caplog):
+    data, out = tmp_path / "chat.jsonl", tmp_path / "run"
+    data.write_text(chat_records(10))
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "sft", "--model.name_or_path", "preset:tiny", "--data.train_source", str(data),
+                     "--eval.when_missing", "skip", "--output_dir", str(out), *OWN]) == 0
+    err = caplog.text
+    assert err.count("no evaluation during training") == 1 and "eval.when_missing=skip" in err
+    assert json.loads((out / "data_stats.json").read_text())["kept"] == 10
+    assert not any(k.startswith("eval/") for x in (out / "logs.jsonl").read_text().splitlines() for k in json.loads(x))
+
+
+def test_train_errors_name_the_default_they_come_from(tmp_path, capsys):
+    # 16 evaluation tokens and the default 32 steps: the error says where 32 came from and how to change it
+    assert main(["train", "sft", "--task", "countdown", "--eval.generation.gen_length", "16", "--output_dir",
+                 str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "steps (32) cannot exceed gen_length (16)" in err
+    assert "; steps 32 is the default of eval.generation.steps (--steps overrides it)" in err
+
+
+def test_evaluate_uses_a_single_step_count_over_the_runs(sft_run, tmp_path, capsys):
+    """The run decoded 48 tokens in 12 steps; --gen_length 8 --steps 8 is what the user asked for and runs
+    (before, a single --steps value did not replace the run's 12, which 8 tokens cannot take)."""
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(sft_run), "--limit", "2", "--seeds", "0", "--gen_length", "8",
+                 "--steps", "8", "--output_dir", str(ev), "--progress_bar", "false"]) == 0
+    report = json.loads((ev / "metrics.json").read_text())
+    assert set(report["results"]) == {"8"} and report["generation"]["gen_length"] == 8

@@ -201,6 +201,13 @@ def test_cli_table_and_json(capsys):
     (["--model", "preset:nope", "--method", "sft"], "estimate: unknown preset 'nope'"),
     (["--model", "/no/such/folder", "--method", "sft"], "estimate: /no/such/folder: not a preset"),
     (["--model", "tiny", "--method", "sft", "--lora_r", "2", "--lora_targets", "qproj"], "unknown LoRA target"),
+    # a value given that reads as false is refused, not replaced by the default (issue 25)
+    (["--model", "tiny", "--method", "kd", "--teacher", ""], "--teacher is an empty string"),
+    (["--model", "tiny", "--method", "sft", "--vocab_size", "0"], "--vocab_size must be > 0, got 0"),
+    (["--model", "tiny", "--method", "sft", "--gpu_memory", "0"], "--gpu_memory must be > 0, got 0"),
+    (["--model", "tiny", "--method", "dopsd", "--diffusion_steps", "0"], "diffusion_steps must be >= 1"),
+    (["--model", "tiny", "--method", "dopsd", "--rollout_batch", "0"], "rollout_batch must be >= 1"),
+    (["--model", "tiny", "--method", "dopsd", "--block_length", "0"], "block_length must be >= 1"),
 ])
 def test_cli_user_errors_are_one_line(capsys, args, message):
     assert main(["estimate", *args]) == 2

@@ -129,8 +129,12 @@ def evaluate(model: Any, task: str, *, steps: Sequence[int] = (8, 16, 32), seeds
     from .sampling import GenerationConfig
     from .tasks.registry import get_task
 
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be >= 1 (or None for every item), got {limit}")
+    if source == "":
+        raise UserError("source is an empty string; give a file, folder or dataset id, or None for the task's own")
     m, tok = _load(model)
-    t = get_task(task, **(task_kwargs or {}))
+    t = get_task(task, **({} if task_kwargs is None else task_kwargs))
     examples = t.load(source, split=split, limit=limit)
     return evaluate_model(m, tok, t, examples, GenerationConfig(**generation), list(steps), list(seeds),
                           output_dir=output_dir, progress=progress, model_name=str(model) if not isinstance(model, tuple) else "")

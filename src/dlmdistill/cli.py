@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -114,7 +115,7 @@ def _device(name: str | None):
     """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
     import torch
 
-    if not name:
+    if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -159,12 +160,13 @@ def cmd_generate(argv: list[str]) -> int:
     from .sampling import decode_responses, generate
 
     # a training run's own decoding and prompt format, under what the config file and the command line give
-    from_run = run_eval_defaults(_given_model(GenerateRunConfig, config, rest))
+    named = _given_model(_given(GenerateRunConfig, config, rest))
+    from_run = run_eval_defaults(named)
     defaults = {k: v for k, v in (("generation", from_run.get("generation")),
                                   ("prompt_format", from_run.get("data", {}).get("prompt_format"))) if v}
-    cfg = load_config(GenerateRunConfig, config, rest, prepare=lambda d: deep_merge(defaults, d))
+    cfg = load_config(GenerateRunConfig, config, rest, under=defaults, under_name=_run_config_name(named))
     sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
-    sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file else []
+    sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else []
     if not sourced:
         raise ConfigError("give at least one --prompt or a --prompts_file")
     prompts = [p for p, _ in sourced]
@@ -177,7 +179,7 @@ def cmd_generate(argv: list[str]) -> int:
     model.to(device)
     torch.manual_seed(cfg.seed)  # an AR model samples from the global generator
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    out = open(cfg.output, "w") if cfg.output else None
+    out = open(cfg.output, "w") if cfg.output is not None else None
     bs = cfg.generation.batch_size
     show = cfg.show and not isinstance(model, CausalLM)
     if cfg.show and not show:
@@ -190,9 +192,9 @@ def cmd_generate(argv: list[str]) -> int:
             responses = model.generate_responses(ids, cfg.generation)
         else:
             res = generate(model, ids, cfg.generation, generator=gen,
-                           return_trajectory=show or (bool(cfg.trajectory) and start == 0))
+                           return_trajectory=show or (cfg.trajectory is not None and start == 0))
             responses = res.responses
-        if not isinstance(model, CausalLM) and cfg.trajectory and start == 0:
+        if not isinstance(model, CausalLM) and cfg.trajectory is not None and start == 0:
             from safetensors.torch import save_file
 
             t = res.trajectory
@@ -229,14 +231,21 @@ def cmd_evaluate(argv: list[str]) -> int:
         print("dlmdistill evaluate --model M --task T [--steps 8 16 32] [--seeds 10 20 30] [--key value ...]\n")
         print(format_help(EvalRunConfig))
         return 0
-    from .data import load_examples
+    from .data import load_examples, resolve_task
     from .evaluation import evaluate_model, format_table, resolve_model_path
     from .models.autoregressive import load_for_inference
     from .tasks.registry import get_task
 
     # a training run's own evaluation settings, under what the config file and the command line give
-    from_run = run_eval_defaults(_given_model(EvalRunConfig, config, rest))
-    cfg = load_config(EvalRunConfig, config, rest, prepare=lambda d: EvalRunConfig.prepare(_under(from_run, d)))
+    given = _given(EvalRunConfig, config, rest)
+    if "steps" in (given.get("generation") or {}):
+        raise ConfigError("generation.steps: evaluate runs each step count of --steps (steps), which replace "
+                          "generation.steps; give the step counts with --steps")
+    named = _given_model(given)
+    from_run = _for_task(run_eval_defaults(named), given)
+    cfg = load_config(EvalRunConfig, config, rest, prepare=EvalRunConfig.prepare, under=from_run,
+                      under_name=_run_config_name(named))
+    cfg.data.task = resolve_task(cfg.data, "eval")
     if from_run:
         print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
               f"{cfg.data.task} {cfg.data.task_kwargs or ''}, gen_length {cfg.generation.gen_length}, block_length "
@@ -248,8 +257,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     model.to(device)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     examples = load_examples(cfg.data, "eval")
-    out_dir = cfg.output_dir or (str(run_dir / "eval" / task.name) if (run_dir / "final").exists()
-                                 else str(Path("eval") / task.name))
+    out_dir = cfg.output_dir if cfg.output_dir is not None else (
+        str(run_dir / "eval" / task.name) if (run_dir / "final").exists() else str(Path("eval") / task.name))
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"output_dir {out_dir!r} is an existing file, not a folder; choose another path")
     report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
@@ -260,13 +269,24 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _run_dir(model: str) -> Path | None:
+    """The run folder of ``model`` when it is a run folder (it has ``final/``) or its ``final/``; else None."""
+    p = Path(model)
+    return p if (p / "final").is_dir() else p.parent if p.name == "final" else None
+
+
+def _run_config_name(model: str) -> str:
+    """How messages name the ``config.yaml`` of the run of ``model``."""
+    run = _run_dir(model)
+    return f"the run's config.yaml, {run / 'config.yaml'}" if run is not None else ""
+
+
 def run_eval_defaults(model: str) -> dict[str, Any]:
     """The evaluation settings a training run used (its ``config.yaml``: ``data.task``, ``task_kwargs``,
     ``prompt_format``, the evaluation source and split, ``eval.generation``, its step count), when
     ``model`` is a run folder or its ``final/``; else {}. A model trained on 24-token answers is then
     evaluated on 24 tokens, and a run trained on d1-style prompts sees d1-style prompts."""
-    p = Path(model)
-    run = p if (p / "final").is_dir() else p.parent if p.name == "final" else None
+    run = _run_dir(model)
     if run is None or not (run / "config.yaml").is_file():
         return {}
     saved = load_yaml(run / "config.yaml")
@@ -276,28 +296,32 @@ def run_eval_defaults(model: str) -> dict[str, Any]:
                                                          "eval_split") if data.get(k) is not None}}
     if gen:
         out["generation"] = gen
-        if gen.get("steps"):
+        if gen.get("steps") is not None:
             out["steps"] = [gen["steps"]]
     return out
 
 
-def _given_model(cls: type, config: str | None, rest: list[str]) -> str:
-    """The model named in the config file or on the command line, before the configuration is built
-    (its defaults depend on it); '' if none."""
-    given = deep_merge(load_yaml(config) if config else {}, parse_overrides(cls, rest))
-    return str((given.get("model") or {}).get("name_or_path") or "")
+def _given(cls: type, config: str | None, rest: list[str]) -> dict[str, Any]:
+    """What the config file and the command line give, before the configuration is built (its defaults
+    depend on it)."""
+    return deep_merge(load_yaml(config) if config else {}, parse_overrides(cls, rest))
 
 
-def _under(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` over ``defaults``; a run's task options and evaluation data only count for its own task."""
-    if not defaults:
-        return given
+def _given_model(given: dict[str, Any]) -> str:
+    """The model named in ``given``; '' if none."""
+    name = (given.get("model") or {}).get("name_or_path")
+    return "" if name is None else str(name)
+
+
+def _for_task(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``defaults`` for what is ``given``: its task options and evaluation data only count for its own
+    task."""
     task = (given.get("data") or {}).get("task")
     data = defaults.get("data") or {}
-    if task is not None and task != data.get("task"):
-        defaults = {**defaults, "data": {k: v for k, v in data.items()
-                                         if k not in ("task_kwargs", "eval_source", "eval_split")}}
-    return deep_merge(defaults, given)
+    if defaults and task is not None and task != data.get("task"):
+        return {**defaults, "data": {k: v for k, v in data.items()
+                                     if k not in ("task_kwargs", "eval_source", "eval_split")}}
+    return defaults
 
 
 # ------------------------------------------------------------------------------------ toy-check
@@ -343,32 +367,25 @@ def cmd_toy_check(argv: list[str]) -> int:
     from .data import load_examples
     from .evaluation import resolve_model_path
     from .models.loading import load_model
-    from .sampling import GenerationConfig
     from .tasks.registry import get_task
 
+    for name in ("limit", "pass_k", "batch_size"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.out == "":
+        raise UserError("--out is an empty string; give a file name or leave --out out for the default")
     run = run_eval_defaults(a.model)
     data = dict(run.get("data") or {})
-    if a.task and a.task != data.get("task"):
+    if a.task is not None and a.task != data.get("task"):
         data = {"task": a.task}
     if a.task_kwargs is not None:
         kwargs = yaml.safe_load(a.task_kwargs)
         if not isinstance(kwargs, dict):
             raise UserError(f"--task_kwargs: expected a mapping such as '{{reasoning: true}}', got {a.task_kwargs!r}")
         data["task_kwargs"] = kwargs
-    if not data.get("task"):
+    if data.get("task") is None:
         raise UserError(f"--model {a.model}: not a run folder with a config.yaml; name the task with --task")
-    gen_saved = run.get("generation") or {}
-    g = a.gen_length or gen_saved.get("gen_length")
-    if not g:
-        raise UserError("--gen_length: the model is not a run folder with eval.generation; give --gen_length")
-    block = a.block_length if a.block_length is not None else gen_saved.get("block_length")
-    gen = GenerationConfig(gen_length=g, block_length=block, steps=a.steps or max(g // 2, 1), temperature=0.0,
-                           batch_size=a.batch_size)
-    try:
-        gen.validate()
-    except ValueError as e:
-        raise UserError(f"decoding: {e} (gen_length {g}, block_length {block}: from "
-                        f"{'the command line' if a.gen_length or a.block_length else 'the run config.yaml'})") from None
+    gen = _toy_check_decoding(a, run.get("generation") or {})
     task = get_task(data["task"], **(data.get("task_kwargs") or {}))
     cfg = DataConfig(task=data["task"], task_kwargs=data.get("task_kwargs") or {},
                      prompt_format=data.get("prompt_format", "plain"), train_limit=a.limit, seed=a.data_seed)
@@ -383,15 +400,38 @@ def cmd_toy_check(argv: list[str]) -> int:
                                 reveal=a.reveal, prompt_format=cfg.prompt_format, gate_margin=a.margin, seed=a.seed)
     report["task"] = {"name": task.name, "task_kwargs": cfg.task_kwargs, "model": a.model}
     print(format_self_teacher_check(report))
-    root = Path(a.model)
-    run_dir = root if (root / "final").is_dir() else root.parent if root.name == "final" else None
-    out = Path(a.out) if a.out else (run_dir / "eval" / "toy_check.json" if run_dir else Path("toy_check.json"))
-    if out.exists() and not a.out:
-        out = out.with_name(f"toy_check_{a.reveal}_{g}_{block}.json")
+    run_dir = _run_dir(a.model)
+    out = Path(a.out) if a.out is not None else (run_dir / "eval" / "toy_check.json" if run_dir else
+                                                  Path("toy_check.json"))
+    if out.exists() and a.out is None:
+        out = out.with_name(f"toy_check_{a.reveal}_{gen.gen_length}_{gen.block_length}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nreport: {out}")
     return 0
+
+
+def _toy_check_decoding(a: argparse.Namespace, saved: dict[str, Any]):
+    """toy-check's greedy decoding: ``--gen_length`` and ``--block_length``, else the run's ``eval.generation``
+    (``saved``); ``--steps``, else two tokens per step. A value it refuses is named with where it came from."""
+    from .sampling import GenerationConfig
+
+    g = a.gen_length if a.gen_length is not None else saved.get("gen_length")
+    if g is None:
+        raise UserError("--gen_length: the model is not a run folder with eval.generation; give --gen_length")
+    block = a.block_length if a.block_length is not None else saved.get("block_length")
+    steps = a.steps if a.steps is not None else max(g // 2, 1)
+    gen = GenerationConfig(gen_length=g, block_length=block, steps=steps, temperature=0.0, batch_size=a.batch_size)
+    try:
+        gen.validate()
+    except ValueError as e:
+        run = f"the run's config.yaml, {_run_dir(a.model) / 'config.yaml'}" if saved else ""
+        origins = {"gen_length": run, "block_length": run, "steps": "the default gen_length / 2"}
+        notes = [f"{name} {value} {'is' if name == 'steps' else 'comes from'} {origins[name]} (--{name} overrides it)"
+                 for name, value in (("gen_length", g), ("block_length", block), ("steps", steps))
+                 if getattr(a, name) is None and re.search(rf"\b{name}\b", str(e))]
+        raise UserError(f"decoding: {e}" + (f"; {'; '.join(notes)}" if notes else "")) from None
+    return gen
 
 
 # ------------------------------------------------------------------------------------ others
@@ -438,8 +478,13 @@ def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--revision", default=None, help="hub revision (ar)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code (ar)")
     a = p.parse_args(argv)
-    if a.family != "ar" and (a.mask_token or a.shift_logits or a.gguf_file or a.revision or a.trust_remote_code):
+    ar_only = (a.mask_token, a.gguf_file, a.revision)
+    if a.family != "ar" and (any(v is not None for v in ar_only) or a.shift_logits or a.trust_remote_code):
         p.error("--mask-token, --shift-logits, --gguf-file, --revision and --trust-remote-code are for 'ar'")
+    for flag, value in (("--mask-token", a.mask_token), ("--gguf-file", a.gguf_file), ("--revision", a.revision),
+                        ("--tokenizer", a.tokenizer), ("--smdm-config", a.smdm_config)):
+        if value == "":
+            raise UserError(f"{flag} is an empty string; give a value or leave {flag} out for its default")
     import torch
 
     from . import convert
@@ -506,8 +551,13 @@ def cmd_estimate(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     a = p.parse_args(argv)
     try:
+        if a.teacher == "":
+            raise EstimateError("--teacher is an empty string; give a model or leave --teacher out (the student)")
+        for name in ("vocab_size", "gpu_memory"):
+            if getattr(a, name) is not None and not getattr(a, name) > 0:
+                raise EstimateError(f"--{name} must be > 0, got {getattr(a, name)}")
         arch = resolve_model(a.model, a.vocab_size)
-        teacher = resolve_model(a.teacher, a.vocab_size) if a.teacher else None
+        teacher = resolve_model(a.teacher, a.vocab_size) if a.teacher is not None else None
         w = Workload(method=a.method, batch=a.batch, seq_len=a.seq_len, dtype=a.dtype, lora_r=a.lora_r,
                      lora_targets=tuple(a.lora_targets), lora_dropout=a.lora_dropout > 0,
                      gradient_checkpointing=a.gradient_checkpointing, mask_fraction=a.mask_fraction,

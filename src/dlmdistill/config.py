@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -35,7 +36,12 @@ class ConfigError(UserError):
 
 
 class InvalidValueError(ConfigError):
-    """A section's ``validate()`` rejected its values (raised by ``from_dict``)."""
+    """A section's ``validate()`` rejected its values (raised by ``from_dict``): ``where`` names the section,
+    ``reason`` is the check's message and ``obj`` the section that failed it."""
+
+    def __init__(self, where: str, reason: str, obj: Any = None) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason, self.obj = where, reason, obj
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
@@ -152,6 +158,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def convert_value(value: Any, tp: Any, where: str) -> Any:
+    """``value`` (from YAML or the command line) as type ``tp``, as a configuration field of that type
+    would hold it; a :class:`ConfigError` naming ``where`` if it cannot be."""
+    return _convert(value, tp, where)
+
+
+def check_not_empty(obj: Any, *names: str) -> None:
+    """For a config's ``validate``: an optional text field (a path, a device) that was given must not be
+    empty, since an empty value would silently mean the default. Raises ``ValueError`` naming the field."""
+    for name in names:
+        if getattr(obj, name) == "":
+            raise ValueError(f"{name} is an empty string; give a value or leave {name} out for its default")
+
+
 def check_ranges(obj: Any, *, at_least: dict[str, float] | None = None, unit: dict[str, bool] | None = None) -> None:
     """Range checks for a config's ``validate``: every field in ``at_least`` must be a finite number
     >= its bound; every field in ``unit`` must lie in [0, 1] (``True``) or [0, 1) (``False``).
@@ -207,7 +227,7 @@ def _validate(obj: Any, where: str) -> None:
         try:
             validate()
         except (ValueError, TypeError) as e:
-            raise InvalidValueError(f"{where}: {e}") from None
+            raise InvalidValueError(where, str(e), obj) from None
 
 
 def validate_tree(obj: Any, where: str = "config") -> None:
@@ -359,14 +379,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
-                prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
-    """Load ``cls`` from an optional YAML file, then apply command-line overrides. ``prepare``, if given,
-    rewrites the merged data before it is built and checked (e.g. one field standing for another)."""
-    data: dict[str, Any] = {}
+                prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                under: dict[str, Any] | None = None, under_name: str = "") -> Any:
+    """Load ``cls`` from an optional YAML file, then apply command-line overrides. ``under``: values that
+    the file and the command line override (e.g. a run's own settings), called ``under_name`` in messages.
+    ``prepare``, if given, rewrites the merged data before it is built and checked (e.g. one field standing
+    for another).
+
+    When a check fails on values the command line did not give, the message says where each came from
+    (the file, ``under_name`` or the default) and which option overrides it (:func:`origin_note`)."""
+    file_data: dict[str, Any] = {}
+    cli: dict[str, Any] = {}
     where = "config"
     if path is not None:
-        data = load_yaml(path)
+        file_data = load_yaml(path)
         where = str(path)
+    data = file_data
     if overrides:
         # check the YAML's keys and types alone first so that their errors name the file; value checks
         # (validate()) wait for the command line, which may supply what the file lacks (e.g. a teacher)
@@ -374,9 +402,65 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             from_dict(cls, data, where=where)
         except InvalidValueError:
             pass
-        data = deep_merge(data, parse_overrides(cls, overrides))
+        cli = parse_overrides(cls, overrides)
+        data = deep_merge(data, cli)
         where = f"{where} + command line" if path else "command line"
-    return from_dict(cls, prepare(data) if prepare else data, where=where)
+    data = deep_merge(under or {}, data)
+    try:
+        return from_dict(cls, prepare(data) if prepare else data, where=where)
+    except InvalidValueError as e:
+        layers = [(file_data, str(path)), (under or {}, under_name)]
+        note = origin_note(cls, e, where, typed=cli, layers=layers)
+        if not note:
+            raise
+        raise InvalidValueError(e.where, f"{e.reason}; {note}", e.obj) from None
+
+
+def origin_note(cls: type, error: InvalidValueError, root: str, typed: dict[str, Any],
+                layers: list[tuple[dict[str, Any], str]]) -> str:
+    """Where the values named in ``error`` come from, for those not ``typed`` on the command line: the first
+    of ``layers`` (``(data, name)``) that holds it, else the default; and the option that overrides it.
+    A class may say that a field is set from another (``derived_from = {"generation.steps": "steps"}``):
+    its origin and option are the other's. '' when every value named was typed."""
+    section = error.where[len(root) + 1:] if error.where.startswith(root + ".") else ""
+    prefix = f"{section}." if section else ""
+    named: dict[str, str] = {}  # leaf name -> the shallowest path of the section with that name
+    for p in leaf_paths(cls):
+        name = p.rsplit(".", 1)[-1]
+        if p.startswith(prefix) and re.search(rf"\b{re.escape(name)}\b", error.reason) and \
+                (name not in named or p.count(".") < named[name].count(".")):
+            named[name] = p
+    typed_names = {k.rsplit(".", 1)[-1] for k in _flatten(typed, "")}
+    derived = getattr(cls, "derived_from", {})
+    notes = []
+    for name, p in named.items():
+        if name in typed_names:
+            continue
+        value = error.obj
+        for part in p[len(prefix):].split("."):
+            value = getattr(value, part, None)
+        source = derived.get(p, p)
+        found = next((label for data, label in layers if label and _has_path(data, source)), None)
+        origin = f"comes from {found}" if found else f"is the default of {source}"
+        notes.append(f"{name} {value!r} {origin} ({option_name(cls, source)} overrides it)")
+    return "; ".join(notes)
+
+
+def option_name(cls: type, path: str) -> str:
+    """The command-line option for the dotted ``path``: the leaf name when it is unique or the path is
+    top-level, else the dotted path."""
+    leaves = [p.rsplit(".", 1)[-1] for p in leaf_paths(cls)]
+    name = path.rsplit(".", 1)[-1]
+    return f"--{name}" if "." not in path or leaves.count(name) == 1 else f"--{path}"
+
+
+def _has_path(data: dict[str, Any], path: str) -> bool:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

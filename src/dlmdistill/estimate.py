@@ -311,6 +311,11 @@ class Workload:
             raise EstimateError(f"unknown LoRA target(s) {bad}; choose among {', '.join(arch.linears())}")
         if self.gen_length is not None and not 0 < self.gen_length <= self.seq_len:
             raise EstimateError("gen_length must be in [1, seq_len]")
+        if self.block_length < 1:
+            raise EstimateError(f"block_length must be >= 1, got {self.block_length}")
+        for name in ("rollout_batch", "diffusion_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise EstimateError(f"{name} must be >= 1 (or left out for its default), got {getattr(self, name)}")
 
     @property
     def gen(self) -> int:

@@ -121,10 +121,14 @@ def evaluate_model(model: DiffusionModel | CausalLM, tokenizer, task: Task, exam
     in ``"greedy_ran_once": true``; the spread over seeds is then 0 by construction."""
     if not examples:
         raise UserError("no evaluation examples")
+    if not steps or not seeds:
+        raise UserError(f"give at least one step count and one seed (steps {list(steps)}, seeds {list(seeds)})")
+    if output_dir == "":
+        raise UserError("output_dir is an empty string; give a folder, or None to write nothing")
     limit = context_limit(model)
     prompts = encode_prompts(tokenizer, examples, prompt_format, gen, limit)
     results: dict[str, dict[str, Any]] = {}
-    out_dir = Path(output_dir) if output_dir else None
+    out_dir = Path(output_dir) if output_dir is not None else None
     gen_file = None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,3 +34,10 @@ def test_convert_smdm_with_a_config_file(tmp_path):
                  "--smdm-config", str(tmp_path / "cfg.json")]) == 0
     written = json.loads((tmp_path / "dst" / "config.json").read_text())
     assert written["is_causal"] is False and written["mask_token_id"] == resolve_smdm_config(cfg)["padded_vocab_size"]
+
+
+def test_convert_refuses_an_empty_option(tmp_path, capsys):
+    """An option given as '' is refused, not read as "not given" (issue 25); nothing is written."""
+    assert main(["convert", "ar", str(tmp_path / "src"), str(tmp_path / "dst"), "--mask-token", ""]) == 2
+    assert "--mask-token is an empty string" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()

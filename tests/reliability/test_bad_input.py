@@ -436,3 +436,116 @@ def test_evaluate_output_dir_is_an_existing_file(capsys, work, model_dir):
     bad_input(capsys, work, ["evaluate", "--model", str(model_dir), "--task", "countdown", "--limit", "2",
                              "--steps", "8", "--seeds", "1", "--gen_length", "8", "--output_dir", "ev"],
               "'ev'", "existing file")
+
+
+# ------------------------------------------------------------------------------------ issue 25: own data, values given
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_own_data_whose_task_cannot_be_told_names_the_task(capsys, work):
+    data = write_records(work / "qa.jsonl", [{"question": "1 + 1?", "answer": "#### 2"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--output_dir", str(work / "run"), *TINY],
+              f"{data}:1", "data.task is not given", "gsm8k data", "--task gsm8k")
+    other = write_records(work / "other.jsonl", [{"query": "a", "reply": "b"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(other), "--output_dir", str(work / "run"), *TINY],
+              f"{other}:1", "(query, reply)", "--task", "instruct for chat 'messages'", "text for 'text'")
+
+
+def test_own_data_without_an_evaluation_set_when_told_to_stop(capsys, work):
+    data = write_records(work / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "ok"}]}] * 4)
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--eval.when_missing", "error",
+                             "--output_dir", str(work / "run"), *TINY],
+              "data.eval_source is not set", "instruct task", "--eval.when_missing", "--data.eval_source")
+
+
+def test_a_file_too_small_to_hold_records_out(capsys, work):
+    data = write_records(work / "chat.jsonl", [{"prompt": "hi", "completion": "ok"}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--output_dir", str(work / "run"), *TINY],
+              f"{data}: 1 training record(s)", "eval.when_missing", "data.eval_source")
+
+
+def test_long_answer_with_long_examples_error(capsys, work):
+    data = write_records(work / "pc.jsonl", [{"prompt": "hi", "completion": "ok"},
+                                             {"prompt": "hi", "completion": "a very long answer " * 5}])
+    bad_input(capsys, work, ["train", "sft", "--train_source", str(data), "--max_length", "32", "--long_examples",
+                             "error", "--eval.enabled", "false", "--output_dir", str(work / "run"), *TINY],
+              f"{data}:2", "answer has 96 tokens with its EOS", "the 30 that max_length=32 leaves", "long_examples")
+
+
+@pytest.fixture(scope="module")
+def run_dir(model_dir, tmp_path_factory) -> Path:
+    """A run folder around the tiny model: its config.yaml decodes 48 tokens in blocks of 24, in 24 steps."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("bad_input_run") / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"task": "countdown", "prompt_format": "plain"},
+        "eval": {"generation": {"gen_length": 48, "steps": 24, "block_length": 24}}}))
+    return run
+
+
+def test_generate_names_the_runs_config_for_a_value_not_given(capsys, work, run_dir):
+    bad_input(capsys, work, ["generate", "--model", str(run_dir), "--prompt", "1 2", "--gen_length", "32",
+                             "--output", "out.jsonl"],
+              "gen_length (32) must be a multiple of block_length (24)",
+              f"block_length 24 comes from the run's config.yaml, {run_dir / 'config.yaml'}",
+              "(--block_length overrides it)")
+
+
+def test_evaluate_steps_zero_is_refused_not_replaced(capsys, work, run_dir):
+    msg = bad_input(capsys, work, ["evaluate", "--model", str(run_dir), "--steps", "0", "--gen_length", "16",
+                                   "--block_length", "16", "--limit", "2", "--seeds", "1", "--output_dir", "ev"],
+                    "steps must be >= 1, got 0")
+    assert "24" not in msg  # not the run's step count
+
+
+def test_evaluate_names_the_runs_step_count(capsys, work, run_dir):
+    bad_input(capsys, work, ["evaluate", "--model", str(run_dir), "--gen_length", "16", "--block_length", "16",
+                             "--limit", "2", "--seeds", "1", "--output_dir", "ev"],
+              "steps (24) cannot exceed gen_length (16)", "steps 24 comes from the run's config.yaml",
+              "(--steps overrides it)")
+
+
+def test_evaluate_refuses_generation_steps(capsys, work, run_dir):
+    bad_input(capsys, work, ["evaluate", "--model", str(run_dir), "--generation.steps", "8", "--limit", "2",
+                             "--output_dir", "ev"], "generation.steps", "--steps")
+
+
+def test_toy_check_names_where_its_decoding_comes_from(capsys, work, run_dir):
+    bad_input(capsys, work, ["toy-check", "--model", str(run_dir), "--gen_length", "32", "--out", "t.json"],
+              "gen_length (32) must be a multiple of block_length (24)",
+              "block_length 24 comes from the run's config.yaml", "(--block_length overrides it)")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "--prompt", "1 2", "--output", ""], ["output is an empty string"]),
+    (["generate", "--prompt", "1 2", "--output", "out.jsonl", "--trajectory", ""], ["trajectory is an empty string"]),
+    (["generate", "--prompts_file", "", "--output", "out.jsonl"], ["prompts_file is an empty string"]),
+    (["generate", "--prompt", "1 2", "--output", "out.jsonl", "--device", ""], ["device is an empty string"]),
+    (["generate", "--prompt", "1 2", "--output", "out.jsonl", "--block_length", "0"], ["block_length", "got 0"]),
+    (["generate", "--prompt", "1 2", "--output", "out.jsonl", "--batch_size", "0"], ["batch_size", "got 0"]),
+    (["evaluate", "--task", "countdown", "--limit", "2", "--output_dir", ""], ["output_dir is an empty string"]),
+    (["evaluate", "--task", "countdown", "--output_dir", "ev", "--steps", "8", "0"], ["steps must be >= 1, got 0"]),
+    (["toy-check", "--task", "countdown", "--gen_length", "0", "--out", "t.json"], ["gen_length must be >= 1, got 0"]),
+    (["toy-check", "--task", "countdown", "--gen_length", "8", "--steps", "0", "--out", "t.json"],
+     ["steps must be >= 1, got 0"]),
+    (["toy-check", "--task", "countdown", "--gen_length", "8", "--limit", "0"], ["--limit must be >= 1, got 0"]),
+    (["toy-check", "--task", "countdown", "--gen_length", "8", "--out", ""], ["--out is an empty string"]),
+    (["toy-check", "--task", "", "--gen_length", "8", "--out", "t.json"], ["unknown task ''"]),
+])
+def test_a_falsy_value_given_is_used_or_refused(capsys, work, model_dir, argv, words):
+    """A value given on the command line that reads as false (0, '') was replaced by a default before."""
+    bad_input(capsys, work, [argv[0], "--model", str(model_dir), *argv[1:]], *words)
+
+
+def test_api_evaluate_refuses_empty_steps_and_output_dir(model_dir, tmp_path):
+    with pytest.raises(UserError, match="at least one step count and one seed"):
+        dlmdistill.evaluate(str(model_dir), "countdown", steps=[], seeds=[1], limit=2, gen_length=8)
+    with pytest.raises(UserError, match="output_dir is an empty string"):
+        dlmdistill.evaluate(str(model_dir), "countdown", steps=[8], seeds=[1], limit=2, gen_length=8, output_dir="")
+    with pytest.raises(UserError, match="limit must be >= 1"):
+        dlmdistill.evaluate(str(model_dir), "countdown", steps=[8], seeds=[1], limit=0, gen_length=8)

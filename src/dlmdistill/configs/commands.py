@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..config import field
+from ..config import ConfigError, check_not_empty, convert_value, field
 from .data import DataConfig
 from .generation import GenerationConfig
 from .model import ModelConfig
+
+
+#: The step counts ``dlmdistill evaluate`` runs by default.
+EVAL_STEPS = (8, 16, 32)
 
 
 @dataclass
@@ -29,8 +33,7 @@ class GenerateRunConfig:
     device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
 
     def validate(self) -> None:
-        if self.generation.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
+        check_not_empty(self, "prompts_file", "output", "trajectory", "device")
         if self.prompt_format not in ("plain", "chat"):
             raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
         if self.show_delay < 0 or self.show_every < 0:
@@ -46,28 +49,34 @@ class EvalRunConfig:
     data: DataConfig = field(default_factory=DataConfig, help="task and evaluation data (data.eval_*)")
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=128, steps=8),
                                          help="sampler settings (generation.steps is replaced by each of 'steps')")
-    steps: list[int] = field(default_factory=lambda: [8, 16, 32], help="denoising step counts to evaluate")
+    steps: list[int] = field(default_factory=lambda: list(EVAL_STEPS), help="denoising step counts to evaluate")
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30], help="sampling seeds (SelfFusion uses 10 20 30)")
     output_dir: str | None = field(None, help="where to write generations.jsonl and metrics.json (default: "
                                    "<run>/eval/<task> for a run folder, else eval/<task>)")
     device: str | None = field(None, help="cuda, cpu, ... (default: cuda if available)")
     progress_bar: bool = field(True, help="show progress bars")
 
+    #: ``generation.steps`` is set from ``steps`` (see ``prepare``): an error about it is about ``steps``
+    derived_from = {"generation.steps": "steps"}
+
     def validate(self) -> None:
+        check_not_empty(self, "output_dir", "device")
         if not self.steps or not self.seeds:
             raise ValueError("give at least one step count (steps) and one seed (seeds)")
-        if self.generation.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.generation.batch_size}")
         for s in self.steps:
             replace(self.generation, steps=s).validate()
 
     @staticmethod
     def prepare(data: dict) -> dict:
-        """``generation.steps`` is replaced by each of ``steps``: unless given, it takes the first of them,
-        so that the generation section is checked with a step count the run uses (not the default 8,
-        which e.g. 3 blocks do not divide)."""
-        steps = data.get("steps")
+        """``generation.steps`` is replaced by each of ``steps``, so it takes the first of them: the
+        generation section is then checked with a step count the command runs (not the default 8, which
+        e.g. 3 blocks do not divide, nor a run's own step count that ``steps`` replaced). A
+        ``generation.steps`` of the user's is refused by ``dlmdistill evaluate`` before this."""
+        try:
+            steps = convert_value(data.get("steps", EVAL_STEPS), list[int], "steps")
+        except ConfigError:
+            return data  # building the configuration names the bad value
         generation = data.get("generation") or {}
-        if not isinstance(steps, list) or not steps or not isinstance(generation, dict) or "steps" in generation:
+        if not steps or not isinstance(generation, dict):
             return data
-        return {**data, "generation": {**generation, "steps": steps[0]}}
+        return {**data, "steps": steps, "generation": {**generation, "steps": steps[0]}}

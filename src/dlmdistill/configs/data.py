@@ -9,12 +9,16 @@ from ..config import field
 
 
 LONG_EXAMPLES = ("drop", "truncate", "error")
+#: The task of a run that names none and gives no training file.
+DEFAULT_TASK = "countdown"
 
 
 @dataclass
 class DataConfig:
-    task: str = field("countdown", help="task name: countdown, sudoku, gsm8k, math500, instruct "
-                     "(aliases chat, auto, dolly, rouge), text")
+    task: str | None = field(None, help="task name: countdown, sudoku, gsm8k, math500, instruct (aliases chat, "
+                             "auto, dolly, rouge), text; null = told from the records of train_source (chat "
+                             "'messages', 'prompt'/'completion', Alpaca 'instruction'/'output': instruct; 'text': "
+                             "text), or countdown when no train_source is given")
     task_kwargs: dict = field(default_factory=dict, help="task options, e.g. {style: d1} (countdown, sudoku) "
                                 "or {fields: [instruction, output]} (text); a wrong key lists the task's options")
     train_source: str | None = field(None, help="training data: local JSONL/CSV/folder or a Hugging Face dataset "
@@ -24,15 +28,18 @@ class DataConfig:
     eval_source: str | None = field(None, help="evaluation data (same forms as train_source)")
     eval_split: str = field("test", help="split of eval_source")
     eval_limit: int | None = field(None, help="evaluate on at most this many examples")
-    max_length: int = field(256, help="maximum prompt + response tokens; longer responses are truncated "
-                            "(prompts that leave no room: see long_examples)")
+    max_length: int = field(256, help="maximum prompt + response tokens; a training example that does not fit "
+                            "is handled as long_examples says")
     max_prompt_length: int | None = field(None, help="maximum prompt tokens (null = max_length - 1); longer "
                                           "prompts are handled as long_examples says")
     long_examples: Literal["drop", "truncate", "error"] = field(
-        "drop", help="a training example whose prompt exceeds max_prompt_length: 'drop' it (counted, logged and "
-        "written to data_stats.json in the run folder), 'truncate' the prompt from the left, or 'error'")
-    response_length: int | None = field(None, help="pad every response with trained EOS to this length "
-                                        "(null = to the longest response in the batch)")
+        "drop", help="a training example whose prompt exceeds max_prompt_length, or whose answer (with its EOS) "
+        "exceeds what the prompt leaves of max_length (or response_length): 'drop' it, 'truncate' it (a prompt "
+        "loses its first tokens, an answer its last ones but keeps its EOS as the last token, so the model still "
+        "learns to stop), or 'error'; what is dropped or cut is counted in the log and in data_stats.json")
+    response_length: int | None = field(None, help="pad every response with trained EOS to this length (null = "
+                                        "to the longest response in the batch); a longer answer is handled as "
+                                        "long_examples says")
     pad_response_with_eos: bool = field(True, help="pad responses with trained EOS tokens (LLaDA/SMDM)")
     prompt_format: Literal["plain", "chat"] = field("plain", help="'chat' wraps text prompts in the tokenizer's chat "
                                                     "template (conversational data always uses it)")
@@ -41,8 +48,10 @@ class DataConfig:
     def validate(self) -> None:
         from ..tasks.registry import task_options
 
-        options = task_options(self.task)  # an unknown task name is an error here, before anything runs
-        unknown = [k for k in self.task_kwargs if k not in options]
+        # an unknown task name is an error here, before anything runs; a task told from the data (null)
+        # checks its options when the run starts
+        options = task_options(self.task) if self.task is not None else None
+        unknown = [k for k in self.task_kwargs if options is not None and k not in options]
         if unknown:
             raise ValueError(f"task_kwargs: task {self.task!r} has no option {', '.join(repr(k) for k in unknown)}; "
                              f"its options: {', '.join(options) or 'none'}")

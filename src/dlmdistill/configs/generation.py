@@ -32,9 +32,12 @@ class GenerationConfig:
                    "has no masks, so `steps` is not used. Needs remasking=low_confidence; null = the fixed schedule")
 
     def validate(self) -> None:
+        for name in ("gen_length", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1 (or null: one block), got {self.block_length}")
         block = self.block_length or self.gen_length
-        if self.gen_length <= 0 or self.steps <= 0:
-            raise ValueError("gen_length and steps must be positive")
         if self.gen_length % block:
             raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({block})")
         blocks = self.gen_length // block

@@ -20,6 +20,10 @@ from .training import TrainingConfig
 
 
 # -------------------------------------------------------------------------------------------- shared sections
+#: What a run does when its task has no evaluation data of its own and ``data.eval_source`` is not set.
+WHEN_EVAL_MISSING = ("holdout", "skip", "error")
+
+
 @dataclass
 class TrainEvalConfig:
     enabled: bool = field(True, help="evaluate the task metric during/after training")
@@ -27,6 +31,23 @@ class TrainEvalConfig:
     seed: int = field(0, help="sampling seed for evaluation")
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, steps=32),
                                          help="sampler settings used for evaluation during training")
+    when_missing: Literal["holdout", "skip", "error"] = field(
+        "holdout", help="when data.eval_source is not set and the task has no evaluation data of its own (the "
+        "instruct task: your own file): 'holdout' evaluates on a random slice of the training records, which are "
+        "then not trained on (holdout_size; the log and data_stats.json give the sizes), 'skip' trains without "
+        "evaluation (one notice), 'error' stops")
+    holdout_size: float = field(0.1, help="size of that held-out slice: a fraction of the training records "
+                                "(below 1) or a number of records (1 or more); at most eval.limit records")
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or null), got {self.limit}")
+        if self.when_missing not in WHEN_EVAL_MISSING:
+            raise ValueError(f"when_missing must be one of {', '.join(WHEN_EVAL_MISSING)}, got {self.when_missing!r}")
+        size = self.holdout_size
+        if not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
+            raise ValueError(f"holdout_size must be a fraction in (0, 1) or a whole number of records >= 1, "
+                             f"got {size}")
 
 
 def run_config_class(name: str, method_cls: type, doc: str = "") -> type:

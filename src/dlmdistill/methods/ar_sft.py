@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from ..configs.methods import ARSFTConfig, ARSFTRunConfig  # noqa: F401 (re-exported)
-from ..data import load_examples
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_token_stats, token_nll
 from ..models.autoregressive import CausalLM, load_causal_lm
 from ..models.loading import is_preset
 from ..training.trainer import Trainer
-from .common import build_tokenizer, example_texts, finish, prepare, write_run_metadata
+from .common import RunData, build_tokenizer, example_texts, finish, load_run_data, prepare, write_run_metadata
 from .distillation import write_costs
 
 
@@ -65,26 +64,26 @@ class ARSFTTrainer(Trainer):
         return {"ar-sft": {"student_training": self.passes.flops_per_micro_batch(ModelShape.of(self.unwrapped), kind)}}
 
 
-def build_ar_model(cfg: Any) -> tuple[CausalLM, Any]:
-    """The AR model of a run config; a preset's tokenizer is built from the task data exactly as the
-    DLM recipes build theirs (so an AR teacher and a DLM student trained from scratch on the same data
-    config share a tokenizer), or reloaded from the run folder on resume."""
+def build_ar_model(cfg: Any, data: RunData | None = None) -> tuple[CausalLM, Any]:
+    """The AR model of a run config; a preset's tokenizer is built from the task data (``data``, or the
+    run's data loaded here) exactly as the DLM recipes build theirs (so an AR teacher and a DLM student
+    trained from scratch on the same data config share a tokenizer), or reloaded from the run folder on
+    resume."""
     from ..training.trainer import check_output_dir
 
     check_output_dir(cfg.training)  # before a saved tokenizer is read from the folder
     tokenizer = None
     if is_preset(cfg.model):
-        evals = load_examples(dataclasses.replace(cfg.data, eval_limit=cfg.eval.limit), "eval") \
-            if cfg.eval.enabled else []
-        texts = example_texts(load_examples(cfg.data, "train"), evals)
-        tokenizer = build_tokenizer(cfg.model, texts, Path(cfg.training.output_dir))
+        data = data or load_run_data(cfg)
+        tokenizer = build_tokenizer(cfg.model, example_texts(data.train, data.eval), Path(cfg.training.output_dir))
     return load_causal_lm(cfg.model, tokenizer)
 
 
 def run(cfg: Any) -> dict[str, float]:
     """Train an autoregressive model with causal-LM SFT; returns the final evaluation metrics."""
-    model, tokenizer = build_ar_model(cfg)
-    prep = prepare(cfg, model=model, tokenizer=tokenizer)
+    data = load_run_data(cfg)
+    model, tokenizer = build_ar_model(cfg, data)
+    prep = prepare(cfg, model=model, tokenizer=tokenizer, data=data)
     collator = dataclasses.replace(prep.collator, pad_response_with_eos=False, response_length=None)
     trainer = ARSFTTrainer(model, tokenizer, prep.train_items, cfg.training, collate_fn=collator,
                            evaluator=prep.evaluator, run_config=cfg, method=cfg.method)

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..configs.methods import SeqKDConfig, SeqKDRunConfig  # noqa: F401 (re-exported)
-from ..data import DataError, encode_prompt, tokenize_examples
+from ..data import DataError, encode_prompt
 from ..evaluation import generate_all
 from ..flops import ModelShape, PassCounter
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
 from ..sampling import GenerationConfig
-from .common import finish, prepare, write_run_metadata
+from .common import finish, prepare, record_data_stats, tokenize_for_training, write_run_metadata
 from .distillation import load_teacher, write_costs
 from .sft import SFTTrainer
 
@@ -145,7 +145,7 @@ def run(cfg: Any) -> dict[str, float]:
 
     m = cfg.method
     out = Path(cfg.training.output_dir)
-    prep = prepare(cfg)
+    prep = prepare(cfg, need_targets=False)  # it trains on the teacher's answers, tokenized below
     state = PartialState()
     teacher, teacher_tok = load_teacher(m.teacher, m.teacher_type, dtype=m.teacher_dtype, device=state.device)
     teacher_shape, teacher_is_ar = ModelShape.of(teacher), isinstance(teacher, CausalLM)
@@ -161,9 +161,8 @@ def run(cfg: Any) -> dict[str, float]:
     del teacher
     responses = read_responses(out / DATA_FILE, prompts)
     examples = [dataclasses.replace(ex, target=r) for ex, r in zip(prep.train_examples, responses)]
-    items = tokenize_examples(examples, prep.tokenizer, max_length=cfg.data.max_length,
-                              prompt_format=cfg.data.prompt_format, max_prompt_length=cfg.data.max_prompt_length,
-                              long_examples=cfg.data.long_examples)
+    items, stats = tokenize_for_training(cfg, examples, prep.tokenizer)  # the teacher's answers are trained on
+    record_data_stats(cfg, {**prep.data_stats, **stats})
     trainer = SeqKDTrainer(prep.model, prep.tokenizer, items, cfg.training, collate_fn=prep.collator,
                            evaluator=prep.evaluator, run_config=cfg, method=m.sft)
     write_run_metadata(cfg, prep.tokenizer, SeqKDTrainer.method_name, trainer.accelerator)

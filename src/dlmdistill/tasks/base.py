@@ -56,6 +56,9 @@ class Task:
     metric: str = "accuracy"  # "accuracy" or "rouge_l"
     #: default threshold on ``score`` above which a completion counts as correct
     correct_threshold: float = 1.0
+    #: whether ``load(None, split="test")`` gives evaluation data of the task's own (generated puzzles, a
+    #: hub default); a task without (your own data) is evaluated as ``eval.when_missing`` says
+    has_default_eval_data: bool = True
 
     def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
              seed: int = 0) -> list[Example]:

@@ -98,8 +98,17 @@ def from_messages(record: Record, where: str, turns: str = "last") -> list[Examp
         raise DataError(f"{where}: the conversation has no 'assistant' message to train on "
                         f"(roles: {', '.join(m['role'] for m in msgs)})")
     chosen = assistant[-1:] if turns == "last" else assistant
-    return [_conversation(msgs[:k], msgs[k]["content"], where if len(chosen) == 1 else f"{where} turn {k}")
+    return [_conversation(msgs[:k], msgs[k]["content"], where if len(chosen) == 1 else f"{where}{TURN} {k}")
             for k in chosen]
+
+
+TURN = " turn"  # the source of the k-th assistant turn of a record: "file.jsonl:3 turn 4"
+
+
+def record_source(source: str) -> str:
+    """The record an example's ``source`` comes from (``file.jsonl:3 turn 4`` -> ``file.jsonl:3``)."""
+    head, sep, tail = source.rpartition(TURN + " ")
+    return head if sep and tail.isdigit() else source
 
 
 def from_prompt_completion(record: Record, where: str, turns: str = "last") -> list[Example]:

@@ -82,6 +82,7 @@ class InstructTask(Task):
 
     name = "instruct"
     metric = "rouge_l"
+    has_default_eval_data = False
 
     def __init__(self, format: str = "auto", turns: str = "last") -> None:
         from .chat import FORMATS, TURNS
@@ -98,9 +99,10 @@ class InstructTask(Task):
         from .chat import records_to_examples
 
         if source is None:
-            raise DataError("the instruct task needs a source: a .jsonl/.json/.csv file (Alpaca/Dolly, chat "
-                            "'messages', 'prompt'/'completion' or 'text' records), a folder such as MiniLLM's "
-                            "data/dolly, or a Hugging Face dataset id")
+            which = "data.train_source" if split == "train" else "data.eval_source (dlmdistill evaluate: --source)"
+            raise DataError(f"the instruct task needs a source (it has no data of its own): set {which} to a "
+                            f".jsonl/.json/.csv file (Alpaca/Dolly, chat 'messages', 'prompt'/'completion' or "
+                            f"'text' records), a folder such as MiniLLM's data/dolly, or a Hugging Face dataset id")
         return records_to_examples(read_records(source, split)[:limit], self.format, self.turns, name=str(source))
 
     def score(self, example: Example, completion: str) -> float:

@@ -22,6 +22,7 @@ class TextTask(Task):
 
     name = "text"
     metric = "none"
+    has_default_eval_data = False
 
     def __init__(self, fields: list[str] | tuple[str, ...] = ("text",), separator: str = "\n\n") -> None:
         self.fields = tuple(fields)
