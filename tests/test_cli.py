@@ -132,7 +132,8 @@ def test_toy_check_on_a_run_folder(sft_run, tmp_path, capsys):
                                   "temperature": 0.0}
     assert report["task"]["name"] == "countdown" and len(report["blocks"]) == 3
     # a model folder that is not a run names the missing task
-    assert main(["toy-check", "--model", str(sft_run / "final"), "--gen_length", "48", "--out", str(out)]) == 0
+    assert main(["toy-check", "--model", str(sft_run / "final"), "--gen_length", "48", "--limit", "2", "--pass_k", "1",
+                 "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["toy-check", "--model", str(tmp_path), "--out", str(out)]) == 2
     assert "name the task with --task" in capsys.readouterr().err

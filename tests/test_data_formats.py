@@ -164,6 +164,24 @@ def test_truncated_answers_keep_their_eos_and_are_counted(tok, caplog):
     assert "EOS kept as the last token" in warning
 
 
+def test_long_answers_can_be_cut_while_long_prompts_are_dropped(tok, caplog):
+    # the Dolly configs: long_examples drop (prompts), long_answers truncate
+    examples = [*long_answers(), Example(prompt="p" * 9, target="ok", source="f.jsonl:4")]
+    stats = {}
+    with caplog.at_level(logging.WARNING):
+        items = tokenize_examples(examples, tok, max_length=8, long_examples="drop", long_answers="truncate",
+                                  stats=stats)
+    eos = tok.eos_token_id
+    assert [it["response_ids"] for it in items] == [ids(tok, "xy") + [eos], ids(tok, "0123") + [eos],
+                                                    ids(tok, "r") + [eos]]  # the 9-token prompt is dropped
+    assert stats["prompts_dropped"] == 1 and stats["responses_truncated"] == 2 and stats["responses_dropped"] == 0
+    assert stats["long_examples"] == "drop" and stats["long_answers"] == "truncate"
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "(data.long_examples=drop)" in warnings and "(data.long_answers=truncate)" in warnings
+    with pytest.raises(DataError, match="set data.long_answers to drop or truncate"):
+        tokenize_examples(long_answers(), tok, max_length=8, long_examples="drop", long_answers="error")
+
+
 def test_long_answer_error_names_the_record(tok):
     with pytest.raises(DataError, match=r"f\.jsonl:2: answer has 11 tokens with its EOS, more than the 5 that "
                                         r"max_length=8 leaves after its 3-token prompt"):

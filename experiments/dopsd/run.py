@@ -116,7 +116,7 @@ def generation(s: dict[str, Any], batch: int = 200) -> dict[str, Any]:
 def common_config(out: Path, s: dict[str, Any], task: str, seed: int, *, model: str, steps: int) -> dict[str, Any]:
     return {
         "model": {"name_or_path": model},
-        "data": {"task": task, "task_kwargs": task_kwargs(task, s["layout"]), "train_limit": s["train_examples"],
+        "data": {"task": task, "task_kwargs": task_kwargs(task, s.get("layout", "answer")), "train_limit": s["train_examples"],
                  "max_length": s.get("max_length", 128), "response_length": s.get("response_length"), "seed": seed},
         "training": {"output_dir": str(out), "max_steps": steps, "seed": seed, "save_steps": 0,
                      "logging_steps": 1, "report_to": ["jsonl"], "eval_steps": s["eval_every"],
@@ -358,11 +358,12 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
         # trajectories (same seed), the last block and EOS tail included (overlap 1 by construction)
         overlap = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20)
         every = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, informative_only=False)
+        fields = ("mean", "steps_used", "steps_total")
+        teachers = ("self_future", "reference_prefix")
         res = {"regenerate": regen,
-               "overlap": {k: {f: v[f] for f in ("mean", "steps_used", "steps_total")} for k, v in overlap.items()},
-               "overlap_every_step": {k: {f: v[f] for f in ("mean", "steps_used", "steps_total")}
-                                      for k, v in every.items()},
-               "overlap_per_step": {k: v["per_step"] for k, v in overlap.items()}}
+               "overlap": {k: {f: overlap[k][f] for f in fields} for k in teachers},
+               "overlap_every_step": {k: {f: every[k][f] for f in fields} for k in teachers},
+               "overlap_per_step": {k: overlap[k]["per_step"] for k in teachers}}
         path.write_text(json.dumps(res, indent=2))
     per_step = {name: [([i for i, y in enumerate(ys) if y is not None], [y for y in ys if y is not None])]
                 for name, ys in res.get("overlap_per_step", {}).items()}

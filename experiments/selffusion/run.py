@@ -93,7 +93,7 @@ def config(out: Path, s: dict[str, Any], *, model: dict[str, Any], data: dict[st
            seed: int, method: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = {
         "model": {"max_position_embeddings": 1024, **model},
-        "data": {"max_length": 512, "seed": seed, **data},
+        "data": {"max_length": 512, "long_examples": "drop", "long_answers": "truncate", "seed": seed, **data},
         "training": {"output_dir": str(out), "num_train_epochs": epochs, "per_device_train_batch_size": s["batch"],
                      "learning_rate": lr, "lr_scheduler_type": "cosine_with_min_lr", "min_lr_ratio": 0.1,
                      "warmup_ratio": 0.05, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95,

@@ -151,7 +151,7 @@ def config(out: Path, s: dict[str, Any], *, base: str, files: dict[str, Path], l
     cfg = {
         "model": {"name_or_path": base, "gradient_checkpointing": s["gradient_checkpointing"]},
         "data": {"task": "instruct", "train_source": str(files["train"]), "max_length": s["max_length"],
-                 "long_examples": "drop", "seed": seed},
+                 "long_examples": "drop", "long_answers": "truncate", "seed": seed},
         "training": {"output_dir": str(out), "num_train_epochs": epochs or 1.0, "max_steps": max_steps,
                      "per_device_train_batch_size": s["batch"], "gradient_accumulation_steps": s["accumulation"],
                      "learning_rate": lr, "lr_scheduler_type": "cosine_with_min_lr", "min_lr_ratio": 0.1,

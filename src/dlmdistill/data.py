@@ -159,20 +159,22 @@ def encode_prompt(tokenizer, prompt: str | Example, fmt: str = "plain") -> list[
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, prompt_format: str = "plain",
                       require_target: bool = True, max_prompt_length: int | None = None,
                       max_response_length: int | None = None, long_examples: str = "error",
-                      stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                      long_answers: str | None = None, stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Token ids for each example: ``{"prompt_ids", "response_ids", "index"}``; a response is the target
     followed by EOS, and prompt + response fit in ``max_length`` tokens.
 
     What does not fit is handled as ``long_examples`` says: ``"drop"`` skips the example, ``"truncate"``
-    cuts it, ``"error"`` raises a DataError naming the example. A prompt may have ``max_prompt_length``
+    cuts it, ``"error"`` raises a DataError naming the example; ``long_answers``, when given, replaces it for
+    answers (e.g. over-long prompts dropped, over-long answers cut). A prompt may have ``max_prompt_length``
     tokens (default and upper bound ``max_length - 1``, so at least one response token fits); truncating
     keeps its last tokens. A response may have what the prompt leaves of ``max_length``, and at most
     ``max_response_length`` tokens; truncating keeps its first tokens and **its EOS as the last token**, so
     the model still learns to end an answer (a cut answer that never ends would teach it to fill every
     position). ``stats``, if given, receives the counts (docs/configuration.md, "Long examples"); what was
     dropped or cut is logged as one warning line for prompts and one for answers."""
-    if long_examples not in LONG_EXAMPLES:
-        raise DataError(f"long_examples must be one of {', '.join(LONG_EXAMPLES)}, got {long_examples!r}")
+    for name, policy in (("long_examples", long_examples), ("long_answers", long_answers or long_examples)):
+        if policy not in LONG_EXAMPLES:
+            raise DataError(f"{name} must be one of {', '.join(LONG_EXAMPLES)}, got {policy!r}")
     if max_response_length is not None and max_response_length < 1:
         raise DataError(f"max_response_length must be >= 1 (or None), got {max_response_length}")
     eos = tokenizer.eos_token_id
@@ -186,7 +188,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
                 raise DataError(f"{ex.source or f'example {i}'}: the example has no target response to train on")
             continue
         keep.append(i)
-    fit = _Fitter(max_length, prompt_limit, max_response_length, long_examples, max_prompt_length is not None)
+    fit = _Fitter(max_length, prompt_limit, max_response_length, long_examples, max_prompt_length is not None,
+                  answer_policy=long_answers)
     out = []
     if keep:
         prompts = tokenizer([format_prompt(tokenizer, examples[i], prompt_format) for i in keep],
@@ -210,9 +213,11 @@ class _Fitter:
     what it drops and cuts."""
 
     def __init__(self, max_length: int, prompt_limit: int, response_limit: int | None, policy: str,
-                 explicit_prompt_limit: bool) -> None:
+                 explicit_prompt_limit: bool, answer_policy: str | None = None) -> None:
         self.max_length, self.prompt_limit, self.response_limit, self.policy = (max_length, prompt_limit,
                                                                                response_limit, policy)
+        self.answer_policy = answer_policy or policy
+        self.answer_setting = "data.long_answers" if answer_policy else "data.long_examples"
         self.explicit_prompt_limit = explicit_prompt_limit
         self.n = {k: 0 for k in ("too_long", "dropped", "truncated", "prompts_too_long", "prompts_dropped",
                                  "prompts_truncated", "responses_too_long", "responses_dropped",
@@ -237,11 +242,11 @@ class _Fitter:
         bound_by_response = self.response_limit is not None and self.response_limit < room
         room = self.response_limit if bound_by_response else room
         if len(r) > room:
-            if self.policy == "error":
+            if self.answer_policy == "error":
                 limit = (f"response_length={self.response_limit} allows" if bound_by_response else
                          f"max_length={self.max_length} leaves after its {len(p)}-token prompt")
                 raise DataError(f"{where}: answer has {len(r)} tokens with its EOS, more than the {room} that {limit}; "
-                                f"raise the limits, or set data.long_examples to drop or truncate")
+                                f"raise the limits, or set {self.answer_setting} to drop or truncate")
             if self.worst is None or len(r) > self.worst[0]:
                 self.worst = (len(r), room)
             if self._too_long("responses", counted=cut):
@@ -254,7 +259,7 @@ class _Fitter:
         """Count a too-long prompt or response; True when the example is dropped."""
         self.n[f"{part}_too_long"] += 1
         self.n["too_long"] += not counted
-        if self.policy == "drop":
+        if (self.answer_policy if part == "responses" else self.policy) == "drop":
             self.n[f"{part}_dropped"] += 1
             self.n["dropped"] += 1
             return True
@@ -275,13 +280,15 @@ class _Fitter:
             limit = f"max_length={self.max_length} after their prompt" + (
                 f" and response_length={self.response_limit}" if self.response_limit is not None else "")
             log.warning("%d of %d answers do not fit in %s (the longest: %d tokens with its EOS, where %d fit): %s "
-                        "(data.long_examples=%s)", n["responses_too_long"], total, limit, *self.worst,
-                        "dropped" if self.policy == "drop" else "truncated, EOS kept as the last token", self.policy)
+                        "(%s=%s)", n["responses_too_long"], total, limit, *self.worst,
+                        "dropped" if self.answer_policy == "drop" else "truncated, EOS kept as the last token",
+                        self.answer_setting, self.answer_policy)
 
     def counts(self, examples: int, without_target: int, kept: int) -> dict[str, Any]:
         return {"examples": examples, "without_target": without_target, "kept": kept, **self.n,
                 "max_length": self.max_length, "max_prompt_length": self.prompt_limit,
                 "max_response_length": self.response_limit, "long_examples": self.policy,
+                "long_answers": self.answer_policy,
                 "truncated_response_eos": "kept"}
 
 

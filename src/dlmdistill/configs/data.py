@@ -37,6 +37,10 @@ class DataConfig:
         "exceeds what the prompt leaves of max_length (or response_length): 'drop' it, 'truncate' it (a prompt "
         "loses its first tokens, an answer its last ones but keeps its EOS as the last token, so the model still "
         "learns to stop), or 'error'; what is dropped or cut is counted in the log and in data_stats.json")
+    long_answers: Literal["drop", "truncate", "error"] | None = field(
+        None, help="an answer that does not fit: 'drop', 'truncate' or 'error' as for long_examples, which it "
+        "replaces for answers (null = as long_examples); e.g. long_examples: drop with long_answers: truncate "
+        "drops over-long prompts and cuts over-long answers (the Dolly configs)")
     response_length: int | None = field(None, help="pad every response with trained EOS to this length (null = "
                                         "to the longest response in the batch); a longer answer is handled as "
                                         "long_examples says")
@@ -66,3 +70,5 @@ class DataConfig:
                              f"response token), got {self.max_prompt_length}")
         if self.long_examples not in LONG_EXAMPLES:
             raise ValueError(f"long_examples must be one of {', '.join(LONG_EXAMPLES)}, got {self.long_examples!r}")
+        if self.long_answers is not None and self.long_answers not in LONG_EXAMPLES:
+            raise ValueError(f"long_answers must be one of {', '.join(LONG_EXAMPLES)} or null, got {self.long_answers!r}")

@@ -134,7 +134,7 @@ def tokenize_for_training(cfg: Any, examples: list[Example], tokenizer, need_tar
                               prompt_format=cfg.data.prompt_format, require_target=need_targets,
                               max_prompt_length=cfg.data.max_prompt_length,
                               max_response_length=cfg.data.response_length, long_examples=cfg.data.long_examples,
-                              stats=stats)
+                              long_answers=cfg.data.long_answers, stats=stats)
     return items, stats
 
 
