@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_model
@@ -39,6 +40,7 @@ def test_flop_meter_counts_body_attention_and_head(tokenizer):
     assert meter.flops == 3 * forward
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
     gc = _gpu_check()
     out = tmp_path / "out"

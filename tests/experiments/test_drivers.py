@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+#: smoke-sized runs of whole experiment drivers (about 2.5 minutes together): python -m pytest -m slow
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DLMDISTILL_SHARED", ROOT.parent / "shared"))
 

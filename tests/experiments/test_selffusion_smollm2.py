@@ -24,6 +24,7 @@ def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @needs_data
+@pytest.mark.slow
 def test_smollm2_driver_smoke(tmp_path):
     proc = run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

