@@ -484,7 +484,7 @@ def test_collapse_warning_and_renamed_clip_mode():
     paper = DOPSDConfig()
     assert len(collapse_warnings(paper, learning_rate=1e-4, lora=False)) == 1
     assert "per_term" in collapse_warnings(paper, learning_rate=1e-4, lora=False)[0]
-    assert collapse_warnings(paper, learning_rate=1e-4, lora=True) == []
+    assert len(collapse_warnings(paper, learning_rate=1e-4, lora=True)) == 1  # the official recipe with LoRA too
     assert collapse_warnings(paper, learning_rate=5e-6, lora=False) == []
     assert collapse_warnings(DOPSDConfig(clip_mode="per_position"), learning_rate=1e-4, lora=False) == []
     for steps in ("all", "informative"):  # the moving teacher collapsed with both
@@ -624,8 +624,10 @@ def test_example_configs_parse(path):
 
     cfg = load_config(DOPSDRunConfig, ROOT / "configs" / path)
     assert cfg.method.rollout.num_blocks > 1  # the self-future teacher needs blocks
-    # shipped recipes avoid the combinations our own runs saw collapse
-    assert collapse_warnings(cfg.method, learning_rate=cfg.training.learning_rate, lora=cfg.model.lora_r > 0) == []
+    # shipped recipes avoid the combinations our own runs saw collapse, except the official recipe on the tiny
+    # model, which reproduces the official code's choices and shows that collapse (docs/results.md)
+    warnings = collapse_warnings(cfg.method, learning_rate=cfg.training.learning_rate, lora=cfg.model.lora_r > 0)
+    assert warnings == [] or path == "dopsd_official_countdown_tiny.yaml"
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("dopsd_official_*.yaml")))
