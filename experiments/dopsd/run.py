@@ -24,7 +24,7 @@ import fnmatch
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -337,19 +337,27 @@ def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | N
     return markdown_table(["variant", "best accuracy (%)", "final accuracy (%)"], rows), out
 
 
-def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
-    from dlmdistill.analysis.dopsd import compare_teacher_overlap, self_teacher_check
+def analysed_once(path: Path, analyse: Callable[..., dict[str, Any]], root: Path, s: dict[str, Any], task: str,
+                  items: int) -> dict[str, Any]:
+    """``path``'s JSON, or ``analyse(model, tokenizer, task, examples)`` on the base and ``items`` training
+    prompts (seed 99), written there: an analysis stage runs once and reruns read its result."""
+    if path.exists():
+        return json.loads(path.read_text())
     from dlmdistill.models.loading import load_model
-    from dlmdistill.sampling import GenerationConfig
     from dlmdistill.tasks.registry import get_task
 
-    path = root / "toy.json"
-    if path.exists():
-        res = json.loads(path.read_text())
-    else:
-        model, tok = load_model(str(root / "base" / "final"))
-        t = get_task(task, **task_kwargs(task, s["layout"]))
-        examples = t.load(None, split="train", limit=s["toy_items"], seed=99)
+    model, tok = load_model(str(root / "base" / "final"))
+    t = get_task(task, **task_kwargs(task, s["layout"]))
+    res = analyse(model, tok, t, t.load(None, split="train", limit=items, seed=99))
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+    from dlmdistill.analysis.dopsd import compare_teacher_overlap, self_teacher_check
+    from dlmdistill.sampling import GenerationConfig
+
+    def analyse(model, tok, t, examples):
         gen = GenerationConfig(**{**generation(s, batch=64), "temperature": 0.9})
         regen = self_teacher_check(model, tok, t, examples, gen, rhos=(0.1, 0.25, 0.5), pass_k=8,
                                    retry_temperature=None, reveal="after_block")
@@ -360,11 +368,12 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
         every = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, informative_only=False)
         fields = ("mean", "steps_used", "steps_total")
         teachers = ("self_future", "reference_prefix")
-        res = {"regenerate": regen,
-               "overlap": {k: {f: overlap[k][f] for f in fields} for k in teachers},
-               "overlap_every_step": {k: {f: every[k][f] for f in fields} for k in teachers},
-               "overlap_per_step": {k: overlap[k]["per_step"] for k in teachers}}
-        path.write_text(json.dumps(res, indent=2))
+        return {"regenerate": regen,
+                "overlap": {k: {f: overlap[k][f] for f in fields} for k in teachers},
+                "overlap_every_step": {k: {f: every[k][f] for f in fields} for k in teachers},
+                "overlap_per_step": {k: overlap[k]["per_step"] for k in teachers}}
+
+    res = analysed_once(root / "toy.json", analyse, root, s, task, s["toy_items"])
     per_step = {name: [([i for i, y in enumerate(ys) if y is not None], [y for y in ys if y is not None])]
                 for name, ys in res.get("overlap_per_step", {}).items()}
     if per_step:
@@ -400,21 +409,14 @@ def gate(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]
     tokens revealed, each block cleared on entry, greedy regeneration at two tokens per step. Go/no-go: the
     self-teacher beats the student by 5 points at rho 0.25 (``gate.json``: ``gate.passed``)."""
     from dlmdistill.analysis.dopsd import format_self_teacher_check, self_teacher_check
-    from dlmdistill.models.loading import load_model
-    from dlmdistill.tasks.registry import get_task
 
-    path = root / "gate.json"
-    if path.exists():
-        res = json.loads(path.read_text())
-    else:
-        model, tok = load_model(str(root / "base" / "final"))
-        t = get_task(task, **task_kwargs(task, s["layout"]))
-        examples = t.load(None, split="train", limit=s["gate_items"], seed=99)
-        sudoku = task == "sudoku"
-        res = self_teacher_check(model, tok, t, examples, gate_generation(s), rhos=(0.1, 0.25, 0.5), pass_k=8,
-                                 retry_temperature=1.0, pass_k_mode="best_of_k" if sudoku else "first_accepted",
-                                 accept_threshold=accept_threshold(task, s), reveal="content")
-        path.write_text(json.dumps(res, indent=2))
+    def analyse(model, tok, t, examples):
+        return self_teacher_check(model, tok, t, examples, gate_generation(s), rhos=(0.1, 0.25, 0.5), pass_k=8,
+                                  retry_temperature=1.0,
+                                  pass_k_mode="best_of_k" if task == "sudoku" else "first_accepted",
+                                  accept_threshold=accept_threshold(task, s), reveal="content")
+
+    res = analysed_once(root / "gate.json", analyse, root, s, task, s["gate_items"])
     return format_self_teacher_check(res), res
 
 
@@ -596,21 +598,14 @@ def overlap_on_accepted(root: Path, s: dict[str, Any], task: str) -> tuple[str, 
     reveal; the AR-style teacher sees the prompt and the reference solution (with the trace layout, the worked
     solution: the paper's Table 4 setting)."""
     from dlmdistill.analysis.dopsd import compare_teacher_overlap
-    from dlmdistill.models.loading import load_model
     from dlmdistill.sampling import GenerationConfig
-    from dlmdistill.tasks.registry import get_task
 
-    path = root / "overlap_accepted.json"
-    if path.exists():
-        res = json.loads(path.read_text())
-    else:
-        model, tok = load_model(str(root / "base" / "final"))
-        t = get_task(task, **task_kwargs(task, s["layout"]))
-        examples = t.load(None, split="train", limit=PREMISE[s["scale"]]["overlap_items"], seed=99)
+    def analyse(model, tok, t, examples):
         gen = GenerationConfig(**{**generation(s, batch=64), "temperature": 0.9})
-        res = compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, pass_k=8, accepted_only=True,
-                                      accept_threshold=accept_threshold(task, s), reveal="official")
-        path.write_text(json.dumps(res, indent=2))
+        return compare_teacher_overlap(model, tok, t, examples, gen, rho=0.25, k=20, pass_k=8, accepted_only=True,
+                                       accept_threshold=accept_threshold(task, s), reveal="official")
+
+    res = analysed_once(root / "overlap_accepted.json", analyse, root, s, task, PREMISE[s["scale"]]["overlap_items"])
     per_step = {name: [([i for i, y in enumerate(v["per_step"]) if y is not None],
                         [y for y in v["per_step"] if y is not None])]
                 for name, v in res.items() if isinstance(v, dict)}

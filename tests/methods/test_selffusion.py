@@ -99,22 +99,29 @@ def test_loss_is_the_sum_of_its_terms_and_uses_one_forward(tokenizer):
     torch.testing.assert_close(step.loss, step.terms["diff_hard"] + step.terms["diff_easy"] + 0.5 * step.terms["kd"])
 
 
+B, LENGTH = 8, 16
+
+
+def position_coding_model(ids, attn, positions, calibrate=None):
+    """A stub model whose logit row at (copy row, column) is one-hot at ``row * LENGTH + column``: easy copy
+    rows 0..B-1, hard B..2B-1, so a gathered row tells where it came from."""
+    rows, cols = positions.nonzero(as_tuple=True)
+    return torch.nn.functional.one_hot(rows * LENGTH + cols, 2 * B * LENGTH).float() * 20.0
+
+
+def stub_batch(prompt: int = 4) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 30, (B, LENGTH), generator=torch.Generator().manual_seed(0))
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, prompt:] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+
+
 @pytest.mark.parametrize("which", ["both", "either"])
 def test_easy_and_hard_rows_of_the_distillation_set_are_aligned_position_by_position(which, monkeypatch):
     import dlmdistill.methods.selffusion as sf
 
-    b, length, prompt = 8, 16, 4
-    vocab = 2 * b * length  # a logit row encodes (copy, sample, column): easy copy rows 0..B-1, hard B..2B-1
-
-    def model(ids, attn, positions, calibrate=None):
-        rows, cols = positions.nonzero(as_tuple=True)
-        return torch.nn.functional.one_hot(rows * length + cols, vocab).float() * 20.0
-
+    b, length, model, batch = B, LENGTH, position_coding_model, stub_batch()
     dm = type("DM", (), {"mask_id": 1})()
-    ids = torch.randint(5, 30, (b, length), generator=torch.Generator().manual_seed(0))
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    resp[:, prompt:] = True
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
     seen = {}
     real_d, real_kd = sf.distillation_positions, sf.bidirectional_kd_loss
     monkeypatch.setattr(sf, "distillation_positions", lambda *a, **k: seen.setdefault("D", real_d(*a, **k)))
@@ -133,18 +140,8 @@ def test_easy_and_hard_rows_of_the_distillation_set_are_aligned_position_by_posi
 def test_own_distillation_set_trains_each_mode_only_where_it_is_masked(monkeypatch):
     import dlmdistill.methods.selffusion as sf
 
-    b, length, prompt = 8, 16, 4
-    vocab = 2 * b * length
-
-    def model(ids, attn, positions, calibrate=None):
-        rows, cols = positions.nonzero(as_tuple=True)
-        return torch.nn.functional.one_hot(rows * length + cols, vocab).float() * 20.0
-
+    length, model, batch = LENGTH, position_coding_model, stub_batch()
     dm = type("DM", (), {"mask_id": 1})()
-    ids = torch.randint(5, 30, (b, length), generator=torch.Generator().manual_seed(0))
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    resp[:, prompt:] = True
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
     seen = {}
     real_modes, real_kd = sf.sample_modes, sf.bidirectional_kd_loss
     monkeypatch.setattr(sf, "sample_modes", lambda *a, **k: seen.setdefault("modes", real_modes(*a, **k)))
