@@ -505,11 +505,23 @@ def rollouts_curve(run: Path, method: str, batch: int, group: int) -> tuple[list
 
 
 def wall_curve(run: Path) -> tuple[list[float], list[float]]:
-    """Accuracy against training seconds (``elapsed_s`` of the logged step of each evaluation; evaluation
-    time excluded only as far as the trainer's clock does)."""
+    """Accuracy against seconds since training started (``elapsed_s`` of the logged step of each evaluation:
+    the evaluations before it included)."""
     at_step = {rec["step"]: rec["elapsed_s"] for rec in read_logs(run) if "elapsed_s" in rec}
     xs, ys = eval_curve(run, "eval/accuracy")
     return [at_step.get(x, float("nan")) for x in xs], ys
+
+
+def at_mean_x(runs: list[tuple[list[float], list[float]]]) -> list[tuple[list[float], list[float]]]:
+    """The seeds of a row evaluated at the same optimizer steps, each placed at the mean over seeds of its
+    x (completions sampled, seconds), which differ from seed to seed: so that ``plot_curves`` can average
+    them. A run cut short keeps the evaluations every run has."""
+    runs = [r for r in runs if r[0]]
+    if not runs:
+        return []
+    n = min(len(r[0]) for r in runs)
+    xs = [sum(r[0][i] for r in runs) / len(runs) for i in range(n)]
+    return [(xs, r[1][:n]) for r in runs]
 
 
 def official(root: Path, s: dict[str, Any], task: str, base_acc: float,
@@ -547,6 +559,7 @@ def official(root: Path, s: dict[str, Any], task: str, base_acc: float,
     best = {label: [max(c[1]) for c in cs if c[1]] for label, cs in curves.items()}
     final = {label: [c[1][-1] for c in cs if c[1]] for label, cs in curves.items()}
     best_at = {label: [c[0][c[1].index(max(c[1]))] for c in cs if c[1]] for label, cs in curves.items()}
+    mean_evals = {label: [sum(c[1]) / len(c[1]) for c in cs if c[1]] for label, cs in curves.items()}
     grpo = "diffu-GRPO (d1 settings)"
     grpo_best = mean_std(best[grpo])[0]
     reach = {label: [next((x for x, y in zip(*c) if y >= grpo_best), float("nan")) for c in cs]
@@ -555,41 +568,46 @@ def official(root: Path, s: dict[str, Any], task: str, base_acc: float,
     for label in PREMISE_METHODS:
         hit = [r for r in reach[label] if r == r]
         rows.append([label, f"{out['lr'][PREMISE_METHODS[label][1]] or float('nan'):g}", fmt(best[label]),
-                     fmt(final[label]), fmt(best_at[label], 0),
+                     fmt(mean_evals[label]), fmt(final[label]), fmt(best_at[label], 0),
                      f"{fmt(hit, 0)} ({len(hit)}/{len(reach[label])})" if hit else f"- (0/{len(reach[label])})"])
     lines += ["", f"From the base at {base_acc:.1f}% on the {s['eval_items']} test puzzles; mean ± std over seeds "
               f"{', '.join(map(str, p['seeds']))}; {p['opt_steps']} optimizer steps each, evaluated every "
               f"{p['eval_every']}:", "",
-              markdown_table(["method", "lr", "best accuracy (%)", "final accuracy (%)",
+              markdown_table(["method", "lr", "best accuracy (%)", "mean over evaluations (%)", "final accuracy (%)",
                               "optimizer step of the best", f"optimizer steps to reach diffu-GRPO's mean best "
                               f"({grpo_best:.1f}%) (runs reaching it)"], rows)]
-    dopsd_hit = [r for r in reach["d-OPSD (official recipe)"] if r == r]
-    if dopsd_hit and best_at[grpo]:
-        ratio = mean_std(dopsd_hit)[0] / mean_std(best_at[grpo])[0]
-        out["steps_ratio"] = ratio
-        lines += ["", f"d-OPSD reaches diffu-GRPO's mean best in {mean_std(dopsd_hit)[0]:.0f} optimizer steps on "
-                  f"average, {100 * ratio:.0f}% of the {mean_std(best_at[grpo])[0]:.0f} diffu-GRPO takes to reach its "
-                  "own best (the paper's unit: gradient updates)."]
+    out["steps_ratio"] = {}
+    for label in (lb for lb in PREMISE_METHODS if lb.startswith("d-OPSD")):
+        hit = [r for r in reach[label] if r == r]
+        if hit and best_at[grpo]:
+            ratio = out["steps_ratio"][label] = mean_std(hit)[0] / mean_std(best_at[grpo])[0]
+            lines += ["", f"{label} reaches diffu-GRPO's mean best in {mean_std(hit)[0]:.0f} optimizer steps on "
+                      f"average, {100 * ratio:.0f}% of the {mean_std(best_at[grpo])[0]:.0f} diffu-GRPO takes to reach "
+                      "its own best (the paper's unit: gradient updates)."]
+        else:
+            lines += ["", f"{label} does not reach diffu-GRPO's mean best ({grpo_best:.1f}%) in any run, so the "
+                      "paper's ratio of optimizer steps is undefined here."]
     from_base = {label: [([0.0, *xs], [base_acc, *ys]) for xs, ys in cs] for label, cs in curves.items()}
     plot_curves(from_base, root / "official_accuracy_vs_steps.png", xlabel="optimizer steps", ylabel="accuracy (%)",
                 title=f"post-training from a base at {base_acc:.1f}%")
     group = {"dopsd": 1, "diffu-grpo": p["grpo_group"], "sft": 1}
     batch = {"dopsd": p["dopsd_batch"], "diffu-grpo": p["grpo_batch"], "sft": 0}
     method_of = {label: m for label, (m, _, _) in PREMISE_METHODS.items()}
-    plot_curves({label: [rollouts_curve(r, method_of[label], batch[method_of[label]], group[method_of[label]])
-                         for r in rs]
+    plot_curves({label: at_mean_x([rollouts_curve(r, method_of[label], batch[method_of[label]],
+                                                   group[method_of[label]]) for r in rs])
                  for label, rs in runs.items() if method_of[label] != "sft"},
                 root / "official_accuracy_vs_rollouts.png", xlabel="completions sampled", ylabel="accuracy (%)",
                 title="on-policy methods: accuracy against rollouts")
-    plot_curves({label: [wall_curve(r) for r in rs] for label, rs in runs.items()},
-                root / "official_accuracy_vs_time.png", xlabel="training seconds (evaluations excluded)",
+    plot_curves({label: at_mean_x([wall_curve(r) for r in rs]) for label, rs in runs.items()},
+                root / "official_accuracy_vs_time.png", xlabel="seconds since training started (evaluations included)",
                 ylabel="accuracy (%)", title="accuracy against wall time")
     lines += ["", "![accuracy vs optimizer steps](official_accuracy_vs_steps.png)",
               "![accuracy vs rollouts](official_accuracy_vs_rollouts.png)",
               "![accuracy vs time](official_accuracy_vs_time.png)"]
     text, out["overlap"] = overlap_on_accepted(root, s, task)
     lines += ["", text]
-    out.update(best=best, final=final, best_at=best_at, reach=reach, grpo_best=grpo_best)
+    out.update(best=best, mean_over_evaluations=mean_evals, final=final, best_at=best_at, reach=reach,
+               grpo_best=grpo_best)
     return "\n".join(lines), out
 
 
