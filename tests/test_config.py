@@ -73,8 +73,12 @@ def test_real_run_configs_load():
 
     for name in METHODS:
         cls, _ = get_method(name)
-        cfg = load_config(cls, None, ["--learning_rate", "1e-4"])
+        needs_teacher = name in ("kd", "seqkd")  # every section is checked when the configuration is built
+        cfg = load_config(cls, None, ["--learning_rate", "1e-4", *(["--teacher", "runs/t"] if needs_teacher else [])])
         assert cfg.training.learning_rate == 1e-4
+        if needs_teacher:
+            with pytest.raises(ConfigError, match="method.teacher is required"):
+                load_config(cls, None, ["--learning_rate", "1e-4"])
 
 
 @dataclass

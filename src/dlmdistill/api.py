@@ -43,12 +43,23 @@ def get_config_class(name: str) -> type:
 
 
 def check_run_config(cfg: Any) -> None:
-    """Checks of a training run's configuration before anything is written: every section's values
-    (defaults included) and the output folder."""
-    from .config import validate_tree
+    """The checks of a training run that need more than the configuration's values, once, before anything
+    is written: the task and its options (the task is built), the trackers' packages, the checkpoint to
+    resume from, and the output folder. (The values themselves were checked when the configuration was
+    built, ``config.from_dict``.)"""
+    from .tasks.registry import get_task
+    from .training.run_folder import check_checkpoint_folder, check_trackers_installed
 
-    validate_tree(cfg)
-    out = Path(cfg.training.output_dir)
+    if cfg.data.task is not None:
+        get_task(cfg.data.task, **cfg.data.task_kwargs)
+    t = cfg.training
+    try:
+        check_trackers_installed(t.report_to)
+        if t.resume_from_checkpoint is not None:
+            check_checkpoint_folder(t.resume_from_checkpoint)
+    except ValueError as e:
+        raise UserError(f"training.{e}") from None
+    out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"training.output_dir {str(out)!r} is an existing file, not a folder; choose another path")
 

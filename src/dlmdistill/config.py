@@ -15,6 +15,7 @@ arguments into that tree, strictly:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -196,8 +197,14 @@ def _suggest(key: str, names: list[str]) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+#: False while ``load_config`` checks a file's keys and types alone (its values are checked once, after the
+#: command line is merged)
+_CHECK_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_values", default=True)
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a (possibly nested) mapping; unknown keys are errors."""
+    """Build dataclass ``cls`` from a (possibly nested) mapping; unknown keys are errors. Every section's
+    ``validate()`` runs once, sections left at their defaults included."""
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
@@ -217,7 +224,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {e}") from None
-    _validate(obj, where)
+    if _CHECK_VALUES.get():
+        for name in names:  # the sections given were checked when they were built
+            value = getattr(obj, name)
+            if name not in kwargs and dataclasses.is_dataclass(value) and not isinstance(value, type):
+                validate_tree(value, f"{where}.{name}")
+        _validate(obj, where)
     return obj
 
 
@@ -231,9 +243,8 @@ def _validate(obj: Any, where: str) -> None:
 
 
 def validate_tree(obj: Any, where: str = "config") -> None:
-    """Run ``validate()`` of every section of a config tree, sections left at their defaults included
-    (``from_dict`` checks the sections it was given). For a run about to start: a section may be
-    incomplete until then, e.g. a KD run's ``method.teacher``."""
+    """Run ``validate()`` of every section of a config tree. ``from_dict`` does this once for what it builds;
+    a configuration assembled by hand in Python is checked with this."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -398,10 +409,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     if overrides:
         # check the YAML's keys and types alone first so that their errors name the file; value checks
         # (validate()) wait for the command line, which may supply what the file lacks (e.g. a teacher)
+        token = _CHECK_VALUES.set(False)
         try:
             from_dict(cls, data, where=where)
-        except InvalidValueError:
-            pass
+        finally:
+            _CHECK_VALUES.reset(token)
         cli = parse_overrides(cls, overrides)
         data = deep_merge(data, cli)
         where = f"{where} + command line" if path else "command line"

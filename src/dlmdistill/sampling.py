@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import torch
 
 from .configs.generation import GenerationConfig
-from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, position_ids_from_mask
+from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, left_pad, position_ids_from_mask  # noqa: F401 (left_pad re-exported)
 
 
 @dataclass
@@ -95,21 +95,6 @@ class GenerationOutput:
     @property
     def responses(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    p = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), p), dtype=torch.long)
-    for i, x in enumerate(prompts):
-        if len(x):
-            ids[i, p - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
-            mask[i, p - len(x):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:

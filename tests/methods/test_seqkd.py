@@ -72,12 +72,12 @@ def test_answers_of_other_settings_are_refused_not_reused(tokenizer, tmp_path):
 
 
 def test_overwrite_output_dir_deletes_the_teacher_answers(tmp_path):
-    from dlmdistill.training.trainer import check_output_dir
+    from dlmdistill.training.run_folder import prepare_output_dir
 
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)
     (out / "final_metrics.json").write_text("{}")
     for name in ("seqkd_data.jsonl", "seqkd_data.json"):
         (out / name).write_text("old teacher\n")
-    check_output_dir(TrainingConfig(output_dir=str(out), overwrite_output_dir=True))
+    prepare_output_dir(TrainingConfig(output_dir=str(out), overwrite_output_dir=True))
     assert not (out / "seqkd_data.jsonl").exists() and not (out / "seqkd_data.json").exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dlmdistill.data import DiffusionCollator
-from dlmdistill.methods.sft import SFTConfig, SFTTrainer
+from dlmdistill.methods.sft import SFTTrainer
 from dlmdistill.training import NonFiniteLossError, TrainingConfig, latest_checkpoint
 from tests.conftest import tiny_model
 

@@ -28,10 +28,17 @@ def test_flags_and_report_to_are_checked():
     assert flag.resume is True and flag.resume_from_checkpoint is None
     for args, words in [(["--bf16", "--fp16"], "exclude"), (["--bf16", "--mixed_precision", "fp16"], "contradicts"),
                         (["--report_to", "none", "tensorboard"], "cannot be combined"),
-                        (["--report_to", "tensorbored"], "unknown tracker"),
-                        (["--resume_from_checkpoint", "/no/such/ckpt"], "no such folder")]:
+                        (["--report_to", "tensorbored"], "unknown tracker")]:
         with pytest.raises(ConfigError, match=words):
             _config(*args)
+
+
+def test_a_missing_checkpoint_to_resume_from_is_a_clear_error_before_anything_is_written(capsys, tmp_path):
+    # the filesystem is checked when the run starts (api.check_run_config), not by the configuration's values
+    out = tmp_path / "r"
+    rc = main(["train", "sft", "--resume_from_checkpoint", "/no/such/ckpt", "--output_dir", str(out), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "resume_from_checkpoint: /no/such/ckpt: no such folder" in err and not out.exists()
 
 
 def test_a_tracker_that_is_not_installed_is_a_clear_error(capsys, tmp_path):

@@ -50,15 +50,7 @@ class DataConfig:
     seed: int = field(0, help="seed for generated data and subsampling")
 
     def validate(self) -> None:
-        from ..tasks.registry import task_options
-
-        # an unknown task name is an error here, before anything runs; a task told from the data (null)
-        # checks its options when the run starts
-        options = task_options(self.task) if self.task is not None else None
-        unknown = [k for k in self.task_kwargs if options is not None and k not in options]
-        if unknown:
-            raise ValueError(f"task_kwargs: task {self.task!r} has no option {', '.join(repr(k) for k in unknown)}; "
-                             f"its options: {', '.join(options) or 'none'}")
+        # the task name and its options are checked when a run builds the task (tasks.registry.get_task)
         for name in ("train_limit", "eval_limit", "response_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

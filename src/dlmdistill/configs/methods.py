@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from ..config import ConfigError, field
 from .choices import (EPS, DirectionRule, DistillPositions, DivergenceKind, KLKind, ModeNormalization,
-                      RevealScope, TeacherKind, TrainSteps)
+                      RevealScope, TeacherKind, TrainSteps, check_clip_mode)
 from .data import DataConfig
 from .generation import GenerationConfig
 from .model import ModelConfig
@@ -252,19 +252,14 @@ class DOPSDConfig:
                                        "without an accepted trajectory (0 = never)")
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` (naming the field) for an invalid option."""
-        try:
-            self.rollout.validate()
-        except ValueError as e:
-            raise ConfigError(f"rollout: {e}") from None
+        """Raise ``ConfigError`` (naming the field) for an invalid option (``rollout`` is a section of its own,
+        checked as one)."""
         if self.pass_k < 1 or self.micro_batch_size < 1 or self.overlap_k < 1:
             raise ConfigError("pass_k, micro_batch_size and overlap_k must be >= 1")
         if not 0.0 <= self.rho <= 1.0:
             raise ConfigError(f"rho must be in [0, 1] (got {self.rho})")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ConfigError(f"jsd_beta must be in (0, 1) (got {self.jsd_beta})")
-        from ..losses.divergences import check_clip_mode  # imports torch
-
         try:
             check_clip_mode(self.clip_mode)
         except ValueError as e:
@@ -322,7 +317,6 @@ class DiffuGRPOConfig:
                                   "micro-batches into one optimizer step per inner iteration")
 
     def validate(self) -> None:
-        self.rollout.validate()
         if self.num_generations < 1 or self.num_iterations < 1 or self.micro_batch_size < 1:
             raise ValueError("num_generations, num_iterations and micro_batch_size must be >= 1")
         if not 0.0 <= self.p_mask_prompt <= 1.0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import field
+from .presets import PRESETS
 
 
 @dataclass
@@ -35,8 +36,6 @@ class ModelConfig:
         help="module names LoRA adapts ('all-linear' for every linear layer)")
 
     def validate(self) -> None:
-        from ..models.presets import PRESETS  # imports torch and transformers
-
         if self.name_or_path.startswith("preset:") and self.name_or_path[7:] not in PRESETS:
             raise ValueError(f"name_or_path: unknown preset {self.name_or_path[7:]!r}; choose one of {', '.join(PRESETS)}")
         if self.lora_r < 0:

@@ -8,6 +8,24 @@ from typing import Literal
 
 from ..config import check_ranges, field
 
+#: Accelerate's trackers and the package each needs (any one of several; whether it is installed is checked when
+#: a run starts, ``training.run_folder.check_trackers_installed``)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def check_tracker_names(report_to: list[str]) -> list[str]:
+    """``report_to`` checked: every name is ``jsonl`` (always on anyway), ``none`` (alone) or a tracker of
+    ``TRACKERS``. Returns the names in lower case; raises ``ValueError`` naming the problem."""
+    names = [r.strip().lower() for r in report_to]
+    if "none" in names and len(set(names) - {"jsonl"}) > 1:
+        raise ValueError(f"report_to: 'none' cannot be combined with other trackers, got {report_to}")
+    for name in names:
+        if name not in ("jsonl", "none") and name not in TRACKERS:
+            raise ValueError(f"report_to: unknown tracker {name!r}; choose from none, jsonl, {', '.join(TRACKERS)}")
+    return names
+
 
 @dataclass
 class TrainingConfig:
@@ -66,8 +84,6 @@ class TrainingConfig:
         "Without it such a folder is refused")
 
     def validate(self) -> None:
-        from ..training.trainer import check_checkpoint_folder, check_trackers  # imports torch
-
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be > 0, or -1 to train for num_train_epochs; got {self.max_steps}")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
@@ -89,6 +105,4 @@ class TrainingConfig:
                 if self.mixed_precision not in ("no", flag):
                     raise ValueError(f"{flag}: true contradicts mixed_precision: {self.mixed_precision}")
                 self.mixed_precision = flag  # type: ignore[assignment]
-        self.report_to = check_trackers(self.report_to)
-        if self.resume_from_checkpoint is not None:
-            check_checkpoint_folder(self.resume_from_checkpoint)
+        self.report_to = check_tracker_names(self.report_to)

@@ -31,22 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..models.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 Remap = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 """Maps one source tensor (name, value) to the target tensors it becomes (often one, may be none)."""
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -277,11 +268,6 @@ def _short_list(names: list[str], limit: int = 8) -> str:
 
 # --------------------------------------------------------------------------------------------
 # tokenizer
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    """The tokenizer files present in ``folder`` (see :data:`TOKENIZER_FILES`)."""
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
 def save_tokenizer(src: Path, dst: Path, mask_token_id: int, *, new_mask_token: str = "<|mdm_mask|>",

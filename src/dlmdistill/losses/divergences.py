@@ -46,15 +46,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..configs.choices import DivergenceKind
-
-ClipMode = Literal["per_term", "per_position", "per_position_scale", "off"]
-CLIP_MODES = ("per_term", "per_position", "per_position_scale", "off")
+from ..configs.choices import CLIP_MODES, ClipMode, DivergenceKind, check_clip_mode
 
 __all__ = ["CLIP_MODES", "ClipMode", "DivergenceKind", "DivergenceOutput", "check_clip_mode", "divergence_terms",
            "distillation_divergence", "restrict_to_teacher_topk", "topk_overlap"]
@@ -113,16 +109,6 @@ def _weighted_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tenso
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
 
 
-def check_clip_mode(clip_mode: str) -> None:
-    """Raise ``ValueError`` for an unknown clip mode, with the rename of ``per_token`` spelled out."""
-    if clip_mode == "per_token":
-        raise ValueError("clip_mode 'per_token' was renamed 'per_position' (it drops the gradient of a position "
-                         "whose divergence exceeds clip). The d-OPSD paper's 'per-token pointwise clipping' is "
-                         "'per_term'; 'per_position_scale' scales an over-threshold position instead of dropping it")
-    if clip_mode not in CLIP_MODES:
-        raise ValueError(f"unknown clip_mode {clip_mode!r}; choose one of {', '.join(CLIP_MODES)}")
-
-
 def distillation_divergence(*, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             kind: DivergenceKind = "reverse_kl", beta: float = 0.5, top_k: int = 0,
                             clip: float = 0.05, clip_mode: ClipMode = "per_term",
@@ -135,7 +121,6 @@ def distillation_divergence(*, student_logits: torch.Tensor, teacher_logits: tor
     clip, clip_mode: see the module docstring. temperature: both logits are divided by it first.
     Returns a ``DivergenceOutput`` with ``divergence`` [N] and ``clipped`` [N].
     """
-    check_clip_mode(clip_mode)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
                          f"{tuple(teacher_logits.shape)}")
@@ -158,8 +143,10 @@ def distillation_divergence(*, student_logits: torch.Tensor, teacher_logits: tor
     over = divergence > clip
     if clip_mode == "per_position":
         return DivergenceOutput(torch.where(over, divergence.detach().clamp(max=clip), divergence), over.float())
+    if clip_mode != "per_position_scale":
+        check_clip_mode(clip_mode)  # raises: an unknown mode (the configuration checked it already)
     scale = torch.where(over, clip / divergence.detach().clamp(min=clip), torch.ones_like(divergence))
-    return DivergenceOutput(divergence * scale, over.float())  # per_position_scale
+    return DivergenceOutput(divergence * scale, over.float())
 
 
 @torch.no_grad()

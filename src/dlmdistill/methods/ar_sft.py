@@ -69,9 +69,9 @@ def build_ar_model(cfg: Any, data: RunData | None = None) -> tuple[CausalLM, Any
     run's data loaded here) exactly as the DLM recipes build theirs (so an AR teacher and a DLM student
     trained from scratch on the same data config share a tokenizer), or reloaded from the run folder on
     resume."""
-    from ..training.trainer import check_output_dir
+    from ..training.run_folder import prepare_output_dir
 
-    check_output_dir(cfg.training)  # before a saved tokenizer is read from the folder
+    prepare_output_dir(cfg.training)  # before a saved tokenizer is read from the folder
     tokenizer = None
     if is_preset(cfg.model):
         data = data or load_run_data(cfg)

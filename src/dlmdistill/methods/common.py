@@ -152,9 +152,9 @@ def prepare(cfg: Any, *, model=None, tokenizer=None, need_targets: bool = True, 
     from transformers import set_seed
 
     from ..tasks.registry import get_task
-    from ..training.trainer import check_output_dir
+    from ..training.run_folder import prepare_output_dir
 
-    check_output_dir(cfg.training)  # refuse (or clear) a previous run's folder before reading anything from it
+    prepare_output_dir(cfg.training)  # refuse (or clear) a previous run's folder before reading anything from it
     set_seed(cfg.training.seed)  # a new preset model's weights depend on training.seed only
     out = Path(cfg.training.output_dir)
     t0 = time.time()

@@ -71,8 +71,7 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
     method_name = "diffu-grpo"
 
     def __init__(self, *args: Any, method: DiffuGRPOConfig | None = None, **kwargs: Any):
-        self.method = method or DiffuGRPOConfig()
-        self.method.validate()
+        self.method = method or DiffuGRPOConfig()  # checked when it was built (config.validate_tree by hand)
         self.uses_frozen_policy = self.method.beta > 0
         super().__init__(*args, **kwargs)
         r = self.method.rollout

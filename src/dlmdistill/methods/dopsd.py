@@ -372,8 +372,7 @@ class DOPSDTrainer(OnPolicyTrainer):
 
     def __init__(self, model: DiffusionModel, tokenizer, train_items: list[dict[str, Any]], config: TrainingConfig, *,
                  method: DOPSDConfig | None = None, **kwargs: Any):
-        self.method = m = method or DOPSDConfig()
-        m.validate()
+        self.method = m = method or DOPSDConfig()  # checked when it was built (config.validate_tree for one made by hand)
         if m.teacher_context == "reference_prefix" and not all("teacher_prompt_ids" in it for it in train_items):
             raise ValueError("teacher_context=reference_prefix needs items with teacher_prompt_ids "
                              "(prompt_items(..., teacher_template=method.reference_template))")
@@ -598,7 +597,6 @@ def run(cfg: Any) -> dict[str, float]:
     from ..tasks.registry import get_task
 
     m: DOPSDConfig = cfg.method
-    m.validate()  # before the model loads: a bad option fails fast
     prep = prepare(cfg, need_targets=False)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs)
     template = m.reference_template if m.teacher_context == "reference_prefix" else None

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..sampling import GenerationConfig, left_pad
-from .backbone import SPLITTABLE_MODEL_TYPES, export_model, position_ids_from_mask
+from ..configs.generation import GenerationConfig
+from .backbone import SPLITTABLE_MODEL_TYPES, export_model, left_pad, position_ids_from_mask
 from .loading import DTYPES, ModelConfig, apply_lora, is_preset, load_tokenizer
 from .presets import preset_config
 from .tokenizer import ensure_pad_token

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -261,3 +261,18 @@ def export_model(model: nn.Module, path: str | Path, tokenizer=None, *, merge_lo
     model.save_pretrained(str(path), state_dict=None if _is_peft(model) else state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), p), dtype=torch.long)
+    for i, x in enumerate(prompts):
+        if len(x):
+            ids[i, p - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
+            mask[i, p - len(x):] = 1
+    return ids.to(device), mask.to(device)

@@ -28,8 +28,8 @@ import torch
 from ..configs.model import ModelConfig
 from ..errors import UserError
 from .backbone import DiffusionModel
-from .presets import PRESETS, preset_config
-from .tokenizer import ensure_mask_token, ensure_pad_token
+from .presets import preset_config
+from .tokenizer import TOKENIZER_FILES, ensure_mask_token, ensure_pad_token, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,6 @@ _TOKENIZER_HINT = ("Copy the tokenizer files of the original checkpoint (tokeniz
 
 def _require_tokenizer_files(tokenizer_src: str, model_src: str) -> None:
     """A local folder to load a tokenizer from must hold tokenizer files; say so and how to add them."""
-    from ..convert.common import TOKENIZER_FILES, tokenizer_files
 
     folder = Path(tokenizer_src)
     if folder.is_dir() and not tokenizer_files(folder):

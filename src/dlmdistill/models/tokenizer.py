@@ -12,6 +12,7 @@ and ``unk`` special tokens, so they save and load like any Hugging Face tokenize
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,3 +79,22 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one before training")
         tokenizer.pad_token = tokenizer.eos_token
+
+
+#: the files a tokenizer folder may hold
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files present in ``folder`` (see :data:`TOKENIZER_FILES`)."""
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]

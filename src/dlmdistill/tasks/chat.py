@@ -34,6 +34,34 @@ from .io import DataError, Record, first_field, require
 
 log = logging.getLogger(__name__)
 
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def build_prompt(instruction: str, input_text: str = "") -> str:
+    """The SelfFusion / MiniLLM prompt for one record."""
+    if input_text:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def references_of(output: Any, source: str) -> list[str]:
+    """The reference list of a record's output field: a string or a non-empty list of strings."""
+    refs = [output] if isinstance(output, str) else output
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise DataError(f"{source}: field 'output' must be a string or a non-empty list of strings, "
+                        f"got {type(output).__name__}")
+    return refs
+
+
 FORMATS: tuple[str, ...] = ("auto", "messages", "prompt_completion", "alpaca", "text")
 TURNS: tuple[str, ...] = ("last", "all")
 
@@ -129,8 +157,6 @@ def from_prompt_completion(record: Record, where: str, turns: str = "last") -> l
 
 
 def from_alpaca(record: Record, where: str, turns: str = "last") -> list[Example]:
-    from .instruct import build_prompt, references_of
-
     instruction = require(record, "instruction", where)
     input_text = record.get("input", record.get("context")) or ""
     refs = references_of(first_field(record, ("output", "response"), where), where)

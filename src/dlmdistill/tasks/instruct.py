@@ -27,26 +27,9 @@ from functools import lru_cache
 from typing import Any
 
 from .base import Example, Task
+from .chat import (FORMATS, TURNS, build_prompt, records_to_examples,  # noqa: F401 (build_prompt re-exported)
+                   references_of)
 from .io import DataError, read_records
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The SelfFusion / MiniLLM prompt for one record."""
-    if input_text:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
 
 @lru_cache(maxsize=1)
 def _scorer() -> Any:
@@ -64,15 +47,6 @@ def rouge_l(prediction: str, references: list[str]) -> float:
                        for ref in references)
 
 
-def references_of(output: Any, source: str) -> list[str]:
-    """The reference list of a record's output field: a string or a non-empty list of strings."""
-    refs = [output] if isinstance(output, str) else output
-    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-        raise DataError(f"{source}: field 'output' must be a string or a non-empty list of strings, "
-                        f"got {type(output).__name__}")
-    return refs
-
-
 class InstructTask(Task):
     """Instruction following with MiniLLM's ROUGE-L (scores in [0, 100]).
 
@@ -85,8 +59,6 @@ class InstructTask(Task):
     has_default_eval_data = False
 
     def __init__(self, format: str = "auto", turns: str = "last") -> None:
-        from .chat import FORMATS, TURNS
-
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
         if turns not in TURNS:
@@ -96,8 +68,6 @@ class InstructTask(Task):
     def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
              seed: int = 0) -> list[Example]:
         """Read a file, folder (``{split}.jsonl``, ``valid.jsonl`` for test) or HF id in any supported format."""
-        from .chat import records_to_examples
-
         if source is None:
             which = "data.train_source" if split == "train" else "data.eval_source (dlmdistill evaluate: --source)"
             raise DataError(f"the instruct task needs a source (it has no data of its own): set {which} to a "

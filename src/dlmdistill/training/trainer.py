@@ -46,104 +46,13 @@ from ..models.loading import count_parameters
 from . import checkpoint as ckio
 from . import fsdp
 from .checkpoint import MODEL_FILE, PARTIAL_FILE
+from .run_folder import CHECKPOINT_DIR, LOG_FILE, STATE_FILE, complete_checkpoints, latest_checkpoint, prepare_output_dir
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
-LOG_FILE = "logs.jsonl"
-#: what a previous run leaves in its folder; any of these makes output_dir "an existing run"
-RUN_RESULTS = ("checkpoints", LOG_FILE, "tb", "final", "final_metrics.json")
-#: what overwrite_output_dir deletes (in this order: checkpoints first, so a stale one is never resumed)
-RUN_OUTPUTS = ("checkpoints", "final", "final_metrics.json", LOG_FILE, "eval", "tb", "flops.json", "tokenizer",
-               "seqkd_data.jsonl", "seqkd_data.json")  # the last two: sequence-KD's teacher answers
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite; the message names the step
     and the last checkpoint, which is intact (a checkpoint with non-finite weights is never written)."""
-
-
-#: Accelerate's trackers and the package each needs (any one of several)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-            "swanlab": ("swanlab",), "trackio": ("trackio",)}
-
-
-def check_trackers(report_to: list[str]) -> list[str]:
-    """``report_to`` checked: every name is ``jsonl`` (always on anyway), ``none`` (alone) or a tracker of
-    ``TRACKERS`` whose package is installed. Returns the names in lower case; raises ``ValueError`` naming the
-    problem (an unknown name, or the package to install)."""
-    import importlib.util
-
-    names = [r.strip().lower() for r in report_to]
-    if "none" in names and len(set(names) - {"jsonl"}) > 1:
-        raise ValueError(f"report_to: 'none' cannot be combined with other trackers, got {report_to}")
-    for name in names:
-        if name in ("jsonl", "none"):
-            continue
-        if name not in TRACKERS:
-            raise ValueError(f"report_to: unknown tracker {name!r}; choose from none, jsonl, {', '.join(TRACKERS)}")
-        if not any(importlib.util.find_spec(pkg) for pkg in TRACKERS[name]):
-            raise ValueError(f"report_to: {name} is not installed (pip install {TRACKERS[name][0]}); "
-                             f"or drop it (--report_to none keeps only logs.jsonl)")
-    return names
-
-
-def check_checkpoint_folder(path: str) -> None:
-    """``path`` is a complete checkpoint folder (``trainer_state.json`` in it); else ``ValueError`` saying
-    what it is (a run folder: which checkpoints it has)."""
-    p = Path(path)
-    if (p / STATE_FILE).is_file():
-        return
-    if not p.exists():
-        raise ValueError(f"resume_from_checkpoint: {path}: no such folder")
-    ckpts = complete_checkpoints(p)
-    if ckpts:
-        raise ValueError(f"resume_from_checkpoint: {path} is a run folder, not a checkpoint; pass one of "
-                         f"{', '.join(str(c) for c in ckpts)} (or --output_dir {path} --resume for the latest)")
-    raise ValueError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)")
-
-
-def existing_run(output_dir: str | Path) -> list[str]:
-    """The results of a previous run found in ``output_dir`` (empty: none, the folder may be used)."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for name in RUN_RESULTS:
-        p = out / name
-        if p.is_dir() and any(p.iterdir()) or p.is_file():
-            found.append(name + ("/" if p.is_dir() else ""))
-    return found
-
-
-def check_output_dir(config: TrainingConfig) -> None:
-    """Refuse to train into a folder holding a previous run unless ``resume`` (continue it) or
-    ``overwrite_output_dir`` (its outputs are deleted here, by the main process) is set.
-
-    Raises :class:`ConfigError` with a one-line message. Safe to call more than once."""
-    if config.resume or config.resume_from_checkpoint:
-        return
-    found = existing_run(config.output_dir)
-    if not found:
-        return
-    out = Path(config.output_dir)
-    if not config.overwrite_output_dir:
-        raise ConfigError(f"training.output_dir {out} already holds a run ({', '.join(found)}); pass --resume to "
-                          f"continue it, --overwrite_output_dir to replace it, or choose another output_dir")
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
-        for name in RUN_OUTPUTS:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-        log.warning("overwrite_output_dir: deleted the previous run's %s in %s", ", ".join(found), out)
-    state.wait_for_everyone()
 
 
 def use_cpu(config: TrainingConfig) -> bool:
@@ -267,7 +176,7 @@ class Trainer:
             log_with=[r for r in config.report_to if r not in ("jsonl", "none")] or None,
             project_dir=str(self.output_dir),
         )
-        check_output_dir(config)
+        prepare_output_dir(config)
         if config.mixed_precision != "no" and self.accelerator.device.type == "cpu":
             log.warning("mixed_precision=%s on a CPU: autocast there is slow on CPUs without native %s support "
                         "(fp16 autocast was 14x slower than float32 for a small MLP here); use --mixed_precision no "
@@ -726,20 +635,6 @@ class Trainer:
             self.unwrapped.save_pretrained(path, self.tokenizer, merge_lora=self.config.merge_lora_on_export,
                                            state_dict=state_dict)
         acc.wait_for_everyone()
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints (trainer_state.json written), oldest first."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written) or None."""
-    done = complete_checkpoints(output_dir)
-    return done[-1] if done else None
 
 
 def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
