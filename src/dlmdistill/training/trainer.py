@@ -10,12 +10,10 @@ this module adds the loop a researcher expects around it, readable top to bottom
   ``resume_from_checkpoint``);
 * gradient clipping, a non-finite-loss guard that names the step, JSONL + TensorBoard logs, a
   progress bar, periodic evaluation;
-* atomic checkpoints (written to a temporary folder, then renamed) of model, optimizer, scheduler,
-  RNG and loop position, in safetensors and JSON only (nothing is unpickled on resume), and
-  ``resume`` from the latest intact one (a damaged newer one is set aside with a warning);
-* a refusal to train into a folder that holds another run (unless ``resume`` or
-  ``overwrite_output_dir``), and a guard that never applies a non-finite gradient nor writes a
-  checkpoint with non-finite weights.
+* checkpoints every ``save_steps`` and ``resume`` (:mod:`dlmdistill.training.checkpointing`: atomic,
+  safetensors and JSON only, the latest intact one resumed), and the run folder prepared before
+  anything is written (:mod:`dlmdistill.training.run_folder`: a folder holding another run is refused
+  unless ``resume`` or ``overwrite_output_dir``); a non-finite gradient is never applied.
 
 Methods subclass ``Trainer`` (TRL style). Offline methods (SFT, SelfFusion, KD) implement
 ``compute_loss(model, batch) -> (loss, metrics)``; on-policy methods (d-OPSD, diffu-GRPO) override
@@ -29,9 +27,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,17 +39,12 @@ from ..configs.training import TrainingConfig
 from ..errors import UserError
 from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
-from . import checkpoint as ckio
 from . import fsdp
-from .checkpoint import MODEL_FILE, PARTIAL_FILE
-from .run_folder import CHECKPOINT_DIR, LOG_FILE, STATE_FILE, complete_checkpoints, latest_checkpoint, prepare_output_dir
+from .checkpointing import CheckpointMixin
+from .run_folder import LOG_FILE, latest_checkpoint, prepare_output_dir
+from .state import NonFiniteLossError, TrainerState  # noqa: F401 (NonFiniteLossError re-exported)
 
 log = logging.getLogger(__name__)
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradient norm or the weights became NaN or infinite; the message names the step
-    and the last checkpoint, which is intact (a checkpoint with non-finite weights is never written)."""
-
 
 def use_cpu(config: TrainingConfig) -> bool:
     """Accelerate only builds a multi-process CPU (gloo) setup when told to use the CPU."""
@@ -93,15 +84,6 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.items[i]
-
-
-@dataclass
-class TrainerState:
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch
-    skipped_steps: int = 0
-    optimizer_steps: int = 0  # gradient updates (diffu-GRPO takes mu of them per global step)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -150,7 +132,7 @@ def make_optimizer(config: TrainingConfig, groups: list[dict[str, Any]]) -> torc
     raise ConfigError(f"training.optim: unknown optimizer {config.optim!r}")
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """Base trainer. Subclasses implement ``compute_loss`` or override ``training_step``."""
 
     #: name used in logs and the run folder's metadata
@@ -448,183 +430,6 @@ class Trainer:
             # strict JSON: a non-finite value is written as null (see _round)
             self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
 
-    # ------------------------------------------------------------------ checkpoints
-    def _sharded(self) -> bool:
-        return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-
-    def _trainable_only(self) -> set[str] | None:
-        """Names of the trainable parameters when some are frozen (LoRA, frozen teachers), else None."""
-        named = list(self.unwrapped.named_parameters())
-        if all(p.requires_grad for _, p in named):
-            return None
-        return {n for n, p in named if p.requires_grad}
-
-    def _base_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)  # inside Accelerate's wrapper
-
-    def _check_weights_finite(self) -> None:
-        if self.fsdp_direct:  # (a collective: every rank checks its shards)
-            bad = fsdp.nonfinite_parameters(self.model)
-        else:
-            bad = [n for n, p in self.unwrapped.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite weights at optimizer step {self.state.global_step} ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}); no checkpoint written for this step; {self._last_good()}. "
-                "Lower the learning rate.")
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically (temporary folder + rename) and rotate old ones.
-
-        Every file is safetensors or JSON (see :mod:`dlmdistill.training.checkpoint`); ``trainer_state.json``
-        is written last and lists every file with its size. Weights that are not finite are refused
-        (:class:`NonFiniteLossError`), so a checkpoint on disk is always one to resume from."""
-        acc = self.accelerator
-        self._check_weights_finite()
-        root = self.output_dir / CHECKPOINT_DIR
-        final = root / f"step-{self.state.global_step:07d}"
-        tmp = root / f".tmp-step-{self.state.global_step:07d}"
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        if self._sharded():
-            # FSDP/DeepSpeed shard model and optimizer: Accelerate writes them (model as safetensors; it
-            # reads its files back with torch.load(weights_only=True)); nothing is registered with it
-            acc.save_state(str(tmp), safe_serialization=True)
-        elif self.fsdp_direct:
-            # full (unsharded) state gathered on rank 0, written in the single-process layout
-            from safetensors.torch import save_file
-
-            keep = self._trainable_only()
-            sd = fsdp.full_model_state_dict(self.model, keep)
-            osd = fsdp.full_optimizer_state_dict(self.model, self._base_optimizer())
-            if acc.is_main_process:
-                save_file(_unshared(sd), str(tmp / (MODEL_FILE if keep is None else PARTIAL_FILE)))
-                ckio.save_optimizer_state(osd, tmp)
-        elif acc.is_main_process:
-            from safetensors.torch import save_file, save_model
-
-            keep = self._trainable_only()
-            if keep is None:
-                save_model(self.unwrapped, str(tmp / MODEL_FILE), force_contiguous=True)
-            else:
-                sd = self.unwrapped.state_dict()
-                save_file({k: v.detach().contiguous() for k, v in sd.items() if k in keep}, str(tmp / PARTIAL_FILE))
-            ckio.save_optimizer(self.optimizer, tmp)
-        ckio.save_rng(tmp, acc.process_index)
-        acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
-        if acc.is_main_process:
-            ckio.write_json(tmp / ckio.SCHEDULER_FILE, self.scheduler.state_dict())
-            if acc.scaler is not None:
-                ckio.write_json(tmp / ckio.SCALER_FILE, acc.scaler.state_dict())
-            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            ckio.write_json(tmp / STATE_FILE, {**self.state.__dict__, "method": self.method_name,
-                                               "accelerator_step": acc.step,
-                                               "files": ckio.file_sizes(tmp, names)})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._rotate(root)
-        acc.wait_for_everyone()
-        return final
-
-    def _rotate(self, root: Path) -> None:
-        limit = self.config.save_total_limit
-        if limit <= 0:
-            return
-        ckpts = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-        for old in ckpts[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _resumable_checkpoint(self) -> Path | None:
-        """The newest intact checkpoint; damaged newer ones are renamed ``damaged-step-N`` (kept for
-        inspection) with a warning naming the problem. Raises if checkpoints exist but none is intact."""
-        complete = complete_checkpoints(self.output_dir)
-        damaged = []
-        for ckpt in reversed(complete):
-            problem = ckio.checkpoint_problem(ckpt, STATE_FILE)
-            if problem is None:
-                break
-            log.warning("checkpoint %s cannot be resumed from: %s; falling back to the previous one", ckpt, problem)
-            damaged.append(ckpt)
-        else:
-            if complete:
-                raise ConfigError(f"training.output_dir {self.output_dir}: no intact checkpoint to resume from "
-                                  f"({', '.join(p.name for p in complete)} are damaged; see the warnings)")
-            return None
-        self.accelerator.wait_for_everyone()  # every rank has judged the same folders
-        if self.accelerator.is_main_process:
-            for bad in damaged:
-                os.replace(bad, bad.with_name("damaged-" + bad.name))
-        self.accelerator.wait_for_everyone()
-        return ckpt
-
-    def resume(self, checkpoint: Path | None = None) -> None:
-        """Continue from ``checkpoint`` (a checkpoint folder) or else the latest intact one in output_dir."""
-        acc = self.accelerator
-        if checkpoint is not None:
-            problem = ckio.checkpoint_problem(checkpoint, STATE_FILE)
-            if problem is not None:
-                raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: cannot resume from it: {problem}")
-            ckpt = checkpoint
-        else:
-            ckpt = self._resumable_checkpoint()
-        if ckpt is None:
-            log.warning("resume requested but %s has no complete checkpoint; starting from scratch", self.output_dir)
-            self._trim_log(0)
-            return
-        if self._sharded():
-            acc.load_state(str(ckpt))
-        elif self.fsdp_direct:
-            from safetensors.torch import load_file
-
-            keep = self._trainable_only()
-            path = ckpt / (MODEL_FILE if keep is None else PARTIAL_FILE)
-            fsdp.load_model_state_dict(self.model, load_file(str(path)), strict=keep is None)
-            fsdp.load_optimizer_state_dict(self.model, self._base_optimizer(), ckio.read_optimizer_state(ckpt))
-        else:
-            from safetensors.torch import load_file, load_model
-
-            device = str(self.unwrapped.device)
-            keep = self._trainable_only()
-            if keep is None:
-                load_model(self.unwrapped, str(ckpt / MODEL_FILE), strict=True, device=device)
-            else:
-                path = ckpt / PARTIAL_FILE
-                missing, unexpected = self.unwrapped.load_state_dict(load_file(str(path), device=device), strict=False)
-                bad = [k for k in missing if k in keep]
-                if bad or unexpected:
-                    raise UserError(f"{path}: checkpoint does not match the model (missing trainable {bad[:5]}, "
-                                       f"unexpected {list(unexpected)[:5]})")
-            ckio.load_optimizer(self.optimizer, ckpt)
-        self.scheduler.load_state_dict(ckio.read_json(ckpt / ckio.SCHEDULER_FILE))
-        if acc.scaler is not None and (ckpt / ckio.SCALER_FILE).exists():
-            acc.scaler.load_state_dict(ckio.read_json(ckpt / ckio.SCALER_FILE))
-        if not ckio.load_rng(ckpt, acc.process_index):
-            log.warning("%s has no RNG state for process %d; the run continues but not bit-exactly", ckpt,
-                        acc.process_index)
-        saved = ckio.read_json(ckpt / STATE_FILE)
-        acc.step = saved.pop("accelerator_step", acc.step)
-        for extra in ("method", "files"):
-            saved.pop(extra, None)
-        self.state = TrainerState(**saved)
-        if self.state.batches_in_epoch >= len(self.train_loader):
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
-        self._trim_log(self.state.global_step)
-        log.info("resumed from %s at step %d", ckpt, self.state.global_step)
-
-    def _trim_log(self, step: int) -> None:
-        """Drop the log rows written after ``step`` (they will be logged again), atomically."""
-        if self.accelerator.is_main_process:
-            removed = ckio.trim_log(self.output_dir / LOG_FILE, step)
-            if removed:
-                log.info("%s: removed %d rows logged after step %d", self.output_dir / LOG_FILE, removed, step)
-        self.accelerator.wait_for_everyone()
-
     def export(self, path: Path) -> None:
         """Export the trained model (transformers format) and tokenizer; auxiliary modules are left out."""
         acc = self.accelerator
@@ -635,18 +440,6 @@ class Trainer:
             self.unwrapped.save_pretrained(path, self.tokenizer, merge_lora=self.config.merge_lora_on_export,
                                            state_dict=state_dict)
         acc.wait_for_everyone()
-
-
-def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` with tensors that share memory (tied weights) copied, as safetensors requires."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in state_dict.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        out[k] = v.clone() if ptr in seen else v
-        if ptr != -1:
-            seen.add(ptr)
-    return out
 
 
 def _round(value: Any) -> Any:
