@@ -106,6 +106,39 @@ def test_evaluate_a_run_with_its_own_settings(sft_run, tmp_path, capsys):
                  *common]) == 0  # the run's countdown options are not handed to sudoku
 
 
+def test_the_python_api_evaluates_a_run_with_its_own_settings_as_the_command_line_does(sft_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    import dlmdistill as dd
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["task_kwargs"] = {"style": "d1"}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    report = dd.evaluate(str(run / "final"), seeds=[0], limit=2, output_dir=str(tmp_path / "a"))
+    assert set(report["results"]) == {"12"} and report["generation"]["gen_length"] == 48  # no task given either
+    rows = [json.loads(x) for x in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("Using the numbers") for r in rows)
+    report = dd.evaluate(str(run), steps=[8], seeds=[0], limit=2, gen_length=32, task_kwargs={"style": "compact"},
+                         output_dir=str(tmp_path / "b"))
+    assert set(report["results"]) == {"8"} and report["generation"]["gen_length"] == 32
+
+
+def test_the_python_api_generates_with_the_runs_decoding(sft_run, monkeypatch):
+    import dlmdistill as dd
+    import dlmdistill.sampling as sampling
+
+    seen = []
+    real = sampling.generate_texts
+    monkeypatch.setattr(sampling, "generate_texts", lambda m, t, p, gen, **kw: seen.append(gen) or real(m, t, p, gen, **kw))
+    dd.generate(str(sft_run), ["numbers: 1 2 3 target: 6\n"])
+    dd.generate(str(sft_run), ["numbers: 1 2 3 target: 6\n"], gen_length=32, steps=8)
+    assert (seen[0].gen_length, seen[0].steps) == (48, 12) and (seen[1].gen_length, seen[1].steps) == (32, 8)
+
+
 def test_generate_uses_the_runs_decoding_unless_told(sft_run, tmp_path):
     from safetensors.torch import load_file
 

@@ -395,7 +395,7 @@ def toy(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
     return text, res
 
 
-def gate_generation(s: dict[str, Any]) -> "GenerationConfig":
+def gate_generation(s: dict[str, Any]) -> Any:
     """The toy check's decoding: the layout's blocks, greedy, two tokens per step (the official toy)."""
     from dlmdistill.sampling import GenerationConfig
 

@@ -118,37 +118,59 @@ def _load(model: Any, **model_kwargs: Any):
     return build_model(ModelConfig(name_or_path=resolve_model_path(str(model)), **model_kwargs))
 
 
-def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, **generation: Any) -> list[str]:
-    """Completions for ``prompts``; ``model`` is a path/id or a ``(DiffusionModel, tokenizer)`` pair."""
-    from .evaluation import check_prompt_fits, context_limit
+def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, prompt_format: str | None = None,
+             **generation: Any) -> list[str]:
+    """Completions for ``prompts``; ``model`` is a path/id or a ``(DiffusionModel, tokenizer)`` pair. As
+    ``dlmdistill generate`` does, a run folder (or its ``final/``) starts from the run's own decoding
+    (``eval.generation``) and prompt format, under what is given here."""
+    from .data import format_prompt
+    from .evaluation import check_prompt_fits, context_limit, run_eval_defaults
     from .sampling import GenerationConfig, generate_texts
 
-    gen = GenerationConfig(**generation)
-    gen.validate()
+    run = {} if isinstance(model, tuple) else run_eval_defaults(str(model))
+    gen = from_dict(GenerationConfig, {**run.get("generation", {}), **generation}, where="generate")
+    fmt = prompt_format or run.get("data", {}).get("prompt_format", "plain")
     m, tok = _load(model)
-    for i, p in enumerate(prompts):
+    texts = [format_prompt(tok, p, fmt) for p in prompts]
+    for i, p in enumerate(texts):
         check_prompt_fits(len(tok(p, add_special_tokens=False).input_ids), gen.gen_length, context_limit(m),
                           f"prompt {i}")
-    return generate_texts(m, tok, list(prompts), gen, seed=seed)
+    return generate_texts(m, tok, texts, gen, seed=seed)
 
 
-def evaluate(model: Any, task: str, *, steps: Sequence[int] = (8, 16, 32), seeds: Sequence[int] = (10, 20, 30),
-             source: str | None = None, split: str = "test", limit: int | None = None, output_dir: str | None = None,
-             task_kwargs: dict | None = None, progress: bool = False, **generation: Any) -> dict[str, Any]:
-    """Evaluate ``model`` on ``task`` at several step counts and seeds; returns the metrics report."""
-    from .evaluation import evaluate_model
-    from .sampling import GenerationConfig
-    from .tasks.registry import get_task
+def evaluate(model: Any, task: str | None = None, *, steps: Sequence[int] | None = None,
+             seeds: Sequence[int] = (10, 20, 30), source: str | None = None, split: str | None = None,
+             limit: int | None = None, output_dir: str | None = None, task_kwargs: dict | None = None,
+             prompt_format: str | None = None, progress: bool = False, **generation: Any) -> dict[str, Any]:
+    """Evaluate ``model`` at several step counts and seeds; returns the metrics report.
+
+    As ``dlmdistill evaluate`` does: a run folder (or its ``final/``) starts from the run's own evaluation
+    settings (its task and task options, prompt format, evaluation data, ``eval.generation`` and step
+    count), under what is given here; another ``task`` drops the run's task options and data. ``model``
+    may also be a model folder or hub id (then ``task`` is needed), or a ``(model, tokenizer)`` pair."""
+    from .configs import EvalRunConfig
+    from .evaluation import for_task, run_evaluation, run_eval_defaults
 
     if limit is not None and limit < 1:
         raise UserError(f"limit must be >= 1 (or None for every item), got {limit}")
     if source == "":
         raise UserError("source is an empty string; give a file, folder or dataset id, or None for the task's own")
-    m, tok = _load(model)
-    t = get_task(task, **({} if task_kwargs is None else task_kwargs))
-    examples = t.load(source, split=split, limit=limit)
-    return evaluate_model(m, tok, t, examples, GenerationConfig(**generation), list(steps), list(seeds),
-                          output_dir=output_dir, progress=progress, model_name=str(model) if not isinstance(model, tuple) else "")
+    loaded = model if isinstance(model, tuple) else None
+    name = "" if loaded is not None else str(model)
+    data = {k: v for k, v in (("task", task), ("task_kwargs", task_kwargs), ("eval_source", source),
+                              ("eval_split", split), ("eval_limit", limit), ("prompt_format", prompt_format))
+            if v is not None}
+    given: dict[str, Any] = {"model": {"name_or_path": name}, "data": data, "seeds": list(seeds),
+                             "progress_bar": progress, "output_dir": output_dir}
+    if steps is not None:
+        given["steps"] = list(steps)
+    if generation:
+        given["generation"] = generation
+    from_run = for_task(run_eval_defaults(name), given) if name else {}
+    cfg = from_dict(EvalRunConfig, EvalRunConfig.prepare(deep_merge(from_run, given)), where="evaluate")
+    if cfg.data.task is None and loaded is not None:
+        raise UserError("task: give the task to evaluate a model passed as (model, tokenizer)")
+    return run_evaluation(cfg, loaded=loaded)[0]
 
 
 def score_generations(path: str | Path, task: str, out: str | Path | None = None) -> dict[str, Any]:

@@ -155,16 +155,16 @@ def cmd_generate(argv: list[str]) -> int:
     import torch
 
     from .data import encode_prompt
-    from .evaluation import check_prompt_fits, context_limit, resolve_model_path
+    from .evaluation import check_prompt_fits, context_limit, resolve_model_path, run_config_name, run_eval_defaults
     from .models.autoregressive import CausalLM, load_for_inference
-    from .sampling import decode_responses, generate
+    from .sampling import decode_responses, generate_batches
 
     # a training run's own decoding and prompt format, under what the config file and the command line give
     named = _given_model(_given(GenerateRunConfig, config, rest))
     from_run = run_eval_defaults(named)
     defaults = {k: v for k, v in (("generation", from_run.get("generation")),
                                   ("prompt_format", from_run.get("data", {}).get("prompt_format"))) if v}
-    cfg = load_config(GenerateRunConfig, config, rest, under=defaults, under_name=_run_config_name(named))
+    cfg = load_config(GenerateRunConfig, config, rest, under=defaults, under_name=run_config_name(named))
     sourced = [(p, f"--prompt {i + 1}") for i, p in enumerate(cfg.prompt)]
     sourced += _read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else []
     if not sourced:
@@ -180,21 +180,16 @@ def cmd_generate(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)  # an AR model samples from the global generator
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     out = open(cfg.output, "w") if cfg.output is not None else None
-    bs = cfg.generation.batch_size
     show = cfg.show and not isinstance(model, CausalLM)
     if cfg.show and not show:
         print("--show: an autoregressive model has no denoising steps to show; printing the completions",
               file=sys.stderr)
-    for start in range(0, len(prompts), bs):
-        chunk = prompts[start:start + bs]
-        ids = all_ids[start:start + bs]
-        if isinstance(model, CausalLM):  # left to right; sampler settings other than length/temperature unused
-            responses = model.generate_responses(ids, cfg.generation)
-        else:
-            res = generate(model, ids, cfg.generation, generator=gen,
-                           return_trajectory=show or (cfg.trajectory is not None and start == 0))
-            responses = res.responses
-        if not isinstance(model, CausalLM) and cfg.trajectory is not None and start == 0:
+    # (a causal LM samples left to right: sampler settings other than length and temperature are unused)
+    batches = generate_batches(model, all_ids, cfg.generation, generator=gen,
+                               trajectory=lambda n: show or (cfg.trajectory is not None and n == 0))
+    for idx, responses, res in batches:
+        chunk = [prompts[i] for i in idx]
+        if res is not None and cfg.trajectory is not None and idx[0] == 0:
             from safetensors.torch import save_file
 
             t = res.trajectory
@@ -231,10 +226,8 @@ def cmd_evaluate(argv: list[str]) -> int:
         print("dlmdistill evaluate --model M --task T [--steps 8 16 32] [--seeds 10 20 30] [--key value ...]\n")
         print(format_help(EvalRunConfig))
         return 0
-    from .data import load_examples, resolve_task
-    from .evaluation import evaluate_model, format_table, resolve_model_path
-    from .models.autoregressive import load_for_inference
-    from .tasks.registry import get_task
+    from .data import resolve_task
+    from .evaluation import for_task, format_table, run_config_name, run_eval_defaults, run_evaluation
 
     # a training run's own evaluation settings, under what the config file and the command line give
     given = _given(EvalRunConfig, config, rest)
@@ -242,63 +235,18 @@ def cmd_evaluate(argv: list[str]) -> int:
         raise ConfigError("generation.steps: evaluate runs each step count of --steps (steps), which replace "
                           "generation.steps; give the step counts with --steps")
     named = _given_model(given)
-    from_run = _for_task(run_eval_defaults(named), given)
+    from_run = for_task(run_eval_defaults(named), given)
     cfg = load_config(EvalRunConfig, config, rest, prepare=EvalRunConfig.prepare, under=from_run,
-                      under_name=_run_config_name(named))
+                      under_name=run_config_name(named))
     cfg.data.task = resolve_task(cfg.data, "eval")
     if from_run:
         print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
               f"{cfg.data.task} {cfg.data.task_kwargs or ''}, gen_length {cfg.generation.gen_length}, block_length "
               f"{cfg.generation.block_length}, steps {' '.join(map(str, cfg.steps))}", file=sys.stderr)
-    device = _device(cfg.device)
-    run_dir = Path(cfg.model.name_or_path)
-    cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
-    model, tok = load_for_inference(cfg.model)  # a causal checkpoint is evaluated as an AR model
-    model.to(device)
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs)
-    examples = load_examples(cfg.data, "eval")
-    out_dir = cfg.output_dir if cfg.output_dir is not None else (
-        str(run_dir / "eval" / task.name) if (run_dir / "final").exists() else str(Path("eval") / task.name))
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"output_dir {out_dir!r} is an existing file, not a folder; choose another path")
-    report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
-                            prompt_format=cfg.data.prompt_format, progress=cfg.progress_bar,
-                            model_name=str(run_dir))
+    report, out_dir = run_evaluation(cfg, device=_device(cfg.device))
     print(format_table(report))
     print(f"\ngenerations: {out_dir}/generations.jsonl\nmetrics:     {out_dir}/metrics.json")
     return 0
-
-
-def _run_dir(model: str) -> Path | None:
-    """The run folder of ``model`` when it is a run folder (it has ``final/``) or its ``final/``; else None."""
-    p = Path(model)
-    return p if (p / "final").is_dir() else p.parent if p.name == "final" else None
-
-
-def _run_config_name(model: str) -> str:
-    """How messages name the ``config.yaml`` of the run of ``model``."""
-    run = _run_dir(model)
-    return f"the run's config.yaml, {run / 'config.yaml'}" if run is not None else ""
-
-
-def run_eval_defaults(model: str) -> dict[str, Any]:
-    """The evaluation settings a training run used (its ``config.yaml``: ``data.task``, ``task_kwargs``,
-    ``prompt_format``, the evaluation source and split, ``eval.generation``, its step count), when
-    ``model`` is a run folder or its ``final/``; else {}. A model trained on 24-token answers is then
-    evaluated on 24 tokens, and a run trained on d1-style prompts sees d1-style prompts."""
-    run = _run_dir(model)
-    if run is None or not (run / "config.yaml").is_file():
-        return {}
-    saved = load_yaml(run / "config.yaml")
-    data, ev = saved.get("data") or {}, saved.get("eval") or {}
-    gen = dict(ev.get("generation") or {})
-    out: dict[str, Any] = {"data": {k: data[k] for k in ("task", "task_kwargs", "prompt_format", "eval_source",
-                                                         "eval_split") if data.get(k) is not None}}
-    if gen:
-        out["generation"] = gen
-        if gen.get("steps") is not None:
-            out["steps"] = [gen["steps"]]
-    return out
 
 
 def _given(cls: type, config: str | None, rest: list[str]) -> dict[str, Any]:
@@ -311,17 +259,6 @@ def _given_model(given: dict[str, Any]) -> str:
     """The model named in ``given``; '' if none."""
     name = (given.get("model") or {}).get("name_or_path")
     return "" if name is None else str(name)
-
-
-def _for_task(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """A run's ``defaults`` for what is ``given``: its task options and evaluation data only count for its own
-    task."""
-    task = (given.get("data") or {}).get("task")
-    data = defaults.get("data") or {}
-    if defaults and task is not None and task != data.get("task"):
-        return {**defaults, "data": {k: v for k, v in data.items()
-                                     if k not in ("task_kwargs", "eval_source", "eval_split")}}
-    return defaults
 
 
 # ------------------------------------------------------------------------------------ toy-check
@@ -365,7 +302,7 @@ def cmd_toy_check(argv: list[str]) -> int:
     from .analysis.dopsd import format_self_teacher_check, self_teacher_check
     from .configs import DataConfig
     from .data import load_examples
-    from .evaluation import resolve_model_path
+    from .evaluation import resolve_model_path, run_eval_defaults, run_folder_of
     from .models.loading import load_model
     from .tasks.registry import get_task
 
@@ -400,7 +337,7 @@ def cmd_toy_check(argv: list[str]) -> int:
                                 reveal=a.reveal, prompt_format=cfg.prompt_format, gate_margin=a.margin, seed=a.seed)
     report["task"] = {"name": task.name, "task_kwargs": cfg.task_kwargs, "model": a.model}
     print(format_self_teacher_check(report))
-    run_dir = _run_dir(a.model)
+    run_dir = run_folder_of(a.model)
     out = Path(a.out) if a.out is not None else (run_dir / "eval" / "toy_check.json" if run_dir else
                                                   Path("toy_check.json"))
     if out.exists() and a.out is None:
@@ -425,7 +362,9 @@ def _toy_check_decoding(a: argparse.Namespace, saved: dict[str, Any]):
     try:
         gen.validate()
     except ValueError as e:
-        run = f"the run's config.yaml, {_run_dir(a.model) / 'config.yaml'}" if saved else ""
+        from .evaluation import run_config_name
+
+        run = run_config_name(a.model) if saved else ""
         origins = {"gen_length": run, "block_length": run, "steps": "the default gen_length / 2"}
         notes = [f"{name} {value} {'is' if name == 'steps' else 'comes from'} {origins[name]} (--{name} overrides it)"
                  for name, value in (("gen_length", g), ("block_length", block), ("steps", steps))

@@ -20,13 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
-from .configs.commands import EvalRunConfig  # noqa: F401 (re-exported)
+from .config import load_yaml
+from .configs.commands import EvalRunConfig
 from .data import encode_prompt
 from .errors import UserError
 from .models.autoregressive import CausalLM
 from .models.backbone import DiffusionModel
 from .models.loading import check_model_source
-from .sampling import GenerationConfig, decode_responses, generate
+from .sampling import GenerationConfig, decode_responses, generate_batches
 from .tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
@@ -60,28 +61,15 @@ def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list
     The global RNG (used by AR sampling) is seeded inside a fork, so evaluating during training does
     not reset the training run's random stream.
     """
-    from tqdm.auto import tqdm
-
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         g = torch.Generator(device=model.device).manual_seed(seed)
-        # sort by prompt length so batches waste little padding; restore the order afterwards
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: dict[int, str] = {}
-        bs = gen.batch_size
-        bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="prompt", leave=False, dynamic_ncols=True)
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
-            batch = [prompts[i] for i in idx]
-            if isinstance(model, CausalLM):  # left-to-right sampling from the global RNG seeded above
-                responses = model.generate_responses(batch, gen)
-            else:
-                responses = generate(model, batch, gen, generator=g, forward=forward).responses
-            for i, t in zip(idx, decode_responses(tokenizer, responses)):
-                texts[i] = t
-            bar.update(len(idx))  # counts prompts, not batches
-        bar.close()
+        # sorted by prompt length so that batches waste little padding; the order is restored below
+        for idx, responses, _ in generate_batches(model, prompts, gen, generator=g, order="shortest_first",
+                                                  forward=forward, progress=progress, desc=desc):
+            texts.update(zip(idx, decode_responses(tokenizer, responses)))
     return [texts[i] for i in range(len(prompts))]
 
 
@@ -228,3 +216,79 @@ class TaskEvaluator:
         for i, s in zip(ids.tolist(), scores.tolist()):
             seen.setdefault(i, s)
         return self.task.aggregate([seen[i] for i in range(n)], examples=self.examples)
+
+
+# ------------------------------------------------------------------------------------ a run's own settings
+def run_folder_of(model: str) -> Path | None:
+    """The run folder of ``model`` when it is a run folder (it has ``final/``) or its ``final/``; else None."""
+    p = Path(model)
+    return p if (p / "final").is_dir() else p.parent if p.name == "final" else None
+
+
+def run_config_name(model: str) -> str:
+    """How messages name the ``config.yaml`` of the run of ``model`` ('' when it is not a run)."""
+    run = run_folder_of(model)
+    return f"the run's config.yaml, {run / 'config.yaml'}" if run is not None else ""
+
+
+def run_eval_defaults(model: str) -> dict[str, Any]:
+    """The evaluation settings a training run used (its ``config.yaml``: ``data.task``, ``task_kwargs``,
+    ``prompt_format``, the evaluation source and split, ``eval.generation``, its step count), when
+    ``model`` is a run folder or its ``final/``; else {}. A model trained on 24-token answers is then
+    evaluated on 24 tokens, and a run trained on d1-style prompts sees d1-style prompts. The command line
+    and the Python API both start from these."""
+    run = run_folder_of(model)
+    if run is None or not (run / "config.yaml").is_file():
+        return {}
+    saved = load_yaml(run / "config.yaml")
+    data, ev = saved.get("data") or {}, saved.get("eval") or {}
+    gen = dict(ev.get("generation") or {})
+    out: dict[str, Any] = {"data": {k: data[k] for k in ("task", "task_kwargs", "prompt_format", "eval_source",
+                                                         "eval_split") if data.get(k) is not None}}
+    if gen:
+        out["generation"] = gen
+        if gen.get("steps") is not None:
+            out["steps"] = [gen["steps"]]
+    return out
+
+
+def for_task(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``defaults`` for what is ``given``: its task options and evaluation data only count for its own
+    task."""
+    task = (given.get("data") or {}).get("task")
+    data = defaults.get("data") or {}
+    if defaults and task is not None and task != data.get("task"):
+        return {**defaults, "data": {k: v for k, v in data.items()
+                                     if k not in ("task_kwargs", "eval_source", "eval_split")}}
+    return defaults
+
+
+def run_evaluation(cfg: EvalRunConfig, *, device: torch.device | str | None = None,
+                   loaded: tuple[Any, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """``dlmdistill evaluate`` and ``dd.evaluate`` once their configuration is built: the model (``loaded``,
+    or ``cfg.model``; a causal checkpoint is evaluated as an AR model), the task, its evaluation examples
+    and ``evaluate_model``. Returns the report and the output folder (``cfg.output_dir``, else
+    ``<run>/eval/<task>`` for a run folder, else ``eval/<task>``)."""
+    from .data import load_examples, resolve_task
+    from .models.autoregressive import load_for_inference
+    from .tasks.registry import get_task
+
+    cfg.data.task = resolve_task(cfg.data, "eval")
+    run_dir = Path(cfg.model.name_or_path)
+    name = "" if loaded is not None else str(run_dir)
+    if loaded is None:
+        cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
+        loaded = load_for_inference(cfg.model)
+    model, tok = loaded
+    if device is not None:
+        model.to(device)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs)
+    examples = load_examples(cfg.data, "eval")
+    out_dir = cfg.output_dir if cfg.output_dir is not None else (
+        str(run_dir / "eval" / task.name) if (run_dir / "final").exists() else str(Path("eval") / task.name))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"output_dir {out_dir!r} is an existing file, not a folder; choose another path")
+    report = evaluate_model(model, tok, task, examples, cfg.generation, cfg.steps, cfg.seeds, output_dir=out_dir,
+                            prompt_format=cfg.data.prompt_format, progress=cfg.progress_bar,
+                            model_name=name)
+    return report, out_dir

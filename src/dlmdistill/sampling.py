@@ -52,12 +52,15 @@ leave every step as above):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 import torch
 
 from .configs.generation import GenerationConfig
-from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, left_pad, position_ids_from_mask  # noqa: F401 (left_pad re-exported)
+from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, left_pad, position_ids_from_mask  # noqa: F401
+
+if TYPE_CHECKING:
+    from .models.autoregressive import CausalLM
 
 
 @dataclass
@@ -377,11 +380,51 @@ def decode_responses(tokenizer, responses: torch.Tensor, eos_id: int | None = No
     return out
 
 
-def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], config: GenerationConfig, *,
-                   seed: int | None = None, progress: bool = False, max_prompt_length: int | None = None) -> list[str]:
-    """Generate a response string for each prompt, in batches of ``config.batch_size``."""
+def generate_batches(model: DiffusionModel | CausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
+                     generator: torch.Generator | Callable[[], torch.Generator] | None = None,
+                     order: Literal["given", "shortest_first", "longest_first"] = "given",
+                     forward: Callable[..., torch.Tensor] | None = None,
+                     trajectory: Callable[[int], bool] | bool = False,
+                     progress: bool = False, desc: str = "generate"
+                     ) -> Iterator[tuple[list[int], torch.Tensor, GenerationOutput | None]]:
+    """The one batched-generation loop of the package (the command line, the evaluation harness, the API and
+    the lm-evaluation-harness model all use it): responses for token-id ``prompts`` in batches of
+    ``config.batch_size``.
+
+    Yields ``(indices, responses [b, G], output)`` per batch, ``indices`` into ``prompts``. ``output`` is the
+    sampler's :class:`GenerationOutput` for a DLM, or None for a causal LM (it samples left to right from
+    the global RNG, with ``config``'s length and temperature). ``order``: the prompts' own order, or sorted
+    by length so that a batch wastes little padding (yielded in that order; ``indices`` say where each
+    belongs). ``generator``: the sampler's generator, or a function returning a fresh one per batch.
+    ``trajectory``: record the trajectory of every batch, or of the batches (numbered from 0) for which
+    the function says so. A progress bar counts prompts."""
     from tqdm.auto import tqdm
 
+    from .models.autoregressive import CausalLM
+
+    idx = list(range(len(prompts)))
+    if order != "given":
+        idx.sort(key=lambda i: len(prompts[i]), reverse=order == "longest_first")
+    bar = tqdm(total=len(idx), desc=desc, disable=not progress, unit="prompt", leave=False, dynamic_ncols=True)
+    try:
+        for n, start in enumerate(range(0, len(idx), config.batch_size)):
+            chunk = idx[start:start + config.batch_size]
+            batch = [prompts[i] for i in chunk]
+            if isinstance(model, CausalLM):
+                yield chunk, model.generate_responses(batch, config), None
+            else:
+                g = generator() if callable(generator) else generator
+                record = trajectory(n) if callable(trajectory) else trajectory
+                out = generate(model, batch, config, generator=g, forward=forward, return_trajectory=record)
+                yield chunk, out.responses, out
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], config: GenerationConfig, *,
+                   seed: int | None = None, progress: bool = False, max_prompt_length: int | None = None) -> list[str]:
+    """Generate a response string for each prompt (``generate_batches``), in the prompts' order."""
     gen = None
     if seed is not None:
         gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -392,10 +435,8 @@ def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], con
             raise ValueError(f"prompt {i} has {len(x)} tokens; with gen_length {config.gen_length} that exceeds the "
                              f"model's limit of {limit} positions")
     out: list[str] = []
-    bs = config.batch_size
-    for start in tqdm(range(0, len(ids), bs), disable=not progress, desc="generate", unit="batch"):
-        res = generate(model, ids[start:start + bs], config, generator=gen)
-        out.extend(decode_responses(tokenizer, res.responses))
+    for _, responses, _ in generate_batches(model, ids, config, generator=gen, progress=progress):
+        out.extend(decode_responses(tokenizer, responses))
     return out
 
 

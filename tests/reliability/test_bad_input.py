@@ -543,7 +543,7 @@ def test_a_falsy_value_given_is_used_or_refused(capsys, work, model_dir, argv, w
 
 
 def test_api_evaluate_refuses_empty_steps_and_output_dir(model_dir, tmp_path):
-    with pytest.raises(UserError, match="at least one step count and one seed"):
+    with pytest.raises(UserError, match=r"at least one step count \(steps\) and one seed"):
         dlmdistill.evaluate(str(model_dir), "countdown", steps=[], seeds=[1], limit=2, gen_length=8)
     with pytest.raises(UserError, match="output_dir is an empty string"):
         dlmdistill.evaluate(str(model_dir), "countdown", steps=[8], seeds=[1], limit=2, gen_length=8, output_dir="")

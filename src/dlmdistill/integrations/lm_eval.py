@@ -38,7 +38,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..sampling import GenerationConfig, generate
+from ..sampling import GenerationConfig, generate, generate_batches
 
 log = logging.getLogger(__name__)
 
@@ -437,11 +437,10 @@ class DLMDistillLM(TemplateLM):
         for key, idx in groups.items():
             cfg = configs[key]
             idx = sorted(idx, key=lambda j: -len(prompts[j]))  # similar lengths together: less padding
-            for start in range(0, len(idx), cfg.batch_size):
-                chunk = idx[start:start + cfg.batch_size]
-                batch = [self._fit_prompt(prompts[j], cfg.gen_length) for j in chunk]
-                res = generate(self.model, batch, cfg, generator=self._sampler_generator())
-                for j, text in zip(chunk, self._decode(res.responses)):
+            batch = [self._fit_prompt(prompts[j], cfg.gen_length) for j in idx]
+            # a fresh sampler generator per batch
+            for chunk, responses, _ in generate_batches(self.model, batch, cfg, generator=self._sampler_generator):
+                for j, text in zip((idx[c] for c in chunk), self._decode(responses)):
                     text = self._strip_special(_cut_at_stops(text, stops[j]))
                     results[j] = text
                     self.cache_hook.add_partial("generate_until", requests[j].args, text)
