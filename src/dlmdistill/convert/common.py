@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -331,3 +332,28 @@ def _make_tokenizer_config_native(folder: Path, fallback_class: str) -> None:
     )
     log.info("tokenizer class %s replaced by native %s", declared, config["tokenizer_class"])
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert_folder(src: Path, dst: Path, *, config: PretrainedConfig, model_class: type[PreTrainedModel], mask_id: int,
+                   remap: Remap, embedding_name: str, shift_logits: bool, dtype: torch.dtype | None = None,
+                   **tokenizer_kwargs: Any) -> Path:
+    """The conversion of a checkpoint folder (``config.json``, safetensors, tokenizer files) whose config was
+    already mapped to ``config``, a native ``model_class`` configuration; the converters of LLaDA and Dream
+    differ only in that mapping, the parameter names (``remap``) and their tokenizers.
+
+    Everything is checked before anything is written (the mask id, every source tensor against the native
+    parameters); then, into a staged destination renamed at the end, the tokenizer with its mask token
+    (``save_tokenizer(..., **tokenizer_kwargs)``; a warning when ``src`` has none), the weights streamed one
+    shard at a time (in ``dtype``, default the stored one, read from ``embedding_name``), and the config.
+    Returns ``dst``."""
+    check_mask_token_id(mask_id, config.vocab_size)
+    shards = safetensors_shards(src)
+    validate_mapping(shards, remap, expected_parameters(model_class, config))
+    out_dtype = storage_dtype(shards, embedding_name, dtype)
+    with staged_destination(src, dst) as out:
+        if save_tokenizer(src, out, mask_id, **tokenizer_kwargs) is None:
+            log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
+        write_weights(shards, remap, out, dtype)
+        save_config(config, out, architecture=model_class.__name__, mask_token_id=mask_id,
+                    shift_logits=shift_logits, dtype=out_dtype)
+    return dst

@@ -32,7 +32,6 @@ Refused (:class:`ConversionError` naming the field): ``hidden_act`` other than `
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -40,20 +39,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .common import (
     ConversionError,
+    convert_folder,
     Remap,
-    check_mask_token_id,
-    expected_parameters,
-    staged_destination,
     read_json,
-    safetensors_shards,
-    save_config,
-    save_tokenizer,
-    storage_dtype,
-    validate_mapping,
-    write_weights,
 )
-
-log = logging.getLogger(__name__)
 
 # Defaults of Dream's ``DreamConfig`` (configuration_dream.py) for the fields read here.
 DREAM_DEFAULTS: dict = {
@@ -146,17 +135,7 @@ def convert_dream(src: str | Path, dst: str | Path, dtype: torch.dtype | None = 
     src, dst = Path(src), Path(dst)
     source = read_json(src / "config.json")
     config = dream_to_qwen2_config(source)
-    mask_id = dream_mask_token_id(source, mask_token_id)
-    check_mask_token_id(mask_id, config.vocab_size)
-    shards = safetensors_shards(src)
-    remap = dream_remap(config.tie_word_embeddings)
-    validate_mapping(shards, remap, expected_parameters(Qwen2ForCausalLM, config))
-    out_dtype = storage_dtype(shards, "model.embed_tokens.weight", dtype)
-
-    with staged_destination(src, dst) as out:
-        if save_tokenizer(src, out, mask_id, new_mask_token="<|mask|>", fallback_class="Qwen2Tokenizer") is None:
-            log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
-        write_weights(shards, remap, out, dtype)
-        save_config(config, out, architecture="Qwen2ForCausalLM", mask_token_id=mask_id,
-                    shift_logits=True, dtype=out_dtype)
-    return dst
+    return convert_folder(src, dst, config=config, model_class=Qwen2ForCausalLM,
+                          mask_id=dream_mask_token_id(source, mask_token_id),
+                          remap=dream_remap(config.tie_word_embeddings), embedding_name="model.embed_tokens.weight",
+                          shift_logits=True, dtype=dtype, new_mask_token="<|mask|>", fallback_class="Qwen2Tokenizer")

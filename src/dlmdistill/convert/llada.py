@@ -50,7 +50,6 @@ vs. the activation dtype: identical in float32, rounding-level differences in bf
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -58,20 +57,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .common import (
     ConversionError,
-    check_mask_token_id,
-    expected_parameters,
+    convert_folder,
     layer_index,
-    staged_destination,
     read_json,
-    safetensors_shards,
-    save_config,
-    save_tokenizer,
-    storage_dtype,
-    validate_mapping,
-    write_weights,
 )
-
-log = logging.getLogger(__name__)
 
 # Defaults of LLaDA's ``ModelConfig`` (configuration_llada.py) for the fields read here, plus OLMo's
 # ``clip_qkv``, which LLaDA lacks: a config that sets it comes from another OLMo derivative.
@@ -234,17 +223,6 @@ def convert_llada(src: str | Path, dst: str | Path, dtype: torch.dtype | None = 
     """
     src, dst = Path(src), Path(dst)
     source = read_json(src / "config.json")
-    config = llada_to_llama_config(source)
-    mask_id = llada_mask_token_id(source, mask_token_id)
-    check_mask_token_id(mask_id, config.vocab_size)
-    shards = safetensors_shards(src)
-    validate_mapping(shards, llada_remap, expected_parameters(LlamaForCausalLM, config))
-    out_dtype = storage_dtype(shards, "model.transformer.wte.weight", dtype)
-
-    with staged_destination(src, dst) as out:
-        if save_tokenizer(src, out, mask_id) is None:
-            log.warning("no tokenizer files in %s; %s has weights and config only", src, dst)
-        write_weights(shards, llada_remap, out, dtype)
-        save_config(config, out, architecture="LlamaForCausalLM", mask_token_id=mask_id,
-                    shift_logits=False, dtype=out_dtype)
-    return dst
+    return convert_folder(src, dst, config=llada_to_llama_config(source), model_class=LlamaForCausalLM,
+                          mask_id=llada_mask_token_id(source, mask_token_id), remap=llada_remap,
+                          embedding_name="model.transformer.wte.weight", shift_logits=False, dtype=dtype)
