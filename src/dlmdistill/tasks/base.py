@@ -105,6 +105,48 @@ class Task:
         return {}
 
 
+class PuzzleTask(Task):
+    """A task whose puzzles the product generates (Countdown, Sudoku): a held-out test set, read from
+    ``test_source`` or generated from ``test_seed``, and training puzzles generated from a seed or read from
+    a file, never one of the held-out ones.
+
+    Subclasses set ``test_source``, ``num_train`` and implement ``_read`` (the examples of a file),
+    ``_generate_test`` (the generated held-out set), ``_train_from_file`` and ``_generate_train`` (which
+    leave out what ``_held_out(None)`` holds)."""
+
+    test_source: str | None = None
+    num_train: int = 0
+
+    def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
+             seed: int = 0) -> list[Example]:
+        """``split="test"``: the puzzles of ``source``, else ``test_source``, else generated. ``split="train"``:
+        the puzzles of ``source`` if given, else ``limit`` (default ``num_train``) generated from ``seed``;
+        held-out puzzles are always left out."""
+        if split == "test":
+            return self._held_out(source)[:limit]
+        if split != "train":
+            raise ValueError(f"unknown split {split!r} for {self.name}; valid: train, test")
+        if source is not None:
+            return self._train_from_file(source, limit)
+        return self._generate_train(limit or self.num_train, seed)
+
+    def _held_out(self, source: str | None) -> list[Example]:
+        source = source or self.test_source
+        return self._read(source, "test") if source is not None else self._generate_test()
+
+    def _read(self, source: str, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def _generate_test(self) -> list[Example]:
+        raise NotImplementedError
+
+    def _train_from_file(self, source: str, limit: int | None) -> list[Example]:
+        raise NotImplementedError
+
+    def _generate_train(self, n: int, seed: int) -> list[Example]:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------------------------
 # helpers shared by the reasoning tasks
 

@@ -48,7 +48,7 @@ from fractions import Fraction
 from itertools import permutations
 from typing import Any
 
-from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+from .base import (Example, PromptStyle, PuzzleTask, after_answer, check_style, extract_answer, format_reasoning,
                    last_boxed, last_line)
 from .io import DataError, first_field, read_records
 
@@ -444,7 +444,7 @@ def example_key(example: Example) -> PuzzleKey:
     return tuple(sorted(example.meta["numbers"])), example.meta["target"]
 
 
-class CountdownTask(Task):
+class CountdownTask(PuzzleTask):
     """Countdown (3 numbers by default). Score 1.0 for a correct expression, else 0.0.
 
     ``style``: ``"compact"`` (``"numbers: 30 100 93 target: 23\\n"``, for tiny models trained
@@ -498,28 +498,20 @@ class CountdownTask(Task):
 
     # data -----------------------------------------------------------------------------------
 
-    def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
-             seed: int = 0) -> list[Example]:
-        """``split="test"``: puzzles from ``source``, else ``test_source``, else generated.
-        ``split="train"``: puzzles from ``source`` if given, else ``limit`` (default
-        ``num_train``) generated from ``seed``; held-out puzzles are always excluded."""
-        if split == "test":
-            return self._held_out(source)[:limit]
-        if split != "train":
-            raise ValueError(f"unknown split {split!r} for countdown; valid: train, test")
-        held_out = {example_key(ex) for ex in self._held_out(None)}
-        if source is not None:
-            return self._read(source, split, exclude=held_out, limit=limit)
-        puzzles = generate_countdown(limit or self.num_train, seed, self.max_number, self.max_target,
-                                     exclude=held_out)
+    def _held_out_keys(self) -> set[PuzzleKey]:
+        return {example_key(ex) for ex in self._held_out(None)}
+
+    def _train_from_file(self, source: str, limit: int | None) -> list[Example]:
+        return self._read(source, "train", exclude=self._held_out_keys(), limit=limit)
+
+    def _generate_train(self, n: int, seed: int) -> list[Example]:
+        """``n`` puzzles generated from ``seed`` (with the ``solution`` of this task), none held out."""
+        puzzles = generate_countdown(n, seed, self.max_number, self.max_target, exclude=self._held_out_keys())
         if self.solution == "ordered":
             puzzles = [ordered_solution(p.numbers, p.target) for p in puzzles]
         return [self.example(p, f"generated:train:seed={seed}[{i}]") for i, p in enumerate(puzzles)]
 
-    def _held_out(self, source: str | None) -> list[Example]:
-        source = source or self.test_source
-        if source is not None:
-            return self._read(source, "test")
+    def _generate_test(self) -> list[Example]:
         puzzles = generate_countdown(self.num_test, self.test_seed, self.max_number, self.max_target)
         return [self.example(p, f"generated:test:seed={self.test_seed}[{i}]") for i, p in enumerate(puzzles)]
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .base import (Example, PromptStyle, Task, after_answer, check_style, extract_answer, format_reasoning,
+from .base import (Example, PromptStyle, PuzzleTask, after_answer, check_style, extract_answer, format_reasoning,
                    strip_tags)
 from .io import DataError, first_field, read_records
 
@@ -257,7 +257,7 @@ def parse_record(record: dict[str, Any], where: str) -> SudokuPuzzle:
     return SudokuPuzzle(puzzle, solution)
 
 
-class SudokuTask(Task):
+class SudokuTask(PuzzleTask):
     """Sudoku 4x4 with d1's graded reward (see the module docstring).
 
     ``style``: ``"compact"`` (``"sudoku: 3102200002100320\\n"``) or ``"d1"``. ``test_source``: the
@@ -307,21 +307,14 @@ class SudokuTask(Task):
 
     # data -----------------------------------------------------------------------------------
 
-    def load(self, source: str | None = None, split: str = "test", limit: int | None = None,
-             seed: int = 0) -> list[Example]:
-        """``split="test"``: puzzles from ``source``, else ``test_source``, else generated from
-        the held-out grids. ``split="train"``: ``limit`` (default ``num_train``) puzzles generated
-        from ``seed`` on the training grids, or the puzzles of ``source`` whose solution is not
-        a held-out grid."""
-        if split == "test":
-            return self._held_out(source)[:limit]
-        if split != "train":
-            raise ValueError(f"unknown split {split!r} for sudoku; valid: train, test")
+    def _train_from_file(self, source: str, limit: int | None) -> list[Example]:
         held_out = set(self.held_out_grids())
-        if source is not None:
-            return [ex for ex in self._read(source, split) if ex.meta["solution"] not in held_out][:limit]
+        return [ex for ex in self._read(source, "train") if ex.meta["solution"] not in held_out][:limit]
+
+    def _generate_train(self, n: int, seed: int) -> list[Example]:
+        """``n`` puzzles generated from ``seed`` on the grids that are not held out."""
+        held_out = set(self.held_out_grids())
         grids = [g for g in all_grids() if g not in held_out]
-        n = limit or self.num_train
         if n >= 10_000:  # 2.4 s for 20,000 on our 2-core machine (mostly solving traces): say so
             log.info("sudoku: generating %d training puzzles and their solving traces (seed %d) ...", n, seed)
         puzzles = generate_sudoku(n, seed, grids, self.min_blanks, self.max_blanks, self.unique)
@@ -337,10 +330,7 @@ class SudokuTask(Task):
             return sorted({ex.meta["solution"] for ex in self._read(self.test_source, "test")})
         return split_grids(self.grid_seed, self.test_fraction)[1]
 
-    def _held_out(self, source: str | None) -> list[Example]:
-        source = source or self.test_source
-        if source is not None:
-            return self._read(source, "test")
+    def _generate_test(self) -> list[Example]:
         puzzles = generate_sudoku(self.num_test, self.test_seed, self.held_out_grids(), self.min_blanks,
                                   self.max_blanks, self.unique)
         return [self.example(p, f"generated:test:seed={self.test_seed}[{i}]") for i, p in enumerate(puzzles)]
