@@ -25,7 +25,7 @@ from .configs.commands import EvalRunConfig
 from .data import encode_prompt
 from .errors import UserError
 from .models.autoregressive import CausalLM
-from .models.backbone import DiffusionModel
+from .models.backbone import DiffusionModel, context_limit  # noqa: F401 (re-exported)
 from .models.loading import check_model_source
 from .sampling import GenerationConfig, decode_responses, generate_batches
 from .tasks.base import Example, Task
@@ -71,11 +71,6 @@ def generate_all(model: DiffusionModel | CausalLM, tokenizer, prompts: list[list
                                                   forward=forward, progress=progress, desc=desc):
             texts.update(zip(idx, decode_responses(tokenizer, responses)))
     return [texts[i] for i in range(len(prompts))]
-
-
-def context_limit(model: torch.nn.Module) -> int | None:
-    """The number of positions the model can attend over (``max_position_embeddings``), if it has one."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def check_prompt_fits(n_prompt: int, gen_length: int, limit: int | None, where: str) -> None:

@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 import torch
 
 from .configs.generation import GenerationConfig
-from .models.backbone import SPLITTABLE_MODEL_TYPES, DiffusionModel, left_pad, position_ids_from_mask  # noqa: F401
+from .models.backbone import (SPLITTABLE_MODEL_TYPES, DiffusionModel, context_limit, left_pad,  # noqa: F401
+                              position_ids_from_mask)
 
 if TYPE_CHECKING:
     from .models.autoregressive import CausalLM
@@ -429,7 +430,7 @@ def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], con
     if seed is not None:
         gen = torch.Generator(device=model.device).manual_seed(seed)
     ids = [tokenizer(pr, add_special_tokens=False).input_ids for pr in prompts]
-    limit = max_prompt_length or _context_limit(model)
+    limit = max_prompt_length or context_limit(model)
     for i, x in enumerate(ids):
         if limit is not None and len(x) + config.gen_length > limit:
             raise ValueError(f"prompt {i} has {len(x)} tokens; with gen_length {config.gen_length} that exceeds the "
@@ -440,5 +441,3 @@ def generate_texts(model: DiffusionModel, tokenizer, prompts: Sequence[str], con
     return out
 
 
-def _context_limit(model: DiffusionModel) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)

@@ -171,9 +171,9 @@ def test_bad_model_args_are_named(model_dir):
         adapter.DLMDistillLM(pretrained=model_dir, gen_length=10, block_length=4)
     with pytest.raises(adapter.ModelArgsError, match="pretrained"):
         adapter.DLMDistillLM()
-    with pytest.raises(adapter.ModelArgsError, match="steps='abc' is not an integer"):
+    with pytest.raises(adapter.ModelArgsError, match="model_args: steps: expected an integer, got 'abc'"):
         adapter.DLMDistillLM(pretrained=model_dir, steps="abc")
-    with pytest.raises(adapter.ModelArgsError, match="remasking='best'; choose one of low_confidence, random"):
+    with pytest.raises(adapter.ModelArgsError, match=r"model_args: remasking: 'best' is not one of \['low_confidence', 'random'\]"):
         adapter.DLMDistillLM(pretrained=model_dir, remasking="best")
     with pytest.raises(adapter.ModelArgsError, match="could not load"):
         adapter.DLMDistillLM(pretrained=model_dir + "/missing")

@@ -402,7 +402,7 @@ def test_a_conversion_failing_midway_leaves_no_destination(tmp_path, monkeypatch
         from test_llada import make_source
     finally:
         sys.path.pop(0)
-    from dlmdistill.convert import common, convert_llada, llada
+    from dlmdistill.convert import common, convert_llada
 
     make_source(tmp_path / "src")
 
@@ -410,11 +410,12 @@ def test_a_conversion_failing_midway_leaves_no_destination(tmp_path, monkeypatch
         (dst / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(llada, "write_weights", disk_full)
+    real = common.write_weights  # the LLaDA converter writes through common.convert_folder
+    monkeypatch.setattr(common, "write_weights", disk_full)
     with pytest.raises(OSError, match="No space"):
         convert_llada(tmp_path / "src", tmp_path / "dst")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no dst, no temporary folder
-    monkeypatch.setattr(llada, "write_weights", common.write_weights)
+    monkeypatch.setattr(common, "write_weights", real)
     convert_llada(tmp_path / "src", tmp_path / "dst")
     assert (tmp_path / "dst" / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
@@ -422,6 +423,10 @@ def test_a_conversion_failing_midway_leaves_no_destination(tmp_path, monkeypatch
 def test_every_converter_writes_through_a_staged_destination():
     """The llada, dream, smdm and ar converters all create their destination through
     staged_destination (never mkdir before the source is loaded)."""
+    folder = ROOT / "src" / "dlmdistill" / "convert"
+    common = (folder / "common.py").read_text()
+    pipeline = common[common.index("def convert_folder("):]
+    assert "with staged_destination(" in pipeline and ".mkdir(" not in pipeline  # the pipeline of llada, dream
     for name in ("llada", "dream", "smdm", "ar"):
-        text = (ROOT / "src" / "dlmdistill" / "convert" / f"{name}.py").read_text()
-        assert "with staged_destination(" in text and ".mkdir(" not in text, name
+        text = (folder / f"{name}.py").read_text()
+        assert ("with staged_destination(" in text or "return convert_folder(" in text) and ".mkdir(" not in text, name

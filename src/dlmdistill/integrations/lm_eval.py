@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import math
 import sys
-import types
 import typing
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from ..config import ConfigError, convert_value
 from ..sampling import GenerationConfig, generate, generate_batches
 
 log = logging.getLogger(__name__)
@@ -138,52 +138,14 @@ def elbo_loglikelihood(model, context: Sequence[int], continuation: Sequence[int
 
 
 # ---------------------------------------------------------------------------- model_args parsing
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Best-effort typing of a ``model_args`` value against the field's default."""
-    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
-        return None
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ModelArgsError(f"model_args: {name}={value!r} is not a boolean (true/false)")
-    if isinstance(default, int):
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ModelArgsError(f"model_args: {name}={value!r} is not an integer") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ModelArgsError(f"model_args: {name}={value!r} is not a number") from None
-    return value
-
-
-def _coerce_field(name: str, value: Any, hint: Any) -> Any:
-    """Type a ``model_args`` value by a dataclass field's annotation (bool, int, float, str,
-    ``X | None`` and ``Literal[...]``, the kinds ``GenerationConfig`` uses)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    none_ok = type(None) in args
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        if none_ok or hint is type(None):
-            return None
-        raise ModelArgsError(f"model_args: {name} cannot be none")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ModelArgsError(f"model_args: {name}={value!r}; choose one of {', '.join(map(str, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:
-            return _coerce_field(name, value, members[0])
-        return value
-    if hint in (bool, int, float):
-        return _coerce(name, value, hint(0) if hint is not bool else False)
-    return value
+def _typed(name: str, value: Any, tp: Any) -> Any:
+    """A ``model_args`` value (a string from the command line, or a Python value) as type ``tp``, read as a
+    configuration field of that type is (``config.convert_value``: bool, int, float, str, ``X | None``,
+    ``Literal``); a :class:`ModelArgsError` naming the argument if it cannot be."""
+    try:
+        return convert_value(value, tp, f"model_args: {name}")
+    except ConfigError as e:
+        raise ModelArgsError(str(e)) from None
 
 
 def _parse_batch_size(value: Any, default: int) -> int:
@@ -263,18 +225,18 @@ class DLMDistillLM(TemplateLM):
 
         # ----- generation settings: the ones the user set, checked now
         hints = typing.get_type_hints(GenerationConfig)
-        self._user_gen: dict[str, Any] = {k: _coerce_field(k, v, hints.get(k, Any)) for k, v in gen_kwargs.items()}
+        self._user_gen: dict[str, Any] = {k: _typed(k, v, hints.get(k, Any)) for k, v in gen_kwargs.items()}
         self.batch_size = _parse_batch_size(batch_size, GenerationConfig().batch_size)
         if "gen_length" in self._user_gen:
             self._check_gen_config(self._resolve_gen_config({}))
 
-        self.mc_num = _coerce("mc_num", mc_num, 1)
-        self.mc_batch_size = _coerce("mc_batch_size", mc_batch_size, 1)
+        self.mc_num = _typed("mc_num", mc_num, int)
+        self.mc_batch_size = _typed("mc_batch_size", mc_batch_size, int)
         if self.mc_num <= 0 or self.mc_batch_size <= 0:
             raise ModelArgsError("model_args: mc_num and mc_batch_size must be positive")
-        self.check_greedy = _coerce("check_greedy", check_greedy, True)
-        self.add_bos_token = _coerce("add_bos_token", add_bos_token, True)
-        self.seed = _coerce("seed", seed, 1)
+        self.check_greedy = _typed("check_greedy", check_greedy, bool)
+        self.add_bos_token = _typed("add_bos_token", add_bos_token, bool)
+        self.seed = _typed("seed", seed, int)
 
         # ----- the model
         if device in (None, ""):
@@ -298,7 +260,7 @@ class DLMDistillLM(TemplateLM):
         self.tokenizer = tok
         self._device = torch.device(device)
         limit = max_length if max_length is not None else getattr(self.model.config, "max_position_embeddings", None)
-        self.max_length = _coerce("max_length", limit, 1) if limit is not None else None
+        self.max_length = _typed("max_length", limit, int) if limit is not None else None
         self._generator = torch.Generator().manual_seed(self.seed)
         self._warned: set[str] = set()
 

@@ -276,3 +276,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
             ids[i, p - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
             mask[i, p - len(x):] = 1
     return ids.to(device), mask.to(device)
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The number of positions the model can attend over (``max_position_embeddings``), if it has one."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
