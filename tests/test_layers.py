@@ -124,3 +124,11 @@ def test_the_checks_see_a_planted_upward_import_and_cycle():
     graph["dlmdistill.configs.model"] = graph["dlmdistill.configs.model"] | {"dlmdistill.models.loading"}
     assert any("dlmdistill.configs.model" in c for c in cycles(graph))
     assert RANK[room("dlmdistill.models.loading")] > RANK[room("dlmdistill.configs.model")]
+
+
+def test_a_long_module_says_why():
+    """No source file over 500 lines without a reason in its docstring ("Why one file of this length")."""
+    long = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+            if len(p.read_text().splitlines()) > 500 and "Why one file of this length" not in (ast.get_docstring(
+                ast.parse(p.read_text())) or "")]
+    assert long == []

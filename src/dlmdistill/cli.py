@@ -10,6 +10,9 @@ of input errors too.
 
 torch and transformers are imported when a command runs, not when this module is imported nor for
 ``--help``: the options come from the configuration classes of ``dlmdistill.configs``, which need no torch.
+
+Why one file of this length: one short function per command (parsing and printing only; the work is
+in the modules they call), so that every command's interface is in one place.
 """
 
 from __future__ import annotations

@@ -66,6 +66,9 @@ fragmentation (on a CPU, glibc's heap keeps freed activations resident unless
 ``MALLOC_MMAP_THRESHOLD_`` is set: see docs/benchmarks.md), communication buffers other than DDP's buckets, a rollout's recorded trajectory
 (S x B x G integers), Python and library overheads (on a CPU, the process's resident memory after
 imports). These are what ``benchmarks/bench_large.py`` measures around the estimate.
+
+Why one file of this length: one estimator per method over the same ``Arch`` / ``Workload`` arithmetic;
+splitting it would spread one formula across modules.
 """
 
 from __future__ import annotations

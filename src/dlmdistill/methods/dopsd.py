@@ -29,6 +29,9 @@ fine-tuning) or, with ``teacher=current``, the current policy without gradient.
     dlmdistill train dopsd --config configs/dopsd_countdown_tiny.yaml
 
 The analysis helpers of the paper's Table 3 toy and Figure 3 live in ``dlmdistill.analysis.dopsd``.
+
+Why one file of this length: the method reads top to bottom in one place (its pure step functions,
+then the trainer that uses them), as one recipe per method; the options are ``configs/methods/dopsd.py``.
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@ multiset of numbers and same target). A puzzle read from a file is solved (for i
 target) by a search bounded to :data:`SOLVE_BUDGET` combinations, and a test puzzle with more
 than four numbers is not solved at all, so 5- and 6-number files load in bounded time; a puzzle
 without a solution has no training target (and no reference expression) but is scored normally.
+
+Why one file of this length: the task's safe evaluator, verifier, solvers and generator belong
+together (the verifier's rules and the generator's targets must agree); the task class itself is short.
 """
 
 from __future__ import annotations
