@@ -349,7 +349,14 @@ class DiffusionCollator:
             attention[j, :n] = 1
             prompt[j, : len(p)] = True
             response[j, len(p):n] = True
-        batch = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response, "prompt_mask": prompt}
+        # each row's response positions, built here on the host so a step can gather them without a
+        # data-dependent shape (training.static_shapes); -1 pads the shorter responses
+        width = max(len(r) for _, r in rows)
+        index = torch.full((b, width), -1, dtype=torch.long)
+        for j, (p, r) in enumerate(rows):
+            index[j, : len(r)] = torch.arange(len(p), len(p) + len(r))
+        batch = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response, "prompt_mask": prompt,
+                 "response_index": index}
         if "index" in items[0]:
             batch["index"] = torch.as_tensor([it["index"] for it in items], dtype=torch.long)
         return batch

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
 PassKind = Literal["train", "lora", "frozen"]
@@ -81,17 +82,21 @@ class PassCounter:
     sum_sq_lengths: int = 0
     micro_batches: int = 0
 
-    def add(self, batch_size: int, seq_len: int, head_rows: int) -> None:
-        """Record one pass over ``batch_size`` sequences of padded length ``seq_len``."""
+    def add(self, batch_size: int, seq_len: int, head_rows: Any) -> None:
+        """Record one pass over ``batch_size`` sequences of padded length ``seq_len``; ``head_rows`` may be
+        a device tensor (summed there, read back once by ``flops_per_micro_batch``: no sync per step)."""
         self.tokens += batch_size * seq_len
         self.sum_sq_lengths += batch_size * seq_len * seq_len
-        self.head_rows += int(head_rows)
+        if isinstance(head_rows, torch.Tensor):
+            self.head_rows = head_rows.detach().long() + self.head_rows
+        else:
+            self.head_rows += int(head_rows)
         self.micro_batches += 1
 
     def flops_per_micro_batch(self, shape: ModelShape, kind: PassKind) -> float:
         if self.micro_batches == 0:
             return 0.0
-        total = estimate_flops(shape, tokens=self.tokens, head_rows=self.head_rows,
+        total = estimate_flops(shape, tokens=self.tokens, head_rows=int(self.head_rows),
                                sum_sq_lengths=self.sum_sq_lengths, kind=kind)
         return total / self.micro_batches
 

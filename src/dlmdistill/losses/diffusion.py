@@ -25,12 +25,18 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: 
 
 
 @torch.no_grad()
-def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Accuracy and mean probability of the ground truth at masked positions (for logs)."""
-    if logits.shape[0] == 0:
-        return {}
+def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Accuracy and mean probability of the ground truth at masked positions (for logs).
+
+    logits: [N, V]; targets: [N]; rows: [N] bool, the rows that count (default: all). Returns 0-d
+    float tensors on the logits' device (no host read; NaN when no row counts, which the trainer's
+    log leaves out of its means)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    return {
-        "masked_acc": (probs.argmax(-1) == targets).float().mean().item(),
-        "p_true": probs.gather(-1, targets[:, None]).mean().item(),
-    }
+    correct = (probs.argmax(-1) == targets).float()
+    p_true = probs.gather(-1, targets[:, None])[:, 0]
+    if rows is None:
+        return {"masked_acc": correct.mean(), "p_true": p_true.mean()}
+    w = rows.float()
+    n = w.sum()
+    return {"masked_acc": (correct * w).sum() / n, "p_true": (p_true * w).sum() / n}

@@ -158,27 +158,27 @@ def bidirectional_kd_loss(easy_logits: torch.Tensor, hard_logits: torch.Tensor, 
 
 @torch.no_grad()
 def selffusion_diagnostics(easy_logits: torch.Tensor, hard_logits: torch.Tensor, decision: DirectionDecision,
-                           easy_logits_uncalibrated: torch.Tensor | None = None) -> dict[str, float]:
+                           easy_logits_uncalibrated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """What the paper plots (Fig. 4-6, 8), measured on the distillation positions D.
 
     easy_logits, hard_logits: [|D|, V]; ``easy_logits_uncalibrated``: [|D|, V], the easy mode's
     logits without the calibration RMSNorm, when available. Returns fractions of D per direction and
     per correctness case, and the easy mode's mean top-1 probability when both modes are right and
-    when both are wrong (``_uncal``: without calibration). Cases absent from D are left out.
+    when both are wrong (``_uncal``: without calibration), as 0-d tensors (no host read); a case absent
+    from D gives NaN (left out of the trainer's logged means); an empty D gives no entry.
     """
-    n = decision.easy_teaches.numel()
-    if n == 0:
+    if decision.easy_teaches.numel() == 0:
         return {}
     ce, ch = decision.easy_correct, decision.hard_correct
     both_right, both_wrong = ce & ch, ~ce & ~ch
     out = {
-        "kd/frac_easy_to_hard": decision.easy_teaches.float().mean().item(),
-        "kd/frac_hard_to_easy": (~decision.easy_teaches).float().mean().item(),
-        "kd/frac_one_correct": (ce != ch).float().mean().item(),
-        "kd/frac_only_easy_correct": (ce & ~ch).float().mean().item(),
-        "kd/frac_only_hard_correct": (ch & ~ce).float().mean().item(),
-        "kd/frac_both_correct": both_right.float().mean().item(),
-        "kd/frac_both_wrong": both_wrong.float().mean().item(),
+        "kd/frac_easy_to_hard": decision.easy_teaches.float().mean(),
+        "kd/frac_hard_to_easy": (~decision.easy_teaches).float().mean(),
+        "kd/frac_one_correct": (ce != ch).float().mean(),
+        "kd/frac_only_easy_correct": (ce & ~ch).float().mean(),
+        "kd/frac_only_hard_correct": (ch & ~ce).float().mean(),
+        "kd/frac_both_correct": both_right.float().mean(),
+        "kd/frac_both_wrong": both_wrong.float().mean(),
     }
     variants = [("", easy_logits)] + ([("_uncal", easy_logits_uncalibrated)]
                                       if easy_logits_uncalibrated is not None else [])
@@ -186,6 +186,6 @@ def selffusion_diagnostics(easy_logits: torch.Tensor, hard_logits: torch.Tensor,
         logits = logits.float()
         top1 = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
         for case, rows in (("both_correct", both_right), ("both_wrong", both_wrong)):
-            if rows.any():
-                out[f"kd/easy_top1_{case}{suffix}"] = top1[rows].mean().item()
+            w = rows.float()
+            out[f"kd/easy_top1_{case}{suffix}"] = (top1 * w).sum() / w.sum()  # NaN when the case is absent
     return out

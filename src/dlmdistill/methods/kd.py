@@ -98,19 +98,19 @@ class KDTrainer(Trainer):
         kd = logit_kd_loss(student_logits=s_logits[:, :v], teacher_logits=t_logits[:, :v], temperature=cfg.temperature,
                            kind=cfg.divergence)
         loss = cfg.ce_weight * ce + cfg.kd_weight * kd
-        metrics = {"loss/ce": float(ce.detach()), "loss/kd": float(kd.detach()),
-                   "mask_ratio": float(noised.masked.sum() / resp.sum().clamp(min=1)),
+        metrics = {"loss/ce": ce.detach(), "loss/kd": kd.detach(),
+                   "mask_ratio": noised.masked.sum() / resp.sum().clamp(min=1),
                    **masked_token_stats(logits.detach(), targets)}
         if t_logits.shape[0]:
             metrics.update({f"teacher/{k}": x for k, x in masked_token_stats(t_logits.float(), ids[kd_pos]).items()})
-            metrics["kd/top1_agreement"] = float((t_logits.argmax(-1) == s_logits.detach().argmax(-1)).float().mean())
+            metrics["kd/top1_agreement"] = (t_logits.argmax(-1) == s_logits.detach().argmax(-1)).float().mean()
         metrics["kd/frac_of_masked"] = t_logits.shape[0] / max(targets.numel(), 1)
         b, length = ids.shape
-        n = int(noised.masked.sum())
+        n = noised.masked.sum()
         self.passes["student"].add(b, length, n)
         self.passes["teacher"].add(b, length, t_logits.shape[0])
         # SFT of the teacher itself: a DLM's head at the masked positions, an AR model's at every response token
-        self.passes["teacher_sft"].add(b, length, int(resp.sum()) if isinstance(self.teacher, CausalLM) else n)
+        self.passes["teacher_sft"].add(b, length, resp.sum() if isinstance(self.teacher, CausalLM) else n)
         return loss, metrics
 
     def cost_rows(self) -> dict[str, dict[str, float]]:

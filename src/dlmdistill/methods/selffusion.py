@@ -79,15 +79,16 @@ class SelfFusionStep:
 
     loss: ``terms["diff_hard"] + terms["diff_easy"] + kd_weight * terms["kd"]`` (scalar).
     terms: the loss terms with their graphs (``"kd"`` only when ``kd_weight > 0``).
-    metrics: diagnostics for the logs.
-    head_rows / sft_head_rows: LM-head rows of this pass and of an SFT pass on the hard copy (costs).
+    metrics: diagnostics for the logs (0-d device tensors).
+    head_rows / sft_head_rows: LM-head rows of this pass and of an SFT pass on the hard copy (costs; the
+    latter a device tensor).
     """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor]
     head_rows: int
-    sft_head_rows: int
+    sft_head_rows: torch.Tensor
 
 
 def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dict[str, torch.Tensor],
@@ -128,13 +129,13 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
     in_mask = torch.cat([easy.masked[pos_easy], hard.masked[pos_hard]])
     mode_rows = {"easy": slice(0, n_easy), "hard": slice(n_easy, logits.shape[0])}
     terms = {f"diff_{m}": weighted[rows].sum() for m, rows in mode_rows.items()}
-    metrics: dict[str, float] = {}
+    # diagnostics as device tensors (read back once per logging interval; NaN = no such position)
+    metrics: dict[str, torch.Tensor] = {}
     for m, noised in (("easy", easy), ("hard", hard)):
-        own = in_mask[mode_rows[m]]
-        if own.any():
-            metrics[f"{m}/masked_acc"] = float(correct[mode_rows[m]][own].float().mean())
-            metrics[f"{m}/p_true"] = float(torch.exp(-nll[mode_rows[m]][own].detach()).mean())
-        metrics[f"{m}/mask_ratio"] = float(noised.masked.sum() / resp.sum().clamp(min=1))
+        own = in_mask[mode_rows[m]].float()
+        metrics[f"{m}/masked_acc"] = (correct[mode_rows[m]].float() * own).sum() / own.sum()
+        metrics[f"{m}/p_true"] = (torch.exp(-nll[mode_rows[m]].detach()) * own).sum() / own.sum()
+        metrics[f"{m}/mask_ratio"] = noised.masked.sum() / resp.sum().clamp(min=1)
 
     easy_d, hard_d = logits[kd_rows].chunk(2)
     e_rows, h_rows = kd_rows.chunk(2)
@@ -149,11 +150,11 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
             kd_easy, kd_hard, teaches = easy_d[keep], hard_d[keep], teaches[keep]
         terms["kd"] = bidirectional_kd_loss(kd_easy, kd_hard, teaches, config.temperature)
         loss = loss + config.kd_weight * terms["kd"]
-    metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
-    metrics["kd/frac_of_response"] = float(distill.sum() / resp.sum().clamp(min=1))
+    metrics.update({f"loss/{k}": v.detach() for k, v in terms.items()})
+    metrics["kd/frac_of_response"] = distill.sum() / resp.sum().clamp(min=1)
     metrics.update(selffusion_diagnostics(easy_d.detach(), hard_d.detach(), decision, captured.get("logits")))
     return SelfFusionStep(loss=loss, terms=terms, metrics=metrics, head_rows=logits.shape[0],
-                          sft_head_rows=int(hard.masked.sum()))
+                          sft_head_rows=hard.masked.sum())
 
 
 class SelfFusionTrainer(Trainer):

@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from ..configs.methods import SeqKDConfig, SeqKDRunConfig  # noqa: F401 (re-exported)
 from ..data import DataError, encode_prompt
 from ..evaluation import generate_all
@@ -123,8 +125,8 @@ class SeqKDTrainer(SFTTrainer):
     def compute_loss(self, model, batch):
         loss, metrics = super().compute_loss(model, batch)
         b, length = batch["input_ids"].shape
-        responses = int(batch["response_mask"].sum())
-        self.passes["student"].add(b, length, round(metrics["mask_ratio"] * responses))
+        responses = batch["response_mask"].sum()  # (device tensors: counted without a host read)
+        self.passes["student"].add(b, length, torch.round(metrics["mask_ratio"] * responses))
         self.passes["ar_teacher_sft"].add(b, length, responses)
         return loss, metrics
 

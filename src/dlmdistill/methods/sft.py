@@ -22,17 +22,34 @@ from .common import finish, prepare, write_run_metadata
 
 
 def diffusion_batch_loss(model, batch: dict[str, torch.Tensor], *, mask_id: int, normalization: str = "token",
-                         cfg_prob: float = 0.0, eps: float = EPS) -> tuple[torch.Tensor, dict[str, float]]:
-    """The masked-diffusion loss of one collated batch (see ``data.DiffusionCollator``)."""
+                         cfg_prob: float = 0.0, eps: float = EPS, static_shapes: bool = False
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The masked-diffusion loss of one collated batch (see ``data.DiffusionCollator``).
+
+    ``static_shapes``: the head runs at every response position of ``batch["response_index"]`` ([B, K],
+    -1 = none) and the unmasked ones get weight 0: the same loss, with no data-dependent shape (no
+    device-to-host sync). Otherwise it runs at the masked positions only (one ``nonzero``)."""
     ids, resp = batch["input_ids"], batch["response_mask"]
     noised = forward_process(ids, resp, mask_id, eps=eps)
     noisy = mask_prompts_for_cfg(noised.noisy_ids, batch["prompt_mask"], mask_id, cfg_prob)
-    logits = model(noisy, batch["attention_mask"], positions=noised.masked)
-    targets = ids[noised.masked]
-    weights = diffusion_loss_weights(noised.masked, noised.p_mask, resp, normalization)[noised.masked]
+    weights = diffusion_loss_weights(noised.masked, noised.p_mask, resp, normalization)
+    if static_shapes:
+        index = batch["response_index"]
+        valid = (index >= 0).reshape(-1)
+        index = index.clamp(min=0)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(index).reshape(-1)
+        cols = index.reshape(-1)
+        logits = model(noisy, batch["attention_mask"], positions=index)
+        targets = ids[rows, cols]
+        in_loss = noised.masked[rows, cols] & valid
+        weights = torch.where(in_loss, weights[rows, cols], torch.zeros((), dtype=weights.dtype, device=ids.device))
+    else:
+        logits = model(noisy, batch["attention_mask"], positions=noised.masked)
+        targets = ids[noised.masked]
+        weights, in_loss = weights[noised.masked], None
     loss = masked_diffusion_loss(logits, targets, weights)
-    metrics = masked_token_stats(logits.detach(), targets)
-    metrics["mask_ratio"] = (noised.masked.sum() / resp.sum().clamp(min=1)).item()
+    metrics = masked_token_stats(logits.detach(), targets, in_loss)
+    metrics["mask_ratio"] = noised.masked.sum() / resp.sum().clamp(min=1)
     return loss, metrics
 
 
@@ -46,7 +63,7 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, batch):
         return diffusion_batch_loss(model, batch, mask_id=self.unwrapped.mask_id,
                                     normalization=self.method.normalization, cfg_prob=self.method.cfg_prob,
-                                    eps=self.method.eps)
+                                    eps=self.method.eps, static_shapes=self.config.static_shapes)
 
 
 def run(cfg: Any) -> dict[str, float]:

@@ -79,6 +79,10 @@ class DiffusionModel(nn.Module):
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.calibration: RMSNorm | None = None
+        #: pass SDPA a ready [B, 1, L, L] mask instead of the [B, L] padding mask, so transformers does not
+        #: read the mask back to see whether it can drop it (a device-to-host sync per forward; set by the
+        #: trainer under ``training.static_shapes``)
+        self.static_attention_mask = False
         hf = self.hf_model
         self._takes_position_ids = "position_ids" in inspect.signature(hf.forward).parameters
         self.splittable = getattr(hf.config, "model_type", None) in SPLITTABLE_MODEL_TYPES and \
@@ -125,20 +129,34 @@ class DiffusionModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _select(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch and sequence indices of the hidden states that predict ``positions`` ([B, L] bool)."""
-        b, i = positions.nonzero(as_tuple=True)
-        if self.shift_logits:
-            if bool((i == 0).any()):
+        """Batch and sequence indices of the hidden states that predict ``positions``: a [B, L] bool mask
+        (its True entries in row-major order: a data-dependent count, so one device-to-host sync) or a
+        [B, K] long tensor of positions per row (every entry, row-major: a fixed shape, no sync)."""
+        if positions.dtype == torch.bool:
+            b, i = positions.nonzero(as_tuple=True)
+            if self.shift_logits and bool((i == 0).any()):
                 raise ValueError("a shifted-logit model cannot predict position 0 (it has no left neighbour)")
-            i = i - 1
-        return b, i
+        else:
+            b = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions).reshape(-1)
+            i = positions.reshape(-1)
+            if self.shift_logits:  # checked on the device, without waiting for it
+                torch._assert_async((i > 0).all(), "a shifted-logit model cannot predict position 0")
+        return b, (i - 1 if self.shift_logits else i)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after the model's own final norm, [B, L, H]. Needs a splittable backbone."""
         kwargs = {}
         if attention_mask is not None:
-            kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+            kwargs = dict(attention_mask=self._padding_mask(attention_mask, input_ids.shape[1]),
+                          position_ids=position_ids_from_mask(attention_mask))
         return self.hf_model.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+
+    def _padding_mask(self, attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """``attention_mask`` [B, L], or under ``static_attention_mask`` with SDPA the same mask as
+        transformers builds it for a bidirectional model: [B, 1, L, L] bool, True where a key is real."""
+        if not self.static_attention_mask or getattr(self.hf_model.config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        return attention_mask.bool()[:, None, None, :].expand(-1, 1, length, -1)
 
     def cached_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
                              position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +192,8 @@ class DiffusionModel(nn.Module):
                         over the cached keys (in the cache's order) and then ``input_ids``.
         positions:      None -> logits at every position, [B, L, V] (aligned so that ``logits[:, i]``
                         predicts token ``i`` even for shifted models);
-                        [B, L] bool -> logits only where True, [N, V] in row-major order.
+                        [B, L] bool -> logits only where True, [N, V] in row-major order;
+                        [B, K] long -> logits at these positions of each row, [B * K, V] (fixed shape).
         calibrate:      [B] bool: apply the calibration RMSNorm to these sequences' hidden states.
         cache:          a transformers ``Cache`` (e.g. ``DynamicCache``): ``input_ids`` attend to its
                         keys as well as to each other, and their keys and values are appended to it

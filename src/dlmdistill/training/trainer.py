@@ -42,6 +42,7 @@ from ..models.loading import count_parameters
 from . import fsdp
 from .checkpointing import CheckpointMixin
 from .run_folder import LOG_FILE, latest_checkpoint, prepare_output_dir
+from .metrics import MetricWindow
 from .state import NonFiniteLossError, TrainerState  # noqa: F401 (NonFiniteLossError re-exported)
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class Trainer(CheckpointMixin):
         # (a private generator: creating a DataLoader iterator must not consume the global RNG, or a
         # resumed run would draw different masks than an uninterrupted one)
         self.setup_model(model)
+        model.static_attention_mask = config.static_shapes
         n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
         log.info("%s: %s parameters, %s trainable; %d training examples", self.method_name, f"{n_all:,}",
                  f"{n_train:,}", len(self.train_dataset))
@@ -200,7 +202,8 @@ class Trainer(CheckpointMixin):
         self.state = TrainerState()
         self._jsonl = None
         self._skipped_update = False
-
+        self._loss_finite: torch.Tensor | None = None  # see note_loss
+        self._last_loss: torch.Tensor | None = None
     # ------------------------------------------------------------------ hooks for methods
     def accumulation_steps(self) -> int:
         """Gradient accumulation handled by Accelerate (on-policy methods accumulate themselves: 1)."""
@@ -256,56 +259,81 @@ class Trainer(CheckpointMixin):
         self.accelerator.backward(loss)
 
     def check_finite(self, loss: torch.Tensor) -> bool:
-        """False (skip) or raise when ``loss`` is not finite, per ``on_nonfinite_loss``."""
+        """False (skip) or raise when ``loss`` is not finite, per ``on_nonfinite_loss``. Reads the loss back
+        to the host (a device synchronisation): the on-policy recipes call it once per update; the offline
+        loop (``training_step``) folds the check into the one read of ``optimizer_step`` instead."""
         if bool(torch.isfinite(loss.detach()).all()):
             return True
-        msg = (f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
+        return self._nonfinite_loss(loss.detach())
+
+    def _nonfinite_loss(self, loss: torch.Tensor | None) -> bool:
+        shown = f" ({loss.item()})" if loss is not None and loss.numel() == 1 and not torch.isfinite(loss) else ""
+        msg = (f"non-finite loss{shown} at optimizer step {self.state.global_step + 1} "
                f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
         if self.config.on_nonfinite_loss == "error":
             raise NonFiniteLossError(msg + self._last_good() + ". Lower the learning rate or use float32/bf16.")
         log.warning(msg + "skipping the batch")
         return False
 
-    def optimizer_step(self) -> float | None:
-        """Clip, check the gradient norm, step the optimizer and the schedule, zero the gradients; returns
-        the gradient norm (before clipping).
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Remember whether ``loss`` is finite, on the device (no host read): ``optimizer_step`` reads it
+        together with the gradient norm, once per update."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = loss.detach()
 
-        A non-finite gradient norm is never applied: per ``nonfinite_grad`` the run stops with
-        :class:`NonFiniteLossError`, or the update is skipped (``self.last_update_skipped`` is then True).
-        Under fp16 the gradient scaler skips overflowing steps itself (and lowers its scale); such a
-        step is handled like a skipped one: no schedule step, counted in ``skipped_steps``."""
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, check, step the optimizer and the schedule, zero the gradients; returns the gradient norm
+        (before clipping) as a device tensor, or None without clipping.
+
+        One host read per update: the gradient norm's finiteness, together with that of the losses given to
+        ``note_loss`` since the last update. A non-finite loss is handled per ``on_nonfinite_loss`` (the
+        update is dropped, or the run stops); a non-finite gradient norm is never applied: per
+        ``nonfinite_grad`` the run stops with :class:`NonFiniteLossError`, or the update is skipped
+        (``self.last_update_skipped`` is then True). Under fp16 the gradient scaler skips overflowing steps
+        itself (and lowers its scale); such a step is handled like a skipped one: no schedule step, counted
+        in ``skipped_steps``."""
         acc = self.accelerator
         self._skipped_update = False
+        loss_finite, self._loss_finite = self._loss_finite, None
         # an infinite clipping norm measures without changing the gradients (they are scaled by exactly 1)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         if self.fsdp_direct:  # DTensor gradients: the norm is reduced over ranks
-            gn = fsdp.clip_grad_norm_(self.model.parameters(), max_norm)
+            gn = torch.tensor(fsdp.clip_grad_norm_(self.model.parameters(), max_norm))  # (already a host float)
         else:
             gn = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(gn) if gn is not None else None
-        if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
-            msg = (f"non-finite gradient norm ({grad_norm}) at optimizer step {self.state.global_step + 1} "
-                   f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
-            if self.config.nonfinite_grad == "stop":
-                raise NonFiniteLossError(msg + self._last_good() + ". The update was not applied. Lower the "
-                                         "learning rate, or set nonfinite_grad: skip.")
-            log.warning(msg + "update skipped")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.skipped_steps += 1
-            self._skipped_update = True
-            return grad_norm
+        grad_finite = torch.isfinite(gn) if isinstance(gn, torch.Tensor) and acc.scaler is None else None
+        flags = [f for f in (loss_finite, grad_finite) if f is not None]
+        if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # the one host read
+            if loss_finite is not None and not bool(loss_finite):
+                self._drop_update()
+                if not self._nonfinite_loss(self._last_loss):
+                    return gn
+            if grad_finite is not None and not bool(grad_finite):
+                msg = (f"non-finite gradient norm ({float(gn)}) at optimizer step {self.state.global_step + 1} "
+                       f"(epoch {self.state.epoch}, batch {self.state.batches_in_epoch}); ")
+                if self.config.nonfinite_grad == "stop":
+                    raise NonFiniteLossError(msg + self._last_good() + ". The update was not applied. Lower the "
+                                             "learning rate, or set nonfinite_grad: skip.")
+                log.warning(msg + "update skipped")
+                self._drop_update()
+                self.state.skipped_steps += 1
+                return gn
         self.optimizer.step()
         if acc.scaler is not None and acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler dropped it
             log.info("optimizer step %d: fp16 gradient overflow, update skipped by the gradient scaler (scale now "
                      "%g)", self.state.global_step + 1, acc.scaler.get_scale())
-            self.optimizer.zero_grad(set_to_none=True)
+            self._drop_update()
             self.state.skipped_steps += 1
-            self._skipped_update = True
-            return grad_norm
+            return gn
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
-        return grad_norm if self.config.max_grad_norm > 0 else None
+        return gn if self.config.max_grad_norm > 0 and isinstance(gn, torch.Tensor) else None
+
+    def _drop_update(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._skipped_update = True
 
     @property
     def last_update_skipped(self) -> bool:
@@ -316,13 +344,12 @@ class Trainer(CheckpointMixin):
         last = latest_checkpoint(self.output_dir)
         return f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
 
-    def training_step(self, batch: Any) -> tuple[bool, dict[str, float]]:
-        """One micro-batch. Returns (an optimizer step happened, metrics)."""
+    def training_step(self, batch: Any) -> tuple[bool, dict[str, float | torch.Tensor]]:
+        """One micro-batch. Returns (an optimizer step happened, metrics); metrics may be device tensors,
+        read back once per logging interval (``MetricWindow``)."""
         with self.accelerator.accumulate(self.model):
             loss, metrics = self.compute_loss(self.model, batch)
-            if not self.check_finite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return False, {}
+            self.note_loss(loss)
             self.backward(loss)
             stepped = self.accelerator.sync_gradients
             if stepped:
@@ -330,8 +357,8 @@ class Trainer(CheckpointMixin):
                 if self.last_update_skipped:
                     return False, {}
                 if gn is not None:
-                    metrics["grad_norm"] = gn
-        metrics.setdefault("loss", float(loss.detach()))
+                    metrics["grad_norm"] = gn.detach()
+        metrics.setdefault("loss", loss.detach())
         return stepped, metrics
 
     # ------------------------------------------------------------------ loop
@@ -349,7 +376,7 @@ class Trainer(CheckpointMixin):
 
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc=f"train {self.method_name}",
                    unit="step", disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
-        window: dict[str, list[float]] = {}
+        window = MetricWindow()
         shown: dict[str, str] = {}  # the progress bar's postfix
         t0 = time.time()
         final_metrics: dict[str, float] = {}
@@ -362,8 +389,7 @@ class Trainer(CheckpointMixin):
             for batch in loader:
                 stepped, metrics = self.training_step(batch)
                 self.state.batches_in_epoch += 1
-                for k, v in metrics.items():
-                    window.setdefault(k, []).append(float(v))
+                window.add(metrics)
                 extra = self.progress_postfix(metrics)
                 if extra:
                     shown.update(extra)
@@ -374,13 +400,13 @@ class Trainer(CheckpointMixin):
                 bar.update(1)
                 step = self.state.global_step
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    logs = {k: sum(v) / len(v) for k, v in window.items()}
+                    logs = window.means()  # the interval's one host read of the metrics
                     logs.update(lr=self.scheduler.get_last_lr()[0], epoch=self.state.epoch,
                                 elapsed_s=round(time.time() - t0, 2))
                     self.log(logs)
                     shown.update({k: f"{logs[k]:.4g}" for k in ("loss", "reward", "accuracy") if k in logs})
                     bar.set_postfix(shown)
-                    window = {}
+                    window = MetricWindow()
                 if self.evaluator is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
                     self.evaluate()
                 if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.total_steps:

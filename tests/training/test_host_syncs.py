@@ -1,0 +1,120 @@
+"""Device-to-host reads per optimizer step, counted with ``torch.profiler`` on the CPU (issue 26).
+
+On a GPU every ``aten::_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``) and every ``aten::nonzero``
+(boolean indexing, data-dependent shapes) waits for the device to drain its queue. The oracle is the
+profiler's own op count, recorded around each ``training_step``; reads inside ``Optimizer.step`` are counted
+apart: AdamW keeps its step counters on the host unless ``capturable``/``fused``, so on a GPU they are host
+reads that wait for nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from dlmdistill.data import DiffusionCollator
+from dlmdistill.methods.selffusion import SelfFusionTrainer
+from dlmdistill.methods.sft import SFTTrainer
+from dlmdistill.training import TrainingConfig
+from tests.conftest import tiny_model
+from tests.methods.test_sft import reverse_items
+
+READS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def count_reads(trainer, steps: int) -> dict[tuple[str, str], float]:
+    """Reads per optimizer step inside ``training_step``: {(op, "step" | "optimizer"): count / steps}."""
+    inner = trainer.training_step
+
+    def wrapped(batch):
+        with record_function("TRAINING_STEP"):
+            return inner(batch)
+
+    trainer.training_step = wrapped
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train()
+    counts: collections.Counter = collections.Counter()
+    for e in prof.events():
+        if e.name not in READS:
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if "TRAINING_STEP" in chain:
+            counts[(e.name, "optimizer" if any(n.startswith("Optimizer.step") for n in chain) else "step")] += 1
+    return {k: v / steps for k, v in counts.items()}
+
+
+def make(cls, tokenizer, out, steps, **kw):
+    model, tok = tiny_model(tokenizer, seed=0)
+    kw = {"logging_steps": 1000, **kw}
+    cfg = TrainingConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16, learning_rate=1e-3,
+                         save_steps=0, progress_bar=False, report_to=["none"], export_final=False, **kw)
+    return cls(model.train(), tok, reverse_items(tok, n=64), cfg,
+               collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+
+
+def test_static_sft_step_reads_the_device_once(tokenizer, tmp_path):
+    steps = 5
+    reads = count_reads(make(SFTTrainer, tokenizer, tmp_path, steps, static_shapes=True), steps)
+    # the update's finiteness check (loss and gradient norm together); no data-dependent shape anywhere
+    assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
+    assert reads.get(("aten::nonzero", "step"), 0) == 0
+
+
+def test_default_steps_read_the_device_a_bounded_number_of_times(tokenizer, tmp_path):
+    """Without static shapes the masked-position selection costs its nonzero calls (SFT: the model's
+    selection, the targets and the weights); metrics no longer cost a read each."""
+    steps = 5
+    sft = count_reads(make(SFTTrainer, tokenizer, tmp_path / "sft", steps), steps)
+    assert sft.get(("aten::_local_scalar_dense", "step"), 0) <= 2  # the update's check + transformers' mask check
+    assert sft.get(("aten::nonzero", "step"), 0) <= 3
+    sf = count_reads(make(SelfFusionTrainer, tokenizer, tmp_path / "sf", steps), steps)
+    assert sf.get(("aten::_local_scalar_dense", "step"), 0) <= 3  # + the easy copy's row count
+
+
+def test_metrics_are_read_once_per_logging_interval_and_logged_right(tokenizer, tmp_path):
+    """The logged means equal the means of the per-step values (NaN = not measured: left out)."""
+    from dlmdistill.training.metrics import MetricWindow
+
+    w = MetricWindow()
+    w.add({"a": torch.tensor(1.0), "b": torch.tensor(float("nan")), "c": 2.0})
+    w.add({"a": torch.tensor(3.0), "b": torch.tensor(4.0), "c": 4.0})
+    w.add({"d": torch.tensor(float("nan"))})
+    means = w.means()
+    assert means["a"] == 2.0 and means["b"] == 4.0 and means["c"] == 3.0
+    assert means["d"] != means["d"]  # NaN: logged as null
+    trainer = make(SFTTrainer, tokenizer, tmp_path, 4, static_shapes=True, logging_steps=2)
+    trainer.train()
+    logs = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]
+    assert [r["step"] for r in logs] == [2, 4]
+    assert all(0 <= r["masked_acc"] <= 1 and r["loss"] > 0 and r["grad_norm"] > 0 for r in logs)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_static_shapes_give_the_masked_loss(tokenizer, normalization):
+    """The fixed-shape SFT loss (head at every response position, weight 0 off the mask) equals the
+    masked-position one on the same draw, and so do its gradients."""
+    from dlmdistill.methods.sft import diffusion_batch_loss
+
+    model, tok = tiny_model(tokenizer, seed=0)
+    batch = DiffusionCollator(tok.pad_token_id, tok.eos_token_id)(reverse_items(tok, n=8, seed=3))
+    out = []
+    for static in (False, True):
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss, metrics = diffusion_batch_loss(model, batch, mask_id=model.mask_id, normalization=normalization,
+                                             static_shapes=static)
+        loss.backward()
+        out.append((loss.detach(), {k: float(v) for k, v in metrics.items()},
+                    [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, m0, g0), (l1, m1, g1) = out
+    torch.testing.assert_close(l1, l0)
+    assert m1 == pytest.approx(m0, rel=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
