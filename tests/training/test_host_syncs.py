@@ -118,3 +118,44 @@ def test_static_shapes_give_the_masked_loss(tokenizer, normalization):
     assert m1 == pytest.approx(m0, rel=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("distill", ["both", "either", "own"])
+def test_static_shapes_give_the_selffusion_loss(tokenizer, distill):
+    """SelfFusion's fixed-shape loss (both copies at every response position, rows off a mode's mask or
+    off D weighted 0) equals the gathered one on the same draw: every term, metric and gradient."""
+    from dlmdistill.configs.methods import SelfFusionConfig
+    from dlmdistill.methods.selffusion import selffusion_batch_loss
+
+    model, tok = tiny_model(tokenizer, seed=0)
+    model.add_calibration()
+    with torch.no_grad():
+        model.calibration.weight.uniform_(0.5, 1.5)  # a calibration that changes the easy logits
+    batch = DiffusionCollator(tok.pad_token_id, tok.eos_token_id)(reverse_items(tok, n=8, seed=5))
+    cfg = SelfFusionConfig(distill_positions=distill, temperature=2.0)
+    out = []
+    for static in (False, True):
+        model.zero_grad()
+        torch.manual_seed(11)
+        step = selffusion_batch_loss(model, model, batch, cfg, calibrated=True, uncalibrated_diagnostics=True,
+                                     static_shapes=static)
+        step.loss.backward()
+        out.append((step, {k: float(v) for k, v in step.metrics.items()},
+                    [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (s0, m0, g0), (s1, m1, g1) = out
+    assert set(s0.terms) == set(s1.terms) == {"diff_easy", "diff_hard", "kd"}
+    for k in s0.terms:
+        torch.testing.assert_close(s1.terms[k], s0.terms[k], rtol=1e-5, atol=1e-7)
+    assert s0.terms["kd"] > 0
+    assert set(m0) == set(m1)
+    for k in m0:
+        assert (m1[k] != m1[k] and m0[k] != m0[k]) or m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_static_selffusion_step_reads_the_device_once(tokenizer, tmp_path):
+    steps = 5
+    reads = count_reads(make(SelfFusionTrainer, tokenizer, tmp_path, steps, static_shapes=True), steps)
+    assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
+    assert reads.get(("aten::nonzero", "step"), 0) == 0

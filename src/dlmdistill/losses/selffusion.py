@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..configs.choices import DirectionRule, DistillPositions, ModeNormalization
 from ..diffusion import diffusion_loss_weights
-from .kd import logit_kd_loss
+from .kd import kl_per_row, logit_kd_loss
 
 
 def distillation_positions(easy_masked: torch.Tensor, hard_masked: torch.Tensor,
@@ -144,41 +144,55 @@ def direction_from_stats(easy_correct: torch.Tensor, hard_correct: torch.Tensor,
 
 
 def bidirectional_kd_loss(easy_logits: torch.Tensor, hard_logits: torch.Tensor, easy_teaches: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
+                          temperature: float = 1.0, in_d: torch.Tensor | None = None) -> torch.Tensor:
     """``L_bkd`` (eq. 6): ``T^2 / |D| * sum_i KL(P_teacher,T || P_student,T)``, teacher detached.
 
-    easy_logits, hard_logits: [|D|, V] at the distillation positions; easy_teaches: [|D|] bool
-    (``DirectionDecision.easy_teaches``). Returns a float32 scalar (0 when D is empty).
+    easy_logits, hard_logits: [N, V] at the same N positions; easy_teaches: [N] bool
+    (``DirectionDecision.easy_teaches``); in_d: [N] bool, the rows in D (default: every row, N = |D|;
+    given, the other rows are computed and weighted 0, a fixed-shape step). Returns a float32 scalar
+    (0 when D is empty).
     """
     sel = easy_teaches[:, None]
     teacher = torch.where(sel, easy_logits, hard_logits)
     student = torch.where(sel, hard_logits, easy_logits)
-    return logit_kd_loss(student_logits=student, teacher_logits=teacher, temperature=temperature, kind="forward_kl")
+    if in_d is None:
+        return logit_kd_loss(student_logits=student, teacher_logits=teacher, temperature=temperature,
+                             kind="forward_kl")
+    kl = kl_per_row(student_logits=student, teacher_logits=teacher, temperature=temperature, kind="forward_kl")
+    w = in_d.to(kl.dtype)
+    return temperature ** 2 * (kl * w).sum() / w.sum().clamp(min=1)
 
 
 @torch.no_grad()
 def selffusion_diagnostics(easy_logits: torch.Tensor, hard_logits: torch.Tensor, decision: DirectionDecision,
-                           easy_logits_uncalibrated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                           easy_logits_uncalibrated: torch.Tensor | None = None, in_d: torch.Tensor | None = None
+                           ) -> dict[str, torch.Tensor]:
     """What the paper plots (Fig. 4-6, 8), measured on the distillation positions D.
 
-    easy_logits, hard_logits: [|D|, V]; ``easy_logits_uncalibrated``: [|D|, V], the easy mode's
-    logits without the calibration RMSNorm, when available. Returns fractions of D per direction and
-    per correctness case, and the easy mode's mean top-1 probability when both modes are right and
-    when both are wrong (``_uncal``: without calibration), as 0-d tensors (no host read); a case absent
-    from D gives NaN (left out of the trainer's logged means); an empty D gives no entry.
+    easy_logits, hard_logits: [N, V]; ``easy_logits_uncalibrated``: [N, V], the easy mode's logits
+    without the calibration RMSNorm, when available; in_d: [N] bool, the rows in D (default: all).
+    Returns fractions of D per direction and per correctness case, and the easy mode's mean top-1
+    probability when both modes are right and when both are wrong (``_uncal``: without calibration),
+    as 0-d tensors (no host read); a case absent from D gives NaN (left out of the trainer's logged
+    means); no row at all gives no entry.
     """
     if decision.easy_teaches.numel() == 0:
         return {}
+    w = torch.ones_like(decision.easy_teaches, dtype=torch.float32) if in_d is None else in_d.float()
+
+    def mean(x: torch.Tensor, rows: torch.Tensor = w) -> torch.Tensor:
+        return (x.float() * rows).sum() / rows.sum()
+
     ce, ch = decision.easy_correct, decision.hard_correct
     both_right, both_wrong = ce & ch, ~ce & ~ch
     out = {
-        "kd/frac_easy_to_hard": decision.easy_teaches.float().mean(),
-        "kd/frac_hard_to_easy": (~decision.easy_teaches).float().mean(),
-        "kd/frac_one_correct": (ce != ch).float().mean(),
-        "kd/frac_only_easy_correct": (ce & ~ch).float().mean(),
-        "kd/frac_only_hard_correct": (ch & ~ce).float().mean(),
-        "kd/frac_both_correct": both_right.float().mean(),
-        "kd/frac_both_wrong": both_wrong.float().mean(),
+        "kd/frac_easy_to_hard": mean(decision.easy_teaches),
+        "kd/frac_hard_to_easy": mean(~decision.easy_teaches),
+        "kd/frac_one_correct": mean(ce != ch),
+        "kd/frac_only_easy_correct": mean(ce & ~ch),
+        "kd/frac_only_hard_correct": mean(ch & ~ce),
+        "kd/frac_both_correct": mean(both_right),
+        "kd/frac_both_wrong": mean(both_wrong),
     }
     variants = [("", easy_logits)] + ([("_uncal", easy_logits_uncalibrated)]
                                       if easy_logits_uncalibrated is not None else [])
@@ -186,6 +200,5 @@ def selffusion_diagnostics(easy_logits: torch.Tensor, hard_logits: torch.Tensor,
         logits = logits.float()
         top1 = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
         for case, rows in (("both_correct", both_right), ("both_wrong", both_wrong)):
-            w = rows.float()
-            out[f"kd/easy_top1_{case}{suffix}"] = (top1 * w).sum() / w.sum()  # NaN when the case is absent
+            out[f"kd/easy_top1_{case}{suffix}"] = mean(top1, rows.float() * w)  # NaN when the case is absent
     return out

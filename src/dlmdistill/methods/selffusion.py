@@ -93,7 +93,7 @@ class SelfFusionStep:
 
 def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dict[str, torch.Tensor],
                           config: SelfFusionConfig, *, calibrated: bool, uncalibrated_diagnostics: bool = False,
-                          generator: torch.Generator | None = None) -> SelfFusionStep:
+                          generator: torch.Generator | None = None, static_shapes: bool = False) -> SelfFusionStep:
     """SelfFusion's loss on one collated batch (``data.DiffusionCollator`` layout).
 
     model: what to call (possibly the Accelerate-wrapped model); dm: the unwrapped ``DiffusionModel``
@@ -102,31 +102,48 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
     Cost: one forward over the 2B copies with the LM head at ``N = N_easy + N_hard`` rows; one
     cross-entropy over all N rows gives both diffusion losses and the ``p(y)`` / correctness the
     direction rule needs; the D rows of both modes are gathered once ([2|D|, V]) for the KD.
+    ``static_shapes``: the head runs at every response position of both copies instead (``2K`` rows,
+    ``batch["response_index"]``), rows off a mode's mask or off D weighted 0: the same loss with no
+    data-dependent shape (no device-to-host sync).
     """
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     b = ids.shape[0]
     easy, hard = sample_modes(ids, resp, dm.mask_id, eps=config.eps, generator=generator)
     distill = distillation_positions(easy.masked, hard.masked, config.distill_positions)
-    # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
-    pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
-    n_easy = int(pos_easy.sum())
-    kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0],
-                         n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])  # easy D rows, then hard D rows
+    if static_shapes:  # every response position of both copies, rows aligned: easy row j <-> hard row K + j
+        index = batch["response_index"]
+        valid = (index >= 0).reshape(-1)
+        index = index.clamp(min=0)
+        r, c = torch.arange(b, device=ids.device)[:, None].expand_as(index).reshape(-1), index.reshape(-1)
+        positions, n_easy = torch.cat([index, index]), r.numel()
+        targets = torch.cat([ids[r, c], ids[r, c]])
+        zero = torch.zeros((), device=ids.device)
+        weights = torch.cat([torch.where(valid, mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[r, c],
+                                         zero) for m in (easy, hard)])
+        in_mask = torch.cat([easy.masked[r, c] & valid, hard.masked[r, c] & valid])
+        kd_rows = torch.arange(2 * n_easy, device=ids.device)
+        in_d = distill[r, c] & valid
+    else:  # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
+        pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
+        positions, n_easy = torch.cat([pos_easy, pos_hard]), int(pos_easy.sum())
+        targets = torch.cat([ids[pos_easy], ids[pos_hard]])
+        weights = torch.cat([mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[pos]
+                             for m, pos in ((easy, pos_easy), (hard, pos_hard))])
+        in_mask = torch.cat([easy.masked[pos_easy], hard.masked[pos_hard]])
+        kd_rows = torch.cat([distill[pos_easy].nonzero(as_tuple=True)[0],
+                             n_easy + distill[pos_hard].nonzero(as_tuple=True)[0]])  # easy D rows, then hard D rows
+        in_d = None
     calibrate = torch.arange(2 * b, device=ids.device) < b if calibrated else None
     want_uncal = calibrated and uncalibrated_diagnostics
     capture = uncalibrated_logits(dm, kd_rows[: kd_rows.shape[0] // 2]) if want_uncal else nullcontext({})
     with capture as captured:
-        logits = model(torch.cat([easy.noisy_ids, hard.noisy_ids]), torch.cat([attn, attn]),
-                       positions=torch.cat([pos_easy, pos_hard]), calibrate=calibrate)
+        logits = model(torch.cat([easy.noisy_ids, hard.noisy_ids]), torch.cat([attn, attn]), positions=positions,
+                       calibrate=calibrate)
 
     # per gathered row: ground truth, NLL, correctness, and the mode's L_diff weight (0 off its mask)
-    targets = torch.cat([ids[pos_easy], ids[pos_hard]])
     nll = token_nll(logits, targets)
     correct = logits.detach().argmax(dim=-1) == targets
-    weights = torch.cat([mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[pos]
-                         for m, pos in ((easy, pos_easy), (hard, pos_hard))])
     weighted = weights * nll
-    in_mask = torch.cat([easy.masked[pos_easy], hard.masked[pos_hard]])
     mode_rows = {"easy": slice(0, n_easy), "hard": slice(n_easy, logits.shape[0])}
     terms = {f"diff_{m}": weighted[rows].sum() for m, rows in mode_rows.items()}
     # diagnostics as device tensors (read back once per logging interval; NaN = no such position)
@@ -144,15 +161,18 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
                                     config.direction)
     loss = terms["diff_hard"] + terms["diff_easy"]
     if config.kd_weight > 0:
-        kd_easy, kd_hard, teaches = easy_d, hard_d, decision.easy_teaches
+        kd_easy, kd_hard, teaches, kd_in_d = easy_d, hard_d, decision.easy_teaches, in_d
         if config.distill_positions == "own":  # each mode a student only where it is masked itself
             keep = student_masked(teaches, in_mask[e_rows], in_mask[h_rows])
-            kd_easy, kd_hard, teaches = easy_d[keep], hard_d[keep], teaches[keep]
-        terms["kd"] = bidirectional_kd_loss(kd_easy, kd_hard, teaches, config.temperature)
+            if in_d is None:
+                kd_easy, kd_hard, teaches = easy_d[keep], hard_d[keep], teaches[keep]
+            else:
+                kd_in_d = in_d & keep
+        terms["kd"] = bidirectional_kd_loss(kd_easy, kd_hard, teaches, config.temperature, in_d=kd_in_d)
         loss = loss + config.kd_weight * terms["kd"]
     metrics.update({f"loss/{k}": v.detach() for k, v in terms.items()})
     metrics["kd/frac_of_response"] = distill.sum() / resp.sum().clamp(min=1)
-    metrics.update(selffusion_diagnostics(easy_d.detach(), hard_d.detach(), decision, captured.get("logits")))
+    metrics.update(selffusion_diagnostics(easy_d.detach(), hard_d.detach(), decision, captured.get("logits"), in_d))
     return SelfFusionStep(loss=loss, terms=terms, metrics=metrics, head_rows=logits.shape[0],
                           sft_head_rows=hard.masked.sum())
 
@@ -173,7 +193,8 @@ class SelfFusionTrainer(Trainer):
     def compute_loss(self, model, batch):
         every = self.method.uncalibrated_diagnostics_every
         step = selffusion_batch_loss(model, self.unwrapped, batch, self.method, calibrated=self.method.calibration,
-                                     uncalibrated_diagnostics=every > 0 and self.micro_batches % every == 0)
+                                     uncalibrated_diagnostics=every > 0 and self.micro_batches % every == 0,
+                                     static_shapes=self.config.static_shapes)
         self.micro_batches += 1
         b, length = batch["input_ids"].shape
         self.passes["sft"].add(b, length, step.sft_head_rows)
