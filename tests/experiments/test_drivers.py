@@ -108,3 +108,28 @@ def test_demo_lr_validation_never_scores_test_puzzles(tmp_path):
                         "--methods", "sft", "--lrs", "1e-4", "3e-5", "--items", "8", "--threads", "1"]) == 0
     result = json.loads((tmp_path / "val" / "results.json").read_text())
     assert result["items"] == 8 and set(result["accuracy"]["sft"]) == {"0.0001", "3e-05"}
+
+
+def test_selffusion_finite_driver_smoke(tmp_path):
+    """The finite-data study: every run trains on the same puzzles whatever its seed, validates on puzzles
+    that are not the test puzzles, and the main stage waits for the learning rates."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "selffusion" / "finite.py"), "--scale", "smoke",
+                           "--out", str(tmp_path), "--stages", "main"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "run --stages lr first" in proc.stderr
+    text = run("selffusion/finite.py", tmp_path, "--seeds", "0", "1")
+    assert "Chosen: sft 0.001, selffusion 0.001" in text
+    for row in ("| SFT |", "| SFT, 2x epochs", "D = both", "D = either mode", "(own)", "kd_weight 0", "easy -> hard",
+                "hard -> easy", "without RMSNorm", "| Logit KD from a wider DLM teacher"):
+        assert row in text
+    assert (tmp_path / "validation_curves.png").exists()
+    data = [json.loads((tmp_path / f"sft_seed{x}" / "data_stats.json").read_text()) for x in (0, 1)]
+    assert data[0] == data[1]  # the same training puzzles
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "sft_seed1" / "config.yaml").read_text())
+    assert cfg["data"]["seed"] == 0 and cfg["training"]["seed"] == 1
+    assert cfg["data"]["task_kwargs"]["test_seed"] != 1234  # validation puzzles, not the test set
+    test = json.loads((tmp_path / "sft_seed1" / "eval" / "test" / "metrics.json").read_text())
+    assert test["results"]
+    steps = [json.loads(x).get("step", 0) for x in (tmp_path / "sft_2x_seed0" / "logs.jsonl").read_text().splitlines()]
+    assert max(steps) == 12  # twice SFT's 6 steps
