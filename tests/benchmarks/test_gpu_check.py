@@ -48,7 +48,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
     rows = {r["item"]: r for r in report["rows"]}
-    for item in ("model", "sft", "selffusion", "dopsd", "diffu_grpo", "sample (cache none, 16 steps)",
+    for item in ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "diffu_grpo",
+                 "sample (cache none, 16 steps)",
                  "sample (cache prefix, 16 steps)", "sample (cache dual, 16 steps)",
                  "sample (cache dual, threshold 0.9, 16 steps)"):
         assert rows[item]["status"] == "ok", rows[item]
@@ -57,6 +58,10 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
         assert rows[item]["steps"] == 2 and rows[item]["tflop_per_step"] > 0
     # SelfFusion runs two masked copies of every sequence: about twice SFT's FLOPs per step
     assert 1.5 < rows["selffusion"]["tflop_per_step"] / rows["sft"]["tflop_per_step"] < 2.5
+    # static shapes: the head at every response position, so more head FLOPs than at the masked ones only
+    for item in ("sft", "selffusion"):
+        assert rows[f"{item}_static"]["steps"] == 2
+        assert rows[f"{item}_static"]["tflop_per_step"] > rows[item]["tflop_per_step"]
     assert rows["fsdp"]["status"].startswith("skipped")
     assert "| sft | ok |" in (out / "gpu_check.md").read_text()
     # never over a previous report
