@@ -24,6 +24,20 @@ def shared_data() -> Path:
     return d
 
 
+def load_script(path: Path, name: str | None = None):
+    """A script that is not part of the package (``benchmarks/``, ``experiments/``) loaded as a module; registered
+    in ``sys.modules`` under ``name`` (default: the file's stem) so that its dataclasses and pickling work."""
+    import importlib.util
+    import sys
+
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def tokenizer():
     return char_tokenizer(["0123456789+-*/()=<>abcdefghijklmnopqrstuvwxyz ,:\n"])

@@ -115,7 +115,7 @@ def chosen_lrs(root: Path, s: dict[str, Any]) -> dict[str, float]:
     for method in ("sft", "selffusion"):
         scores = {lr: max(validation_curve(root / "lr" / f"{method}_lr{lr:g}", s)[1] or [float("nan")])
                   for lr in s["lrs"] if done(root / "lr" / f"{method}_lr{lr:g}")}
-        scores = {lr: v for lr, v in scores.items() if v == v}
+        scores = {lr: v for lr, v in scores.items() if not math.isnan(v)}
         if scores:
             out[method] = max(scores, key=lambda lr: (scores[lr], -lr))
     return out

@@ -3,15 +3,11 @@ at most 1.10x, is the benchmark's to print, not a timed test's)."""
 
 from __future__ import annotations
 
-import importlib.util
-
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 def test_bench_overhead_smoke(capsys):
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "bench_overhead.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(ROOT / "benchmarks" / "bench_overhead.py")
     rows = bench.main(["--presets", "tiny", "--batch", "4", "--steps", "1", "--repeats", "1"])
     assert [(r["method"], r["preset"]) for r in rows] == [("sft", "tiny"), ("selffusion", "tiny")]
     assert all(r["bare_ms"] > 0 and r["trainer_ms"] > 0 and r["ratio"] > 0 for r in rows)

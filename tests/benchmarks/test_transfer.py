@@ -1,21 +1,16 @@
+"""benchmarks/transfer.py: a file carried in parts comes back byte for byte, or the join names what is wrong."""
+
 import hashlib
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, load_script
 
 
 def _transfer():
-    spec = importlib.util.spec_from_file_location("transfer", ROOT / "benchmarks" / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["transfer"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "transfer.py")
 
 
 @pytest.mark.parametrize("size", [2_500_000, 2_000_000, 0])

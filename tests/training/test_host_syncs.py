@@ -91,7 +91,7 @@ def test_metrics_are_read_once_per_logging_interval_and_logged_right(tokenizer, 
     assert means["d"] != means["d"]  # NaN: logged as null
     trainer = make(SFTTrainer, tokenizer, tmp_path, 4, static_shapes=True, logging_steps=2)
     trainer.train()
-    logs = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]
+    logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [2, 4]
     assert all(0 <= r["masked_acc"] <= 1 and r["loss"] > 0 and r["grad_norm"] > 0 for r in logs)
 

@@ -41,9 +41,9 @@ from ..models.backbone import DiffusionModel
 from ..models.loading import count_parameters
 from . import fsdp
 from .checkpointing import CheckpointMixin
-from .run_folder import LOG_FILE, latest_checkpoint, prepare_output_dir
 from .metrics import MetricWindow
-from .state import NonFiniteLossError, TrainerState  # noqa: F401 (NonFiniteLossError re-exported)
+from .run_folder import LOG_FILE, latest_checkpoint, prepare_output_dir
+from .state import NonFiniteLossError, TrainerState
 
 log = logging.getLogger(__name__)
 
