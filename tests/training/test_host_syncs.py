@@ -159,3 +159,48 @@ def test_static_selffusion_step_reads_the_device_once(tokenizer, tmp_path):
     reads = count_reads(make(SelfFusionTrainer, tokenizer, tmp_path, steps, static_shapes=True), steps)
     assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
     assert reads.get(("aten::nonzero", "step"), 0) == 0
+
+
+@pytest.mark.parametrize("kind", ["dlm", "ar"])
+def test_static_shapes_give_the_kd_loss(tokenizer, tmp_path, kind):
+    """Logit KD at every response position with rows off the mask (an AR teacher: also token 0 and the EOS
+    padding) weighted 0 equals the gathered loss: loss terms, metrics and gradients on the same draw."""
+    from dlmdistill.methods.kd import KDConfig, KDTrainer
+    from tests.models.test_autoregressive import tiny_ar
+
+    teacher = tiny_model(tokenizer, seed=1)[0] if kind == "dlm" else tiny_ar(tokenizer, seed=1)
+    out = []
+    for static in (False, True):
+        model, tok = tiny_model(tokenizer, seed=0)
+        cfg = TrainingConfig(output_dir=str(tmp_path / str(static)), max_steps=1, per_device_train_batch_size=8,
+                             progress_bar=False, report_to=["none"], export_final=False, static_shapes=static)
+        trainer = KDTrainer(model.train(), tok, reverse_items(tok, 8), cfg, teacher=teacher,
+                            method=KDConfig(teacher="(test)", temperature=2.0, ar_skip_eos_padding=True,
+                                            divergence="reverse_kl" if kind == "ar" else "forward_kl"),
+                            collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+        batch = DiffusionCollator(tok.pad_token_id, tok.eos_token_id)(reverse_items(tok, n=8, seed=9))
+        torch.manual_seed(13)
+        loss, metrics = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        out.append((loss.detach(), {k: float(v) for k, v in metrics.items()},
+                    [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
+    (l0, m0, g0), (l1, m1, g1) = out
+    torch.testing.assert_close(l1, l0)
+    assert m0["loss/kd"] > 0 and set(m0) == set(m1)
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_static_kd_step_reads_the_device_once(tokenizer, tmp_path):
+    from dlmdistill.methods.kd import KDConfig, KDTrainer
+
+    model, tok = tiny_model(tokenizer, seed=0)
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=16, logging_steps=1000,
+                         save_steps=0, progress_bar=False, report_to=["none"], export_final=False, static_shapes=True)
+    trainer = KDTrainer(model.train(), tok, reverse_items(tok, 64), cfg, teacher=tiny_model(tokenizer, seed=1)[0],
+                        method=KDConfig(teacher="(test)"), collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+    reads = count_reads(trainer, 5)
+    assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
+    assert reads.get(("aten::nonzero", "step"), 0) == 0

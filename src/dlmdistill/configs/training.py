@@ -70,7 +70,7 @@ class TrainingConfig:
     export_final: bool = field(True, help="export the final model (transformers format) to output_dir/final")
     merge_lora_on_export: bool = field(True, help="merge LoRA adapters into the exported model")
     static_shapes: bool = field(
-        False, help="SFT: apply the LM head at every response position (unmasked ones weighted 0) instead of the "
+        False, help="SFT, SelfFusion, logit KD: apply the LM head at every response position (unmasked ones weighted 0) instead of the "
         "masked ones only, so that a step has no data-dependent shape and no device-to-host sync besides the "
         "update's one finiteness check; costs the head at about twice the rows (see docs/benchmarks.md)")
     use_cpu: bool = field(False, help="train on the CPU even when an accelerator is present (multi-process CPU "

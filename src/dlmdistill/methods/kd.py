@@ -30,7 +30,7 @@ from ..configs.methods import KDConfig, KDRunConfig  # noqa: F401 (re-exported)
 from ..diffusion import forward_process
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
-from ..losses.kd import logit_kd_loss
+from ..losses.kd import kl_per_row, logit_kd_loss
 from ..losses.selffusion import mode_loss_weights
 from ..models.autoregressive import CausalLM
 from ..models.backbone import DiffusionModel
@@ -76,6 +76,8 @@ class KDTrainer(Trainer):
 
     def setup_model(self, model: DiffusionModel) -> None:
         self.teacher.to(self.accelerator.device).eval().requires_grad_(False)
+        if isinstance(self.teacher, DiffusionModel):  # its mask as the student's (training.static_shapes)
+            self.teacher.static_attention_mask = self.config.static_shapes
         if isinstance(self.teacher, DiffusionModel) and self.teacher.mask_id != model.mask_id:
             raise ValueError(f"the DLM teacher's mask id ({self.teacher.mask_id}) differs from the student's "
                              f"({model.mask_id}): a DLM teacher must read the student's noisy input")
@@ -84,12 +86,15 @@ class KDTrainer(Trainer):
         cfg = self.method
         ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         noised = forward_process(ids, resp, self.unwrapped.mask_id, eps=cfg.eps)
+        skip_padding = isinstance(self.teacher, CausalLM) and cfg.ar_skip_eos_padding
+        if self.config.static_shapes:
+            return self._static_loss(model, batch, noised, skip_padding)
         logits = model(noised.noisy_ids, attn, positions=noised.masked)
         targets = ids[noised.masked]
         weights = mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)[noised.masked]
         ce = masked_diffusion_loss(logits, targets, weights)
         kd_pos, s_logits = noised.masked, logits
-        if isinstance(self.teacher, CausalLM) and cfg.ar_skip_eos_padding:
+        if skip_padding:
             kd_pos = noised.masked & ~eos_padding(ids, resp, self.tokenizer.eos_token_id)
             s_logits = logits[kd_pos[noised.masked]]
         with self.accelerator.autocast():
@@ -111,6 +116,48 @@ class KDTrainer(Trainer):
         self.passes["teacher"].add(b, length, t_logits.shape[0])
         # SFT of the teacher itself: a DLM's head at the masked positions, an AR model's at every response token
         self.passes["teacher_sft"].add(b, length, resp.sum() if isinstance(self.teacher, CausalLM) else n)
+        return loss, metrics
+
+    def _static_loss(self, model, batch, noised, skip_padding: bool):
+        """``training.static_shapes``: student and teacher at every response position
+        (``batch["response_index"]``), rows off the mask (and, for an AR teacher, token 0 and the EOS
+        padding when skipped) weighted 0: the same loss with no data-dependent shape."""
+        cfg = self.method
+        ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        index = batch["response_index"]
+        valid = (index >= 0).reshape(-1)
+        index = index.clamp(min=0)
+        r, c = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(index).reshape(-1), index.reshape(-1)
+        logits = model(noised.noisy_ids, attn, positions=index)
+        targets = ids[r, c]
+        masked = noised.masked[r, c] & valid
+        weights = torch.where(masked, mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)[r, c],
+                              torch.zeros((), device=ids.device))
+        ce = masked_diffusion_loss(logits, targets, weights)
+        in_kd = masked
+        if isinstance(self.teacher, CausalLM):
+            in_kd = in_kd & (c > 0)  # token 0 has no prefix (the gathered path refuses it)
+            if skip_padding:
+                in_kd = in_kd & ~eos_padding(ids, resp, self.tokenizer.eos_token_id)[r, c]
+        with self.accelerator.autocast():
+            t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, index)
+        v = min(logits.shape[-1], t_logits.shape[-1])
+        kl = kl_per_row(student_logits=logits[:, :v], teacher_logits=t_logits[:, :v], temperature=cfg.temperature,
+                        kind=cfg.divergence)
+        w = in_kd.to(kl.dtype)
+        kd = cfg.temperature ** 2 * (kl * w).sum() / w.sum().clamp(min=1)
+        loss = cfg.ce_weight * ce + cfg.kd_weight * kd
+        agree = (t_logits.argmax(-1) == logits.detach().argmax(-1)).float()
+        metrics = {"loss/ce": ce.detach(), "loss/kd": kd.detach(),
+                   "mask_ratio": noised.masked.sum() / resp.sum().clamp(min=1),
+                   **masked_token_stats(logits.detach(), targets, masked),
+                   **{f"teacher/{k}": x for k, x in masked_token_stats(t_logits.float(), targets, in_kd).items()},
+                   "kd/top1_agreement": (agree * w).sum() / w.sum(),
+                   "kd/frac_of_masked": w.sum() / masked.sum().clamp(min=1)}
+        b, length = ids.shape
+        self.passes["student"].add(b, length, logits.shape[0])
+        self.passes["teacher"].add(b, length, t_logits.shape[0])
+        self.passes["teacher_sft"].add(b, length, resp.sum() if isinstance(self.teacher, CausalLM) else noised.masked.sum())
         return loss, metrics
 
     def cost_rows(self) -> dict[str, dict[str, float]]:

@@ -107,17 +107,22 @@ class CausalLM(nn.Module):
         """Next-token logits, aligned with the tokens they predict.
 
         input_ids: [B, L]; attention_mask: [B, L] or None; positions: [B, L] bool, the tokens to
-        predict (position 0 has no prefix and cannot be one). Returns [N, V] in row-major order of
-        ``positions``: row n is the distribution of token i given ``input_ids[b, :i]`` (computed at
+        predict (position 0 has no prefix and cannot be one), or [B, K] long positions per row (a
+        fixed shape; a row for token 0 is computed from position 0 and must be weighted 0 by the
+        caller). Returns [N, V] in row-major order of ``positions``: row n is the distribution of token i given ``input_ids[b, :i]`` (computed at
         position ``i - 1``; the LM head only there when the model splits into body and head).
         """
         if positions is None:
             raise ValueError("CausalLM.forward needs positions (the tokens to predict)")
-        if bool(positions[:, 0].any()):
-            raise ValueError("a causal LM cannot predict token 0 (it has no prefix)")
-        source = torch.zeros_like(positions)
-        source[:, :-1] = positions[:, 1:]
-        b, i = source.nonzero(as_tuple=True)
+        if positions.dtype == torch.bool:
+            if bool(positions[:, 0].any()):
+                raise ValueError("a causal LM cannot predict token 0 (it has no prefix)")
+            source = torch.zeros_like(positions)
+            source[:, :-1] = positions[:, 1:]
+            b, i = source.nonzero(as_tuple=True)
+        else:  # [B, K] long: a fixed shape, no sync; a row for token 0 reads position 0 (the caller weights it 0)
+            b = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions).reshape(-1)
+            i = (positions.reshape(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = dict(use_cache=False)
         if attention_mask is not None:
             kwargs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
