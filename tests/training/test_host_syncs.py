@@ -204,3 +204,46 @@ def test_static_kd_step_reads_the_device_once(tokenizer, tmp_path):
     reads = count_reads(trainer, 5)
     assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
     assert reads.get(("aten::nonzero", "step"), 0) == 0
+
+
+def reads_in(scope: str, run) -> tuple[int, dict[str, int]]:
+    """Run ``run()`` under the profiler: (number of ``scope`` blocks, their reads by op, optimizer internals
+    left out)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    blocks, counts = 0, collections.Counter()
+    for e in prof.events():
+        if e.name == scope:
+            blocks += 1
+        if e.name not in READS:
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if scope in chain and not any(n.startswith("Optimizer.step") for n in chain):
+            counts[e.name] += 1
+    return blocks, dict(counts)
+
+
+def test_diffu_grpo_inner_iterations_read_the_device_once(tokenizer, tmp_path):
+    """The update phase of diffu-GRPO: every inner iteration (one optimizer step) over 2 micro-batches makes
+    one host read, the finiteness check; the scored positions are found once per rollout batch."""
+    from dlmdistill.methods.diffu_grpo import DiffuGRPOConfig, DiffuGRPOTrainer
+    from dlmdistill.sampling import GenerationConfig
+    from tests.methods.stubs import StubTask, items_for, stub_examples, training_config
+
+    model, tok = tiny_model(tokenizer)
+    examples = stub_examples(4)
+    gen = GenerationConfig(gen_length=8, steps=4, block_length=8, temperature=1.0)
+    t = DiffuGRPOTrainer(model.train(), tok, items_for(examples, tok, gen.gen_length),
+                         training_config(tmp_path, per_device_train_batch_size=2, static_shapes=True),
+                         task=StubTask(lambda i, c: float(len(c) % 2 == 0)), examples=examples,
+                         method=DiffuGRPOConfig(rollout=gen, num_generations=4, num_iterations=3, micro_batch_size=4,
+                                                beta=0.04))
+    t.score = lambda indices, responses: torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0])  # non-zero advantages
+    out = {}
+    blocks, counts = reads_in("diffu_grpo.iteration",
+                              lambda: out.update(step=t.training_step([t.train_dataset[i] for i in range(2)])))
+    assert out["step"][0] and blocks == 3
+    assert counts.get("aten::_local_scalar_dense", 0) <= blocks and counts.get("aten::nonzero", 0) == 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,9 +61,31 @@ def mask_for_estimate(input_ids: torch.Tensor, prompt_mask: torch.Tensor, respon
 
 
 def token_logps(logits_fn: LogitsFn, noisy: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-    """log p(target) at ``positions`` ([N, L] bool) of the noisy input: [M] float32, row-major."""
-    return -token_nll(logits_fn(noisy, attention_mask, positions), targets[positions])
+                positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """log p(target) at ``positions`` of the noisy input: [M] float32, row-major. ``positions``: [N, L] bool,
+    or the (row, position) index pair of its True entries (no data-dependent shape: no device sync)."""
+    picked = targets[positions] if isinstance(positions, torch.Tensor) else targets[positions[0], positions[1]]
+    return -token_nll(logits_fn(noisy, attention_mask, positions), picked)
+
+
+@dataclass
+class UpdateBatch:
+    """What the inner iterations of one rollout batch share. ids, attn, prompt_mask, response_mask: [N, L];
+    advantages: [N]; parts: the micro-batches (``n_real`` real ones, then zero-weight padding); where: each
+    micro-batch's scored tokens as (row, position) indices; old: per later iteration, per micro-batch, the
+    rollout policy's log-probs there; n_tokens: scored tokens over all ranks; scale: the loss factor."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    parts: list[slice]
+    n_real: int
+    where: list[tuple[torch.Tensor, torch.Tensor]]
+    old: list[list[torch.Tensor]]
+    n_tokens: float
+    scale: float
 
 
 class DiffuGRPOTrainer(OnPolicyTrainer):
@@ -133,52 +156,66 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
         parts = micro_batches(len(prompts), m.micro_batch_size)
         n_parts = self.global_max(len(parts))
         sl = [parts[i] if i < len(parts) else slice(0, 1) for i in range(n_parts)]
-        old = self._old_logps(ids, attn, prompt_mask, response_mask, positions, seeds[1:], sl)
-        scale = self.accelerator.num_processes / n_tokens
-        per_iter: dict[str, list[float]] = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": []}
+        # each micro-batch's scored tokens as (row, position) indices, found once per rollout batch: the
+        # inner iterations then gather them without a data-dependent shape (no device-to-host sync)
+        where = [positions[part].nonzero(as_tuple=True) for part in sl]
+        old = self._old_logps(ids, attn, prompt_mask, response_mask, where, seeds[1:], sl)
+        update = UpdateBatch(ids, attn, prompt_mask, response_mask, advantages, sl, len(parts), where, old, n_tokens,
+                             self.accelerator.num_processes / n_tokens)
+        per_iter: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": []}
         for it, seed in enumerate(seeds):
-            noisy = self._noisy(ids, prompt_mask, response_mask, seed)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            for j, part in enumerate(sl):
-                weight = scale if j < len(parts) else 0.0  # zero-weight padding keeps ranks in lock-step
-                with nullcontext() if j == n_parts - 1 else self.accelerator.no_sync(self.model):
-                    logp = token_logps(self.policy_logits, noisy[part], attn[part], ids[part], positions[part])
-                    old_logp = logp.detach() if it == 0 else old[it - 1][part][positions[part]]
-                    ref = None
-                    if m.beta > 0:
-                        ref = token_logps(self.initial_policy_logits, noisy[part], attn[part], ids[part],
-                                          positions[part])
-                    adv = advantages[part].repeat_interleave(scored[part].sum(1))
-                    out = ppo_clip_loss(logp, old_logp, adv, epsilon=m.epsilon, ref_logp=ref, beta=m.beta)
-                    self.backward(out.per_token.sum() * weight)
-                if weight:
-                    sums += torch.stack([out.per_token.detach().sum(), out.kl.detach().sum(),
-                                         out.clipped.float().sum()]).double()
-            sums = self.global_sum(sums) / n_tokens
-            if not self.check_finite(sums[0]):
-                self.optimizer.zero_grad(set_to_none=True)
+            with torch.profiler.record_function("diffu_grpo.iteration"):  # one optimizer step (profiles, tests)
+                stop = self._iteration(it, seed, update, per_iter)
+            if stop:  # a non-finite loss dropped the update (on_nonfinite_loss: skip): no later iteration
                 return it > 0, metrics
-            grad_norm = self.optimizer_step()
-            for key, value in zip(("loss", "kl", "clip_fraction"), sums.tolist()):
-                per_iter[key].append(value)
-            if grad_norm is not None:
-                per_iter["grad_norm"].append(grad_norm)
-        metrics.update({k: sum(v) / len(v) for k, v in per_iter.items() if v})
+        metrics.update({k: torch.stack([x.double() for x in v]).mean() for k, v in per_iter.items() if v})
         return True, metrics
+
+    def _iteration(self, it: int, seed: int, u: "UpdateBatch", per_iter: dict[str, list[torch.Tensor]]) -> bool:
+        """Inner iteration ``it``: the clipped surrogate over every micro-batch, then one optimizer step.
+        Its only host read is the update's finiteness check. Returns True when the update was dropped for
+        a non-finite loss."""
+        m = self.method
+        ids, attn, where, sl = u.ids, u.attn, u.where, u.parts
+        n_parts = len(sl)
+        noisy = self._noisy(ids, u.prompt_mask, u.response_mask, seed)
+        sums = torch.zeros(3, dtype=torch.float64, device=ids.device)
+        for j, part in enumerate(sl):
+            weight = u.scale if j < u.n_real else 0.0  # zero-weight padding keeps ranks in lock-step
+            with nullcontext() if j == n_parts - 1 else self.accelerator.no_sync(self.model):
+                logp = token_logps(self.policy_logits, noisy[part], attn[part], ids[part], where[j])
+                old_logp = logp.detach() if it == 0 else u.old[it - 1][j]
+                ref = None
+                if m.beta > 0:
+                    ref = token_logps(self.initial_policy_logits, noisy[part], attn[part], ids[part], where[j])
+                adv = u.advantages[part][where[j][0]]  # each token's sequence advantage
+                out = ppo_clip_loss(logp, old_logp, adv, epsilon=m.epsilon, ref_logp=ref, beta=m.beta)
+                self.backward(out.per_token.sum() * weight)
+            if weight:
+                sums += torch.stack([out.per_token.detach().sum(), out.kl.detach().sum(),
+                                     out.clipped.float().sum()]).double()
+        sums = self.global_sum(sums) / u.n_tokens
+        self.note_loss(sums[0])  # read with the gradient norm, once, in optimizer_step
+        grad_norm = self.optimizer_step()
+        if self.last_loss_nonfinite:
+            return True
+        for key, value in zip(("loss", "kl", "clip_fraction"), sums):
+            per_iter[key].append(value)
+        if grad_norm is not None:
+            per_iter["grad_norm"].append(grad_norm)
+        return False
 
     @torch.no_grad()
     def _old_logps(self, ids: torch.Tensor, attn: torch.Tensor, prompt_mask: torch.Tensor, response_mask: torch.Tensor,
-                   positions: torch.Tensor, seeds: list[int], parts: list[slice]) -> list[torch.Tensor]:
+                   where: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int], parts: list[slice]
+                   ) -> list[list[torch.Tensor]]:
         """The rollout policy's per-token log-probs under each later iteration's mask, before any
-        update: one [N, L] tensor per seed (values at ``positions``)."""
+        update: per seed, one flat tensor per micro-batch (at its ``where`` indices)."""
         out = []
         for seed in seeds:
             noisy = self._noisy(ids, prompt_mask, response_mask, seed)
-            full = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-            for part in parts:
-                full[part][positions[part]] = token_logps(self.policy_logits, noisy[part], attn[part], ids[part],
-                                                          positions[part])
-            out.append(full)
+            out.append([token_logps(self.policy_logits, noisy[part], attn[part], ids[part], w)
+                        for part, w in zip(parts, where)])
         return out
 
 

@@ -160,6 +160,7 @@ class OnPolicyTrainer(Trainer):
     def setup_model(self, model: DiffusionModel) -> None:
         if self.uses_frozen_policy and not model.is_peft:
             frozen = copy.deepcopy(model).requires_grad_(False).eval()
+            frozen.static_attention_mask = self.config.static_shapes  # its mask as the policy's
             self.frozen_policy = frozen.to(self.accelerator.device)
 
     @property

@@ -130,9 +130,14 @@ class DiffusionModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def _select(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch and sequence indices of the hidden states that predict ``positions``: a [B, L] bool mask
-        (its True entries in row-major order: a data-dependent count, so one device-to-host sync) or a
-        [B, K] long tensor of positions per row (every entry, row-major: a fixed shape, no sync)."""
-        if positions.dtype == torch.bool:
+        (its True entries in row-major order: a data-dependent count, so one device-to-host sync), a
+        [B, K] long tensor of positions per row (every entry, row-major: a fixed shape, no sync), or a
+        (rows, positions) pair of [N] long tensors (those entries, no sync)."""
+        if isinstance(positions, tuple):  # (row, position) index pairs, taken as they are
+            b, i = positions
+            if self.shift_logits:
+                torch._assert_async((i > 0).all(), "a shifted-logit model cannot predict position 0")
+        elif positions.dtype == torch.bool:
             b, i = positions.nonzero(as_tuple=True)
             if self.shift_logits and bool((i == 0).any()):
                 raise ValueError("a shifted-logit model cannot predict position 0 (it has no left neighbour)")
@@ -193,7 +198,8 @@ class DiffusionModel(nn.Module):
         positions:      None -> logits at every position, [B, L, V] (aligned so that ``logits[:, i]``
                         predicts token ``i`` even for shifted models);
                         [B, L] bool -> logits only where True, [N, V] in row-major order;
-                        [B, K] long -> logits at these positions of each row, [B * K, V] (fixed shape).
+                        [B, K] long -> logits at these positions of each row, [B * K, V] (fixed shape);
+                        (rows, positions), two [N] long tensors -> logits at those entries, [N, V].
         calibrate:      [B] bool: apply the calibration RMSNorm to these sequences' hidden states.
         cache:          a transformers ``Cache`` (e.g. ``DynamicCache``): ``input_ids`` attend to its
                         keys as well as to each other, and their keys and values are appended to it

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..config import ConfigError
 from ..configs.training import TrainingConfig
@@ -74,17 +74,6 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-class ListDataset(Dataset):
-    def __init__(self, items: list[Any]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.items[i]
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -168,7 +157,7 @@ class Trainer(CheckpointMixin):
         set_seed(config.seed, device_specific=True)
         if len(train_dataset) == 0:
             raise ValueError("the training set is empty")
-        self.train_dataset = ListDataset(list(train_dataset))
+        self.train_dataset = list(train_dataset)  # a list is a map-style dataset
         self.sampler = EpochSampler(len(self.train_dataset), config.seed)
         loader = DataLoader(self.train_dataset, batch_size=config.per_device_train_batch_size, sampler=self.sampler,
                             collate_fn=collate_fn or (lambda x: x), num_workers=config.dataloader_num_workers,
@@ -200,10 +189,11 @@ class Trainer(CheckpointMixin):
         # (not registered with Accelerate's checkpointing: it would pickle the schedule and unpickle it on
         # resume; every piece of checkpoint state is written as safetensors or JSON by save_checkpoint)
         self.state = TrainerState()
-        self._jsonl = None
-        self._skipped_update = False
+        self._jsonl, self._skipped_update = None, False
+        self.last_loss_nonfinite = False  # the last optimizer_step dropped its update for a non-finite loss
         self._loss_finite: torch.Tensor | None = None  # see note_loss
         self._last_loss: torch.Tensor | None = None
+
     # ------------------------------------------------------------------ hooks for methods
     def accumulation_steps(self) -> int:
         """Gradient accumulation handled by Accelerate (on-policy methods accumulate themselves: 1)."""
@@ -294,7 +284,7 @@ class Trainer(CheckpointMixin):
         itself (and lowers its scale); such a step is handled like a skipped one: no schedule step, counted
         in ``skipped_steps``."""
         acc = self.accelerator
-        self._skipped_update = False
+        self._skipped_update = self.last_loss_nonfinite = False
         loss_finite, self._loss_finite = self._loss_finite, None
         # an infinite clipping norm measures without changing the gradients (they are scaled by exactly 1)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
@@ -307,6 +297,7 @@ class Trainer(CheckpointMixin):
         if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # the one host read
             if loss_finite is not None and not bool(loss_finite):
                 self._drop_update()
+                self.last_loss_nonfinite = True
                 if not self._nonfinite_loss(self._last_loss):
                     return gn
             if grad_finite is not None and not bool(grad_finite):
