@@ -482,6 +482,8 @@ def cmd_estimate(argv: list[str]) -> int:
     p.add_argument("--seq_len", type=int, default=512, help="prompt + response tokens")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="bf16: mixed precision (fp32 master)")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--load_in_4bit", action="store_true", help="the LoRA base's decoder linears in 4-bit NF4 "
+                   "(model.load_in_4bit)")
     p.add_argument("--mask_fraction", type=float, default=0.5, help="masked share of the tokens (offline methods)")
     p.add_argument("--gen_length", type=int, default=None, help="on-policy: generated tokens (default seq_len/2)")
     p.add_argument("--block_length", type=int, default=32, help="on-policy: the sampler's block length")
@@ -505,7 +507,7 @@ def cmd_estimate(argv: list[str]) -> int:
                      gradient_checkpointing=a.gradient_checkpointing, mask_fraction=a.mask_fraction,
                      gen_length=a.gen_length, block_length=a.block_length, rollout_batch=a.rollout_batch,
                      diffusion_steps=a.diffusion_steps,
-                     teacher=teacher, beta=a.beta)
+                     teacher=teacher, beta=a.beta, load_in_4bit=a.load_in_4bit)
         est = estimate(arch, w, gpus=a.gpus)
     except EstimateError as e:
         print(f"estimate: {e}", file=sys.stderr)

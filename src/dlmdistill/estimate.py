@@ -99,6 +99,9 @@ KNOWN_MODELS = {
 TRAINABLE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12)}
 #: bytes per element of frozen weights and of activations
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+#: bytes per weight of a linear layer loaded in 4-bit NF4 (``model.load_in_4bit``): the 4-bit code plus one
+#: fp32 absmax per block of 64 weights (bitsandbytes' default); embeddings, norms and the LM head keep the dtype
+NF4_BYTES = 0.5 + 4 / 64
 #: [rows, vocab] fp32 buffers of the LM head alive at the peak of a step with gradient: the logits,
 #: the log-softmax kept for backward and their gradients (3); the distillation losses also hold the
 #: teacher's distribution and the divergence's terms
@@ -282,6 +285,7 @@ class Workload:
         sequences sampled together (default batch); diffusion_steps: d-OPSD's rollout steps (default
         gen_length // 2), so each state trains gen_length / diffusion_steps positions (K_t).
     teacher: KD's teacher (default: the student's shape). beta: diffu-GRPO's KL weight (> 0: a reference).
+    load_in_4bit: the frozen base's decoder linears in 4-bit NF4 (LoRA only; ``NF4_BYTES`` per weight).
     """
 
     method: str = "sft"
@@ -299,6 +303,7 @@ class Workload:
     diffusion_steps: int | None = None
     teacher: Arch | None = None
     beta: float = 0.04
+    load_in_4bit: bool = False
 
     def validate(self, arch: Arch) -> None:
         if self.method not in METHODS:
@@ -307,6 +312,8 @@ class Workload:
             raise EstimateError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.batch < 1 or self.seq_len < 1 or self.lora_r < 0:
             raise EstimateError("batch and seq_len must be >= 1 and lora_r >= 0")
+        if self.load_in_4bit and not self.lora_r:
+            raise EstimateError("load_in_4bit: 4-bit weights are frozen; give a LoRA rank (--lora_r)")
         if not 0 < self.mask_fraction <= 1:
             raise EstimateError("mask_fraction must be in (0, 1]")
         bad = [t for t in self.lora_targets if t not in arch.linears()]
@@ -484,12 +491,18 @@ def estimate(arch: Arch, w: Workload, *, gpus: int = 1) -> Estimate:
     parts = activation_parts(arch, w)
     # the teacher's no-grad forward and the rollouts happen before the trained forward: peaks do not add
     acts = max(parts.values())
+    frozen_in_bytes = frozen_in * fb
+    if w.load_in_4bit:  # the decoder layers' linears in NF4, the rest of the base in the dtype
+        quantized = arch.num_layers * sum(i * o for i, o in arch.linears().values())
+        frozen_in_bytes = quantized * NF4_BYTES + (frozen_in - quantized) * fb
+        notes.append(f"4-bit NF4 base: {quantized / 1e9:.3g}B decoder-linear weights at {NF4_BYTES} bytes each "
+                     f"(code + absmax per 64), the embeddings, norms and LM head in {w.dtype}")
     gathered = (arch.embedding_params + arch.head_params + arch.hidden_size + 2 * arch.layer_params) * fb
     engines: dict[str, dict[str, int]] = {}
     for e in ENGINES:
         shard_w = e in ("zero3", "fsdp")
         shard_go = e != "ddp"
-        weights = (trainable * wb + frozen_in * fb) / (gpus if shard_w else 1) + frozen_out * fb
+        weights = (trainable * wb + frozen_in_bytes) / (gpus if shard_w else 1) + frozen_out * fb
         if shard_w and gpus > 1:
             weights += gathered
         grads = trainable * gb / (gpus if shard_go else 1)

@@ -28,6 +28,9 @@ class ModelConfig:
                                    "tokenizer's own mask token, else '<|mdm_mask|>'")
     shift_logits: bool | None = field(None, help="predict token i at position i-1 (Dream style); null = from the checkpoint")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass to save memory")
+    load_in_4bit: bool = field(False, help="load the base weights in 4-bit NF4 (bitsandbytes; computing in model.dtype), "
+                               "as the official d-OPSD recipe loads LLaDA-8B; LoRA only (model.lora_r > 0), from a "
+                               "checkpoint (not a new preset)")
     lora_r: int = field(0, help="LoRA rank; 0 = full fine-tuning")
     lora_alpha: float = field(16.0, help="LoRA alpha")
     lora_dropout: float = field(0.05, help="LoRA dropout")
@@ -40,3 +43,12 @@ class ModelConfig:
             raise ValueError(f"name_or_path: unknown preset {self.name_or_path[7:]!r}; choose one of {', '.join(PRESETS)}")
         if self.lora_r < 0:
             raise ValueError("lora_r must be >= 0")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ValueError("load_in_4bit: 4-bit weights are frozen, so they train only through LoRA adapters: set "
+                             "model.lora_r > 0 (e.g. 8), or load_in_4bit false for full fine-tuning")
+        if self.load_in_4bit and self.name_or_path.startswith("preset:"):
+            raise ValueError("load_in_4bit: a new preset model has no trained weights to quantize; quantize a "
+                             "checkpoint (a run's final/ folder, a converted model or a hub id)")
+        if self.load_in_4bit and self.gguf_file:
+            raise ValueError("load_in_4bit and gguf_file: a GGUF checkpoint is dequantized to train; convert it "
+                             "first ('dlmdistill convert ar'), then load the converted folder in 4-bit")

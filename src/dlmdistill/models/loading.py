@@ -152,6 +152,8 @@ def load_pretrained(cfg: ModelConfig, tokenizer=None) -> tuple[DiffusionModel, A
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(gguf_file=cfg.gguf_file, dequantize=True)
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(cfg)
     if cfg.attn_implementation and family is None:
         kwargs["attn_implementation"] = cfg.attn_implementation
 
@@ -231,8 +233,25 @@ def _load_remote_llada(src: str, kwargs: dict[str, Any]):
     return AutoModel.from_pretrained(src, **kwargs)
 
 
+def four_bit_config(cfg: ModelConfig):
+    """transformers' bitsandbytes config for ``model.load_in_4bit``: NF4 weights, compute in ``model.dtype``."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.load_in_4bit needs the bitsandbytes package: pip install bitsandbytes (it runs on "
+                        "NVIDIA GPUs and, more slowly, on CPUs); or set model.load_in_4bit false") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
+
+
 def _finish(model, tokenizer, cfg: ModelConfig, *, mask_id: int, shift: bool, lora: bool = True) -> tuple[DiffusionModel, Any]:
-    if cfg.gradient_checkpointing:
+    if getattr(model, "is_loaded_in_4bit", False):  # norms in float32, inputs that carry gradients to the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora and cfg.lora_r > 0:
