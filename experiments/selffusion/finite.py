@@ -44,7 +44,7 @@ TASK_KWARGS = {"style": "compact", "reasoning": False, "solution": "ordered"}
 
 SCALES: dict[str, dict[str, Any]] = {
     # 2,000 puzzles x 60 epochs at batch 64 = 1,875 optimizer steps (SelfFusion: two copies per step)
-    "cpu": dict(train_examples=2000, epochs=60, batch=64, eval_times=12, eval_items=500, lrs=[3e-4, 1e-3, 3e-3],
+    "cpu": dict(train_examples=2000, epochs=60, batch=64, eval_times=12, eval_items=500, lrs=[1e-4, 3e-4, 1e-3, 3e-3],
                 seeds=[0, 1, 2], teacher={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8},
                 gen={"gen_length": 24, "block_length": 24, "steps": 24, "batch_size": 250}),
     "smoke": dict(train_examples=24, epochs=2, batch=8, eval_times=2, eval_items=8, lrs=[1e-3], seeds=[0, 1],
