@@ -100,7 +100,8 @@ TRAINABLE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12)}
 #: bytes per element of frozen weights and of activations
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 #: bytes per weight of a linear layer loaded in 4-bit NF4 (``model.load_in_4bit``): the 4-bit code plus one
-#: fp32 absmax per block of 64 weights (bitsandbytes' default); embeddings, norms and the LM head keep the dtype
+#: fp32 absmax per block of 64 weights (bitsandbytes' default); embeddings, norms and the LM head are upcast to
+#: fp32 (peft's ``prepare_model_for_kbit_training``)
 NF4_BYTES = 0.5 + 4 / 64
 #: [rows, vocab] fp32 buffers of the LM head alive at the peak of a step with gradient: the logits,
 #: the log-softmax kept for backward and their gradients (3); the distillation losses also hold the
@@ -494,9 +495,10 @@ def estimate(arch: Arch, w: Workload, *, gpus: int = 1) -> Estimate:
     frozen_in_bytes = frozen_in * fb
     if w.load_in_4bit:  # the decoder layers' linears in NF4, the rest of the base in the dtype
         quantized = arch.num_layers * sum(i * o for i, o in arch.linears().values())
-        frozen_in_bytes = quantized * NF4_BYTES + (frozen_in - quantized) * fb
+        frozen_in_bytes = quantized * NF4_BYTES + (frozen_in - quantized) * DTYPE_BYTES["fp32"]
         notes.append(f"4-bit NF4 base: {quantized / 1e9:.3g}B decoder-linear weights at {NF4_BYTES} bytes each "
-                     f"(code + absmax per 64), the embeddings, norms and LM head in {w.dtype}")
+                     f"(code + absmax per 64); the embeddings, norms and LM head in fp32 (peft's "
+                     f"prepare_model_for_kbit_training upcasts them)")
     gathered = (arch.embedding_params + arch.head_params + arch.hidden_size + 2 * arch.layer_params) * fb
     engines: dict[str, dict[str, int]] = {}
     for e in ENGINES:

@@ -77,3 +77,11 @@ def test_missing_bitsandbytes_is_a_clear_error(checkpoint, monkeypatch):
                         if name == "bitsandbytes" else real(name, *a, **k))
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         build_model(ModelConfig(name_or_path=str(checkpoint), load_in_4bit=True, lora_r=4))
+
+
+def test_what_stays_unquantized_is_float32_as_the_estimate_counts(checkpoint):
+    """peft's k-bit preparation upcasts the non-quantized weights (embeddings, norms, head) to fp32, even when
+    the checkpoint is loaded in bf16; dlmdistill.estimate counts them so."""
+    quant, _ = build_model(ModelConfig(name_or_path=str(checkpoint), load_in_4bit=True, lora_r=4, dtype="bfloat16"))
+    other = {p.dtype for n, p in quant.named_parameters() if "lora_" not in n and p.__class__.__name__ != "Params4bit"}
+    assert other == {torch.float32}
