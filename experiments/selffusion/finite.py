@@ -196,7 +196,12 @@ def main() -> None:
     if lr_rows:
         parts += ["## Learning rates (seed 0, validation accuracy %)", "",
                   markdown_table(["method", "lr", "best", "final"], lr_rows), "",
-                  f"Chosen: {', '.join(f'{k} {v:g}' for k, v in lrs.items())}.", ""]
+                  f"Chosen: {', '.join(f'{k} {v:g}' for k, v in lrs.items())}.", "",
+                  "![validation accuracy of the learning-rate runs against epochs](lr_curves.png)", ""]
+        plot_curves({f"{m} lr {lr:g}": [validation_curve(root / "lr" / f"{m}_lr{lr:g}", s)]
+                     for m in ("sft", "selffusion") for lr in s["lrs"] if done(root / "lr" / f"{m}_lr{lr:g}")},
+                    root / "lr_curves.png", xlabel="epoch", ylabel="validation accuracy (%)",
+                    title=f"Countdown, {s['train_examples']} puzzles: learning rates (seed 0)")
     if rows:
         table, res = [], {}
         for label, runs in rows.items():
