@@ -19,6 +19,8 @@ Stages (each run skipped when it has finished):
    training, then the final model on the 500 test puzzles (the task's held-out set).
 3. ``teacher``: the external DLM teacher of the logit-KD row, a wider model trained with SFT on the same
    puzzles for the same epochs at SFT's learning rate, and the logit-KD student from it.
+4. ``overfit``: SFT at ``overfit_multiple`` times the epochs (seed 0): whether training longer on the same
+   puzzles makes the validation accuracy fall (the regime where a regulariser could pay).
 
 Results: ``OUT/results.md`` (the tables, with the commands), ``OUT/validation_curves.png``, ``OUT/results.json``.
 """
@@ -46,8 +48,10 @@ SCALES: dict[str, dict[str, Any]] = {
     # 2,000 puzzles x 60 epochs at batch 64 = 1,875 optimizer steps (SelfFusion: two copies per step)
     "cpu": dict(train_examples=2000, epochs=60, batch=64, eval_times=12, eval_items=500, lrs=[1e-4, 3e-4, 1e-3, 3e-3],
                 seeds=[0, 1, 2], teacher={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8},
+                overfit_multiple=4,
                 gen={"gen_length": 24, "block_length": 24, "steps": 24, "batch_size": 250}),
     "smoke": dict(train_examples=24, epochs=2, batch=8, eval_times=2, eval_items=8, lrs=[1e-3], seeds=[0, 1],
+                  overfit_multiple=2,
                   teacher={"hidden_size": 64, "intermediate_size": 128},
                   gen={"gen_length": 24, "block_length": 24, "steps": 4, "batch_size": 8}),
 }
@@ -125,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_finite_<scale>)")
-    ap.add_argument("--stages", nargs="*", default=["lr", "main", "teacher"], help="lr, main, teacher")
+    ap.add_argument("--stages", nargs="*", default=["lr", "main", "teacher", "overfit"], help="lr, main, teacher, overfit")
     ap.add_argument("--only", nargs="*", default=None,
                     help="train only the runs whose folder names match these shell patterns (e.g. 'sft_*' "
                          "'sf_both_seed0'), so that several processes can share a study")
@@ -174,6 +178,10 @@ def main() -> None:
                                        method={"teacher": str(teacher / "final")}))
         stage("teacher", teacher_runs)
 
+    if "overfit" in a.stages and "sft" in lrs:
+        stage("overfit", lambda: train("sft", run_config(root / "sft_long_seed0", s, seed=0, lr=lrs["sft"],
+                                                         epochs_multiple=s["overfit_multiple"])))
+
     # ---- the report: every finished run
     rows = {label: [root / f"{prefix}_seed{x}" for x in seeds if done(root / f"{prefix}_seed{x}")]
             for label, (_, prefix, *_rest) in ROWS.items()}
@@ -218,6 +226,15 @@ def main() -> None:
                     root / "validation_curves.png", xlabel="epoch", ylabel="validation accuracy (%)",
                     title=f"Countdown, {s['train_examples']} puzzles, {s['epochs']} epochs")
         results["rows"] = res
+    long_run = root / "sft_long_seed0"
+    if done(long_run):
+        xs, ys = validation_curve(long_run, s)
+        peak = max(range(len(ys)), key=lambda j: ys[j])
+        parts += [f"## SFT for {s['overfit_multiple'] * s['epochs']} epochs (seed 0, lr {lrs['sft']:g})", "",
+                  markdown_table(["epoch", *(f"{x:.0f}" for x in xs)], [["validation (%)", *(f"{y:.1f}" for y in ys)]]),
+                  "", f"Peak {ys[peak]:.1f}% at epoch {xs[peak]:.0f}, final {ys[-1]:.1f}%; test, final model: "
+                  f"{test_accuracy(long_run, s):.1f}%.", ""]
+        results["sft_long"] = {"epochs": xs, "validation": ys}
     (root / "results.md").write_text("\n".join(parts))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(parts))

@@ -133,3 +133,4 @@ def test_selffusion_finite_driver_smoke(tmp_path):
     assert test["results"]
     steps = [json.loads(x).get("step", 0) for x in (tmp_path / "sft_2x_seed0" / "logs.jsonl").read_text().splitlines()]
     assert max(steps) == 12  # twice SFT's 6 steps
+    assert "## SFT for 4 epochs" in text and (tmp_path / "sft_long_seed0" / "final").exists()
