@@ -11,6 +11,20 @@ Python API (mirrors the command line)::
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+
+class _NoKernelHubNotice(_logging.Filter):
+    """bitsandbytes, when installed, tries at import to fetch a faster CPU kernel from the Hugging Face Hub and
+    warns when it cannot (offline, or a publisher it cannot verify), then uses its own kernel: a notice that
+    every run would print although nothing is wrong (peft imports bitsandbytes whenever it is installed)."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
+
 from .api import evaluate, generate, make_config, train  # noqa: E402
 from .errors import UserError  # noqa: E402
 

@@ -85,3 +85,15 @@ def test_what_stays_unquantized_is_float32_as_the_estimate_counts(checkpoint):
     quant, _ = build_model(ModelConfig(name_or_path=str(checkpoint), load_in_4bit=True, lora_r=4, dtype="bfloat16"))
     other = {p.dtype for n, p in quant.named_parameters() if "lora_" not in n and p.__class__.__name__ != "Params4bit"}
     assert other == {torch.float32}
+
+
+def test_bitsandbytes_kernel_hub_notice_is_not_printed():
+    """With bitsandbytes installed, importing it (peft does, in every run) must not print its notice about a
+    Hub kernel it could not fetch (it falls back to its own)."""
+    import subprocess
+    import sys
+
+    code = "import dlmdistill, peft, bitsandbytes, logging; logging.getLogger('x').warning('still logged')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "still logged" in proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr
