@@ -70,3 +70,19 @@ def test_cfg_prompt_masking():
     assert 15 < dropped.sum() < 45
     assert ((out[:, :4] == 1).any(dim=1) == dropped).all()  # all or nothing per sequence
     assert torch.equal(out[:, 4:], ids[:, 4:])
+
+
+def test_response_rows_by_hand():
+    """The collator's response_index and ResponseRows: row 0 = prompt of 2 + response of 3, row 1 = prompt of 3 +
+    response of 1 (no EOS padding): positions 2, 3, 4 and 3, then -1 padding (position 0, not valid)."""
+    from dlmdistill.data import DiffusionCollator
+    from dlmdistill.diffusion import ResponseRows
+
+    batch = DiffusionCollator(pad_id=0, eos_id=9, pad_response_with_eos=False)(
+        [{"prompt_ids": [5, 6], "response_ids": [7, 8, 9]}, {"prompt_ids": [5, 6, 7], "response_ids": [9]}])
+    assert batch["response_index"].tolist() == [[2, 3, 4], [3, -1, -1]]
+    at = ResponseRows.of(batch["response_index"])
+    assert at.rows.tolist() == [0, 0, 0, 1, 1, 1] and at.cols.tolist() == [2, 3, 4, 3, 0, 0]
+    assert at.valid.tolist() == [True, True, True, True, False, False]
+    assert at.gather(batch["input_ids"]).tolist() == [7, 8, 9, 9, 5, 5]
+    assert at.gather(batch["response_mask"]).tolist() == at.valid.tolist()

@@ -109,3 +109,31 @@ def diffusion_loss_weights(masked: torch.Tensor, p_mask: torch.Tensor, response_
         raise ValueError(f"unknown normalization {normalization!r}; expected 'token' or 'sequence'")
     return torch.where(masked, w, torch.zeros_like(w))
 
+
+
+@dataclass
+class ResponseRows:
+    """Every response position of a batch as fixed-shape rows (``training.static_shapes``).
+
+    index: [B, K] long, each row's response positions (``DiffusionCollator``'s ``response_index`` with its
+           -1 padding replaced by 0), what the model's ``positions`` takes;
+    rows, cols: [B * K] long, the batch row and the position of each flattened entry (``x[rows, cols]``
+           gathers a [B, L] tensor in the order of the model's output rows);
+    valid: [B * K] bool, False at the padding entries (weight them 0).
+    """
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, response_index: torch.Tensor) -> "ResponseRows":
+        valid = (response_index >= 0).reshape(-1)
+        index = response_index.clamp(min=0)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index).reshape(-1)
+        return cls(index=index, rows=rows, cols=index.reshape(-1), valid=valid)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, L] at the flattened entries: [B * K]."""
+        return x[self.rows, self.cols]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..configs.methods import KDConfig, KDRunConfig  # noqa: F401 (re-exported)
-from ..diffusion import forward_process
+from ..diffusion import ResponseRows, forward_process
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
 from ..losses.kd import kl_per_row, logit_kd_loss
@@ -124,23 +124,20 @@ class KDTrainer(Trainer):
         padding when skipped) weighted 0: the same loss with no data-dependent shape."""
         cfg = self.method
         ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        index = batch["response_index"]
-        valid = (index >= 0).reshape(-1)
-        index = index.clamp(min=0)
-        r, c = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(index).reshape(-1), index.reshape(-1)
-        logits = model(noised.noisy_ids, attn, positions=index)
-        targets = ids[r, c]
-        masked = noised.masked[r, c] & valid
-        weights = torch.where(masked, mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)[r, c],
+        at = ResponseRows.of(batch["response_index"])
+        logits = model(noised.noisy_ids, attn, positions=at.index)
+        targets = at.gather(ids)
+        masked = at.gather(noised.masked) & at.valid
+        weights = torch.where(masked, at.gather(mode_loss_weights(noised.masked, noised.p_mask, resp, cfg.normalization)),
                               torch.zeros((), device=ids.device))
         ce = masked_diffusion_loss(logits, targets, weights)
         in_kd = masked
         if isinstance(self.teacher, CausalLM):
-            in_kd = in_kd & (c > 0)  # token 0 has no prefix (the gathered path refuses it)
+            in_kd = in_kd & (at.cols > 0)  # token 0 has no prefix (the gathered path refuses it)
             if skip_padding:
-                in_kd = in_kd & ~eos_padding(ids, resp, self.tokenizer.eos_token_id)[r, c]
+                in_kd = in_kd & ~at.gather(eos_padding(ids, resp, self.tokenizer.eos_token_id))
         with self.accelerator.autocast():
-            t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, index)
+            t_logits = teacher_logits(self.teacher, ids, noised.noisy_ids, attn, at.index)
         v = min(logits.shape[-1], t_logits.shape[-1])
         kl = kl_per_row(student_logits=logits[:, :v], teacher_logits=t_logits[:, :v], temperature=cfg.temperature,
                         kind=cfg.divergence)

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from ..configs.methods import SelfFusionConfig, SelfFusionRunConfig  # noqa: F401 (re-exported)
-from ..diffusion import EPS, NoisedBatch, apply_mask, sample_t
+from ..diffusion import EPS, NoisedBatch, ResponseRows, apply_mask, sample_t
 from ..flops import ModelShape, PassCounter
 from ..losses.diffusion import token_nll
 from ..losses.selffusion import (bidirectional_kd_loss, direction_from_stats, distillation_positions, mode_loss_weights,
@@ -111,18 +111,16 @@ def selffusion_batch_loss(model: torch.nn.Module, dm: DiffusionModel, batch: dic
     easy, hard = sample_modes(ids, resp, dm.mask_id, eps=config.eps, generator=generator)
     distill = distillation_positions(easy.masked, hard.masked, config.distill_positions)
     if static_shapes:  # every response position of both copies, rows aligned: easy row j <-> hard row K + j
-        index = batch["response_index"]
-        valid = (index >= 0).reshape(-1)
-        index = index.clamp(min=0)
-        r, c = torch.arange(b, device=ids.device)[:, None].expand_as(index).reshape(-1), index.reshape(-1)
-        positions, n_easy = torch.cat([index, index]), r.numel()
-        targets = torch.cat([ids[r, c], ids[r, c]])
+        at = ResponseRows.of(batch["response_index"])
+        positions, n_easy = torch.cat([at.index, at.index]), at.rows.numel()
+        targets = torch.cat([at.gather(ids), at.gather(ids)])
         zero = torch.zeros((), device=ids.device)
-        weights = torch.cat([torch.where(valid, mode_loss_weights(m.masked, m.p_mask, resp, config.normalization)[r, c],
-                                         zero) for m in (easy, hard)])
-        in_mask = torch.cat([easy.masked[r, c] & valid, hard.masked[r, c] & valid])
+        weights = torch.cat([torch.where(at.valid, at.gather(mode_loss_weights(m.masked, m.p_mask, resp,
+                                                                                config.normalization)), zero)
+                             for m in (easy, hard)])
+        in_mask = torch.cat([at.gather(easy.masked) & at.valid, at.gather(hard.masked) & at.valid])
         kd_rows = torch.arange(2 * n_easy, device=ids.device)
-        in_d = distill[r, c] & valid
+        in_d = at.gather(distill) & at.valid
     else:  # rows gathered per copy: its masked positions, or D when D reaches beyond them ("either")
         pos_easy, pos_hard = (easy.masked, hard.masked) if config.distill_positions == "both" else (distill, distill)
         positions, n_easy = torch.cat([pos_easy, pos_hard]), int(pos_easy.sum())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..configs.methods import SFTConfig, SFTRunConfig  # noqa: F401 (re-exported)
-from ..diffusion import EPS, diffusion_loss_weights, forward_process, mask_prompts_for_cfg
+from ..diffusion import EPS, ResponseRows, diffusion_loss_weights, forward_process, mask_prompts_for_cfg
 from ..losses.diffusion import masked_diffusion_loss, masked_token_stats
 from ..training.trainer import Trainer
 from .common import finish, prepare, write_run_metadata
@@ -34,15 +34,11 @@ def diffusion_batch_loss(model, batch: dict[str, torch.Tensor], *, mask_id: int,
     noisy = mask_prompts_for_cfg(noised.noisy_ids, batch["prompt_mask"], mask_id, cfg_prob)
     weights = diffusion_loss_weights(noised.masked, noised.p_mask, resp, normalization)
     if static_shapes:
-        index = batch["response_index"]
-        valid = (index >= 0).reshape(-1)
-        index = index.clamp(min=0)
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(index).reshape(-1)
-        cols = index.reshape(-1)
-        logits = model(noisy, batch["attention_mask"], positions=index)
-        targets = ids[rows, cols]
-        in_loss = noised.masked[rows, cols] & valid
-        weights = torch.where(in_loss, weights[rows, cols], torch.zeros((), dtype=weights.dtype, device=ids.device))
+        at = ResponseRows.of(batch["response_index"])
+        logits = model(noisy, batch["attention_mask"], positions=at.index)
+        targets = at.gather(ids)
+        in_loss = at.gather(noised.masked) & at.valid
+        weights = torch.where(in_loss, at.gather(weights), torch.zeros((), dtype=weights.dtype, device=ids.device))
     else:
         logits = model(noisy, batch["attention_mask"], positions=noised.masked)
         targets = ids[noised.masked]
