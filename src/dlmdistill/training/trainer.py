@@ -328,7 +328,7 @@ class Trainer(CheckpointMixin):
 
     @property
     def last_update_skipped(self) -> bool:
-        """True when the last ``optimizer_step`` dropped a non-finite gradient (``nonfinite_grad: skip``)."""
+        """True when the last ``optimizer_step`` dropped its update (a non-finite loss or gradient, skipped)."""
         return self._skipped_update
 
     def _last_good(self) -> str:
