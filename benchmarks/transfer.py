@@ -37,8 +37,8 @@ def split(src: Path, out: Path, part_bytes: int) -> Path:
         raise ValueError(f"the part size must be positive, got {part_bytes} bytes")
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / f"{src.name}.manifest.json"
-    if manifest.exists():
-        raise FileExistsError(f"{manifest} exists: split into an empty folder")
+    if manifest.exists() or any(out.glob(f"{src.name}.part*")):
+        raise FileExistsError(f"{out} already holds parts of {src.name}: split into an empty folder")
     parts, whole = [], hashlib.sha256()
     with open(src, "rb") as f:
         while True:

@@ -51,3 +51,7 @@ def test_join_names_a_missing_or_damaged_part_and_never_overwrites(tmp_path, cap
     assert t.main(["join", str(parts), str(dest)]) == 1
     assert "exists" in capsys.readouterr().err and (dest / "w.bin").read_bytes() == b"mine"
     assert t.main(["split", str(src), str(parts)]) == 1  # a folder that already holds a split
+    (parts / "w.bin.manifest.json").unlink()
+    before = (parts / "w.bin.part000").read_bytes()
+    assert t.main(["split", str(src), str(parts)]) == 1  # parts of it, even without a manifest: not overwritten
+    assert (parts / "w.bin.part000").read_bytes() == before and "already holds parts" in capsys.readouterr().err
