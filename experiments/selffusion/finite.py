@@ -103,7 +103,8 @@ def done(run: Path) -> bool:
 def validation_curve(run: Path, s: dict[str, Any]) -> tuple[list[float], list[float]]:
     """(epoch, validation accuracy) of a run's evaluations during training (the last one: its final model)."""
     xs, ys = eval_curve(run, "eval/accuracy")
-    return [x * s["batch"] / s["train_examples"] for x in xs], ys
+    per_epoch = math.ceil(s["train_examples"] / s["batch"])  # the last batch of an epoch is a short one
+    return [x / per_epoch for x in xs], ys
 
 
 def test_accuracy(run: Path, s: dict[str, Any]) -> float:
