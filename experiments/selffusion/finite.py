@@ -236,6 +236,11 @@ def main() -> None:
                   "", f"Peak {ys[peak]:.1f}% at epoch {xs[peak]:.0f}, final {ys[-1]:.1f}%; test, final model: "
                   f"{test_accuracy(long_run, s):.1f}%.", ""]
         results["sft_long"] = {"epochs": xs, "validation": ys}
+        main_sft = [validation_curve(root / f"sft_seed{x}", s) for x in seeds if done(root / f"sft_seed{x}")]
+        plot_curves({f"SFT, {s['overfit_multiple'] * s['epochs']} epochs": [(xs, ys)],
+                     f"SFT, {s['epochs']} epochs": main_sft}, root / "sft_long.png", xlabel="epoch",
+                    ylabel="validation accuracy (%)", title="Countdown, the same puzzles for longer")
+        parts += ["![SFT for longer](sft_long.png)", ""]
     (root / "results.md").write_text("\n".join(parts))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(parts))
