@@ -26,8 +26,28 @@ from tests.methods.test_sft import reverse_items
 READS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
+def reads_in(scope: str, run) -> tuple[int, dict[str, int]]:
+    """Run ``run()`` under the profiler: (number of ``scope`` blocks, the reads inside them by op, those of
+    ``Optimizer.step`` left out)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    blocks, counts = 0, collections.Counter()
+    for e in prof.events():
+        if e.name == scope:
+            blocks += 1
+        if e.name not in READS:
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if scope in chain and not any(n.startswith("Optimizer.step") for n in chain):
+            counts[e.name] += 1
+    return blocks, dict(counts)
+
+
 def count_reads(trainer, steps: int) -> dict[tuple[str, str], float]:
-    """Reads per optimizer step inside ``training_step``: {(op, "step" | "optimizer"): count / steps}."""
+    """Reads per optimizer step inside ``training_step`` (train ``steps`` steps): {(op, "step"): count / steps}."""
     inner = trainer.training_step
 
     def wrapped(batch):
@@ -35,19 +55,8 @@ def count_reads(trainer, steps: int) -> dict[tuple[str, str], float]:
             return inner(batch)
 
     trainer.training_step = wrapped
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.train()
-    counts: collections.Counter = collections.Counter()
-    for e in prof.events():
-        if e.name not in READS:
-            continue
-        chain, p = [], e.cpu_parent
-        while p is not None:
-            chain.append(p.name)
-            p = p.cpu_parent
-        if "TRAINING_STEP" in chain:
-            counts[(e.name, "optimizer" if any(n.startswith("Optimizer.step") for n in chain) else "step")] += 1
-    return {k: v / steps for k, v in counts.items()}
+    _, counts = reads_in("TRAINING_STEP", trainer.train)
+    return {(op, "step"): n / steps for op, n in counts.items()}
 
 
 def make(cls, tokenizer, out, steps, **kw):
@@ -204,26 +213,6 @@ def test_static_kd_step_reads_the_device_once(tokenizer, tmp_path):
     reads = count_reads(trainer, 5)
     assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
     assert reads.get(("aten::nonzero", "step"), 0) == 0
-
-
-def reads_in(scope: str, run) -> tuple[int, dict[str, int]]:
-    """Run ``run()`` under the profiler: (number of ``scope`` blocks, their reads by op, optimizer internals
-    left out)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    blocks, counts = 0, collections.Counter()
-    for e in prof.events():
-        if e.name == scope:
-            blocks += 1
-        if e.name not in READS:
-            continue
-        chain, p = [], e.cpu_parent
-        while p is not None:
-            chain.append(p.name)
-            p = p.cpu_parent
-        if scope in chain and not any(n.startswith("Optimizer.step") for n in chain):
-            counts[e.name] += 1
-    return blocks, dict(counts)
 
 
 def test_diffu_grpo_inner_iterations_read_the_device_once(tokenizer, tmp_path):
