@@ -21,8 +21,10 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,13 +36,8 @@ from dlmdistill.models import ModelConfig, build_model, train_bpe_tokenizer
 from dlmdistill.training import TrainingConfig
 from dlmdistill.training.trainer import _decay_groups
 
-
-def make_batch(tok, batch: int, prompt_len: int, response_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = 10, len(tok) - 1
-    items = [{"prompt_ids": torch.randint(lo, hi, (prompt_len,), generator=g).tolist(),
-              "response_ids": torch.randint(lo, hi, (response_len,), generator=g).tolist()} for _ in range(batch)]
-    return DiffusionCollator(tok.pad_token_id, tok.eos_token_id)(items)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_selffusion import make_batch  # noqa: E402  (the same random batch as the SelfFusion benchmark)
 
 
 def cpu_seconds(fn: Callable[[], None], steps: int) -> float:
