@@ -19,8 +19,11 @@ Stages (each run skipped when it has finished):
    training, then the final model on the 500 test puzzles (the task's held-out set).
 3. ``teacher``: the external DLM teacher of the logit-KD row, a wider model trained with SFT on the same
    puzzles for the same epochs at SFT's learning rate, and the logit-KD student from it.
-4. ``overfit``: SFT at ``overfit_multiple`` times the epochs (seed 0): whether training longer on the same
-   puzzles makes the validation accuracy fall (the regime where a regulariser could pay).
+4. ``size``: SelfFusion at the teacher's width (seed 0); with the teacher (SFT at that width, seed 0) it makes
+   the size row: whether the gap between the methods moves with the model's size.
+5. ``overfit``: SFT, SelfFusion and SelfFusion without its KD term at ``overfit_multiple`` times the epochs
+   (seed 0): whether training longer on the same puzzles makes the validation accuracy fall (the regime
+   where a regulariser could pay) and whether the KD term delays the fall.
 
 Results: ``OUT/results.md`` (the tables, with the commands), ``OUT/validation_curves.png``, ``OUT/results.json``.
 """
@@ -71,6 +74,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any] | None, str, int]] = {
     "SelfFusion without RMSNorm calibration": ("selffusion", "sf_normless", {"calibration": False}, "selffusion", 1),
 }
 KD_ROW = "Logit KD from a wider DLM teacher (same puzzles)"
+#: the long runs of the ``overfit`` stage: run name -> (label, method, method section)
+LONG_RUNS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
+    "sft_long_seed0": ("SFT", "sft", None),
+    "sf_long_seed0": ("SelfFusion", "selffusion", {}),
+    "sf_nokd_long_seed0": ("SelfFusion without the KD term", "selffusion", {"kd_weight": 0.0}),
+}
 
 
 def steps_for(s: dict[str, Any], epochs_multiple: int = 1) -> int:
@@ -130,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
     ap.add_argument("--out", default=None, help="output folder (default runs/exp_selffusion_finite_<scale>)")
-    ap.add_argument("--stages", nargs="*", default=["lr", "main", "teacher", "overfit"], help="lr, main, teacher, overfit")
+    ap.add_argument("--stages", nargs="*", default=["lr", "main", "teacher", "size", "overfit"], help="lr, main, teacher, size, overfit")
     ap.add_argument("--only", nargs="*", default=None,
                     help="train only the runs whose folder names match these shell patterns (e.g. 'sft_*' "
                          "'sf_both_seed0'), so that several processes can share a study")
@@ -179,14 +188,23 @@ def main() -> None:
                                        method={"teacher": str(teacher / "final")}))
         stage("teacher", teacher_runs)
 
-    if "overfit" in a.stages and "sft" in lrs:
-        stage("overfit", lambda: train("sft", run_config(root / "sft_long_seed0", s, seed=0, lr=lrs["sft"],
-                                                         epochs_multiple=s["overfit_multiple"])))
+    if "size" in a.stages and "selffusion" in lrs:
+        stage("size", lambda: train("selffusion", run_config(root / "sf_wide_seed0", s, seed=0, lr=lrs["selffusion"],
+                                                             model={"preset_overrides": s["teacher"]}, method={})))
+    if "overfit" in a.stages and set(lrs) == {"sft", "selffusion"}:
+        def long_runs() -> None:
+            for name, (_, method, section) in LONG_RUNS.items():
+                train(method, run_config(root / name, s, seed=0, lr=lrs[method],
+                                         epochs_multiple=s["overfit_multiple"], method=section))
+        stage("overfit", long_runs)
 
     # ---- the report: every finished run
     rows = {label: [root / f"{prefix}_seed{x}" for x in seeds if done(root / f"{prefix}_seed{x}")]
             for label, (_, prefix, *_rest) in ROWS.items()}
     rows[KD_ROW] = [root / f"kd_dlm_seed{x}" for x in seeds if done(root / f"kd_dlm_seed{x}")]
+    width = ", ".join(f"{k} {v}" for k, v in s["teacher"].items())
+    rows[f"SFT, wider model ({width}; the KD teacher)"] = [r for r in [root / "teacher_dlm"] if done(r)]
+    rows[f"SelfFusion, wider model ({width})"] = [r for r in [root / "sf_wide_seed0"] if done(r)]
     rows = {k: v for k, v in rows.items() if v}
     cmd = f"python experiments/selffusion/finite.py --scale {a.scale}"
     parts = [f"# SelfFusion in the finite-data regime (Countdown, scale {a.scale})", "",
@@ -227,20 +245,24 @@ def main() -> None:
                     root / "validation_curves.png", xlabel="epoch", ylabel="validation accuracy (%)",
                     title=f"Countdown, {s['train_examples']} puzzles, {s['epochs']} epochs")
         results["rows"] = res
-    long_run = root / "sft_long_seed0"
-    if done(long_run):
-        xs, ys = validation_curve(long_run, s)
-        peak = max(range(len(ys)), key=lambda j: ys[j])
-        parts += [f"## SFT for {s['overfit_multiple'] * s['epochs']} epochs (seed 0, lr {lrs['sft']:g})", "",
-                  markdown_table(["epoch", *(f"{x:.0f}" for x in xs)], [["validation (%)", *(f"{y:.1f}" for y in ys)]]),
-                  "", f"Peak {ys[peak]:.1f}% at epoch {xs[peak]:.0f}, final {ys[-1]:.1f}%; test, final model: "
-                  f"{test_accuracy(long_run, s):.1f}%.", ""]
-        results["sft_long"] = {"epochs": xs, "validation": ys}
+    long_curves = {name: validation_curve(root / name, s) for name in LONG_RUNS
+                   if (root / name / "logs.jsonl").exists()}
+    long_curves = {k: v for k, v in long_curves.items() if v[1]}
+    if long_curves:
+        epochs = s["overfit_multiple"] * s["epochs"]
+        table = []
+        for name, (xs, ys) in long_curves.items():
+            peak = max(range(len(ys)), key=lambda j: ys[j])
+            test = f"{test_accuracy(root / name, s):.1f}" if done(root / name) else f"(stopped at epoch {xs[-1]:.0f})"
+            table.append([LONG_RUNS[name][0], f"{ys[peak]:.1f}", f"{xs[peak]:.0f}", f"{ys[-1]:.1f}", test])
+        parts += [f"## {epochs} epochs on the same puzzles (seed 0)", "",
+                  markdown_table(["method", "validation peak (%)", "at epoch", "validation, last (%)",
+                                  "test, final model (%)"], table), "", "![training for longer](sft_long.png)", ""]
+        results["long"] = {name: {"epochs": xs, "validation": ys} for name, (xs, ys) in long_curves.items()}
         main_sft = [validation_curve(root / f"sft_seed{x}", s) for x in seeds if done(root / f"sft_seed{x}")]
-        plot_curves({f"SFT, {s['overfit_multiple'] * s['epochs']} epochs": [(xs, ys)],
+        plot_curves({**{f"{LONG_RUNS[name][0]}, {epochs} epochs": [c] for name, c in long_curves.items()},
                      f"SFT, {s['epochs']} epochs": main_sft}, root / "sft_long.png", xlabel="epoch",
                     ylabel="validation accuracy (%)", title="Countdown, the same puzzles for longer")
-        parts += ["![SFT for longer](sft_long.png)", ""]
     (root / "results.md").write_text("\n".join(parts))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(parts))

@@ -119,7 +119,8 @@ def test_selffusion_finite_driver_smoke(tmp_path):
     text = run("selffusion/finite.py", tmp_path, "--seeds", "0", "1")
     assert "Chosen: sft 0.001, selffusion 0.001" in text
     for row in ("| SFT |", "| SFT, 2x epochs", "D = both", "D = either mode", "(own)", "kd_weight 0", "easy -> hard",
-                "hard -> easy", "without RMSNorm", "| Logit KD from a wider DLM teacher"):
+                "hard -> easy", "without RMSNorm", "| Logit KD from a wider DLM teacher", "| SFT, wider model",
+                "| SelfFusion, wider model"):
         assert row in text
     assert (tmp_path / "validation_curves.png").exists()
     data = [json.loads((tmp_path / f"sft_seed{x}" / "data_stats.json").read_text()) for x in (0, 1)]
@@ -133,4 +134,8 @@ def test_selffusion_finite_driver_smoke(tmp_path):
     assert test["results"]
     steps = [json.loads(x).get("step", 0) for x in (tmp_path / "sft_2x_seed0" / "logs.jsonl").read_text().splitlines()]
     assert max(steps) == 12  # twice SFT's 6 steps
-    assert "## SFT for 4 epochs" in text and (tmp_path / "sft_long_seed0" / "final").exists()
+    assert "## 4 epochs on the same puzzles" in text
+    for name in ("sft_long_seed0", "sf_long_seed0", "sf_nokd_long_seed0"):
+        assert (tmp_path / name / "final").exists()
+    cfg = yaml.safe_load((tmp_path / "sf_wide_seed0" / "config.yaml").read_text())
+    assert cfg["model"]["preset_overrides"]["hidden_size"] == 64  # the teacher's width
