@@ -203,7 +203,7 @@ def test_zero_weight_counts_the_rejected_prompts_in_the_mean(tokenizer, tmp_path
         t = make_trainer(tokenizer, tmp_path / mode, lambda i, c: float(i == 0), method=method)
         scales = []
         orig = t.micro_batch_loss
-        t.micro_batch_loss = lambda steps, roll, scale: scales.append(scale) or orig(steps, roll, scale)
+        t.micro_batch_loss = lambda steps, roll, scale, *a: scales.append(scale) or orig(steps, roll, scale, *a)
         stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
         assert stepped and m["trained_trajectories"] == 1.0
         losses[mode] = scales
@@ -242,7 +242,7 @@ def test_batch_divide_takes_one_optimizer_step_per_chunk(tokenizer, tmp_path):
     t = make_trainer(tokenizer, tmp_path, lambda i, c: 1.0, method=method)
     seen = []
     orig = t.micro_batch_loss
-    t.micro_batch_loss = lambda steps, roll, scale: seen.append(steps) or orig(steps, roll, scale)
+    t.micro_batch_loss = lambda steps, roll, scale, *a: seen.append(steps) or orig(steps, roll, scale, *a)
     stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
     assert stepped and t.state.optimizer_steps == 2 and t.optimizer_steps_per_batch() == 2
     assert [set(p.chunk.tolist()) for p in seen] == [{0}, {1}]
@@ -307,7 +307,8 @@ def stub_logits(dists, g):
     table = torch.tensor(dists).log()
 
     def fn(ids, attn, positions):
-        return table[positions.nonzero(as_tuple=True)[1] - (ids.shape[1] - g)]
+        cols = positions.nonzero(as_tuple=True)[1] if positions.dtype == torch.bool else positions.reshape(-1)
+        return table[cols - (ids.shape[1] - g)]
     return fn
 
 
@@ -326,11 +327,17 @@ def hand_trajectory(mask):
     return Trajectory(states, committed, torch.tensor([0, 1, 1]))
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("clip_mode", ["off", "per_term"])
-def test_loss_value_matches_eq_12_by_hand_with_step_weights_and_the_process_scale(tokenizer, tmp_path, clip_mode):
+def test_loss_value_matches_eq_12_by_hand_with_step_weights_and_the_process_scale(tokenizer, tmp_path, clip_mode,
+                                                                                   static):
+    """Eq. 12 on hand-built distributions; ``static``: the fixed-shape path (heads at every position of the
+    current block, the positions off K_t weighted 0) gives the same numbers."""
     from types import SimpleNamespace
 
     import math
+
+    from dlmdistill.models.backbone import left_pad
 
     c = 0.05
     cap = (lambda x: min(x, c)) if clip_mode == "per_term" else (lambda x: x)
@@ -339,15 +346,18 @@ def test_loss_value_matches_eq_12_by_hand_with_step_weights_and_the_process_scal
     l0 = ((d[0] + d[1]) / 2 + d[2] + d[3]) / 3
     l1 = ((d[0] + d[1]) / 2 + (d[2] + d[3]) / 2) / 2
     expected = (l0 + l1) / 2
+    hand_gen = GenerationConfig(gen_length=4, steps=4, block_length=2, temperature=1.0)
     t = make_trainer(tokenizer, tmp_path, lambda i, c: 1.0,
-                     method=DOPSDConfig(rollout=GEN, positions="committed", clip_mode=clip_mode, clip=c))
+                     method=DOPSDConfig(rollout=hand_gen, positions="committed", clip_mode=clip_mode, clip=c))
     steps = flatten_trajectories(hand_trajectory(t.unwrapped.mask_id), [0, 1], block_length=2,
                                  mask_id=t.unwrapped.mask_id)
     assert len(steps) == 5 and steps.weights.tolist() == pytest.approx([1 / 6, 1 / 3, 1 / 3, 1 / 4, 1 / 4])
     t.policy_logits = stub_logits(S_DIST, 4)
     t.teacher_logits_fn = lambda: stub_logits(T_DIST, 4)
-    roll = SimpleNamespace(prompts=[[5, 6, 7], [5, 6]], teacher_prompts=[[5, 6, 7], [5, 6]])
-    loss, sums = t.micro_batch_loss(steps, roll, loss_scale(1, 2))
+    prompts = [[5, 6, 7], [5, 6]]
+    roll = SimpleNamespace(prompts=prompts, teacher_prompts=prompts, trajectory=hand_trajectory(t.unwrapped.mask_id))
+    padded = (left_pad(prompts, 0), left_pad(prompts, 0)) if static else None
+    loss, sums = t.micro_batch_loss(steps, roll, loss_scale(1, 2), padded)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert sums[0].item() / 2 == pytest.approx(expected, rel=1e-5)  # the logged loss
     # two processes, one trajectory each: every rank scales its sum by world / N_global = 2 / 2, and DDP's
@@ -356,7 +366,7 @@ def test_loss_value_matches_eq_12_by_hand_with_step_weights_and_the_process_scal
     for row in (0, 1):
         part = flatten_trajectories(hand_trajectory(t.unwrapped.mask_id), [row], block_length=2,
                                     mask_id=t.unwrapped.mask_id)
-        per_rank.append(t.micro_batch_loss(part, roll, loss_scale(2, 2))[0].item())
+        per_rank.append(t.micro_batch_loss(part, roll, loss_scale(2, 2), padded)[0].item())
     assert per_rank == pytest.approx([l0, l1], rel=1e-5)
     assert sum(per_rank) / 2 == pytest.approx(expected, rel=1e-5)
 
@@ -643,3 +653,31 @@ def test_official_configs_are_the_official_recipe(path):
             assert getattr(cfg.training, key) == value, key
     assert cfg.model.lora_r > 0 and cfg.model.lora_alpha / cfg.model.lora_r == 0.5  # the official 64 / 128
     assert cfg.model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "up_proj"]
+
+
+@pytest.mark.parametrize("select", ["teacher", "student", "committed"])
+def test_static_shapes_give_the_same_loss_and_gradients(tokenizer, tmp_path, select):
+    """The fixed-shape micro-batch (prompts padded once per rollout batch, heads at the whole current block,
+    positions off K_t weighted 0) equals the gathered one on real rollouts: loss, logged sums, gradients."""
+    from dlmdistill.models.backbone import left_pad
+
+    t = make_trainer(tokenizer, tmp_path, lambda i, c: 1.0,
+                     method=DOPSDConfig(rollout=GEN, positions=select, micro_batch_size=64, rho=0.5))
+    torch.manual_seed(0)
+    roll = t.sample([t.train_dataset[i] for i in range(4)])
+    steps = t.step_states(roll, [0, 1, 2, 3])
+    assert len(steps) > 8 and (steps.teacher != steps.states).any()
+    padded = (left_pad(roll.prompts, t.pad_id), left_pad(roll.teacher_prompts, t.pad_id))
+    out = []
+    for prompts in (None, padded):
+        t.model.zero_grad()
+        loss, sums = t.micro_batch_loss(steps, roll, 0.5, prompts)
+        loss.backward()
+        out.append((loss.detach(), sums, [p.grad.clone() for p in t.model.parameters() if p.grad is not None]))
+    (l0, s0, g0), (l1, s1, g1) = out
+    assert l0 > 0
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-7)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -236,3 +236,24 @@ def test_diffu_grpo_inner_iterations_read_the_device_once(tokenizer, tmp_path):
                               lambda: out.update(step=t.training_step([t.train_dataset[i] for i in range(2)])))
     assert out["step"][0] and blocks == 3
     assert counts.get("aten::_local_scalar_dense", 0) <= blocks and counts.get("aten::nonzero", 0) == 0
+
+
+@pytest.mark.parametrize("batch_divide", [1, 2])
+def test_dopsd_updates_read_the_device_once(tokenizer, tmp_path, batch_divide):
+    """The update phase of d-OPSD under static shapes: every optimizer step over its micro-batches makes one
+    host read, the finiteness check (rows, micro-batches and padded prompts are fixed in the rollout phase)."""
+    from dlmdistill.methods.dopsd import DOPSDConfig, DOPSDTrainer
+    from dlmdistill.sampling import GenerationConfig
+    from tests.methods.stubs import StubTask, items_for, stub_examples, training_config
+
+    model, tok = tiny_model(tokenizer)
+    examples = stub_examples(4)
+    gen = GenerationConfig(gen_length=16, steps=8, block_length=4, temperature=1.0)
+    t = DOPSDTrainer(model.train(), tok, items_for(examples, tok, gen.gen_length),
+                     training_config(tmp_path, static_shapes=True), task=StubTask(lambda i, c: 1.0), examples=examples,
+                     method=DOPSDConfig(rollout=gen, micro_batch_size=8, batch_divide=batch_divide, rho=0.5))
+    out = {}
+    blocks, counts = reads_in("dopsd.update", lambda: out.update(step=t.training_step([t.train_dataset[i]
+                                                                                       for i in range(4)])))
+    assert out["step"][0] and blocks == batch_divide
+    assert counts.get("aten::_local_scalar_dense", 0) <= blocks and counts.get("aten::nonzero", 0) == 0

@@ -47,7 +47,7 @@ from ..configs.choices import RevealScope
 from ..configs.methods import ClipModeSetting, DOPSDConfig, DOPSDRunConfig  # noqa: F401 (re-exported)
 from ..errors import UserError
 from ..losses.divergences import distillation_divergence, topk_overlap
-from ..models.backbone import DiffusionModel
+from ..models.backbone import DiffusionModel, left_pad
 from ..sampling import Trajectory, topk_mask
 from ..training.trainer import TrainingConfig
 from .common import finish, prepare, write_run_metadata
@@ -87,15 +87,6 @@ def collapse_warnings(method: DOPSDConfig, *, learning_rate: float, lora: bool) 
                    f"minimised away from the teacher (docs/methods/dopsd.md). Consider clip_mode per_position or "
                    f"per_position_scale, or a smaller learning rate")
     if method.teacher == "current" and not lora:
-        out.append(f"d-OPSD: teacher current with full fine-tuning and learning_rate {learning_rate:g} collapsed "
-                   f"in the one-seed ablations of docs/results.md section 2 (train_steps all and informative)")
-    return out
-    if method.clip_mode == "per_term":
-        out.append(f"d-OPSD: clip_mode per_term with full fine-tuning at learning_rate {learning_rate:g} (>= "
-                   f"{COLLAPSE_LR:g}) collapsed in every seed of docs/results.md section 2: the per-term clipped "
-                   f"KL is minimised away from the teacher (docs/methods/dopsd.md). Consider clip_mode per_position "
-                   f"or per_position_scale, LoRA, or a smaller learning rate")
-    if method.teacher == "current":
         out.append(f"d-OPSD: teacher current with full fine-tuning and learning_rate {learning_rate:g} collapsed "
                    f"in the one-seed ablations of docs/results.md section 2 (train_steps all and informative)")
     return out
@@ -284,29 +275,36 @@ def loss_scale(num_processes: int, n_trained_global: float) -> float:
 
 @dataclass
 class StepLogits:
-    """Logits at the selected positions K_t of a micro-batch (M = total selected positions).
+    """Logits at the positions of a micro-batch where the loss is taken (M of them).
 
     student: [M, V] (with gradient); teacher: [M, V] (no gradient); positions: [n, G] bool, K_t per
-    row; row: [M] long, the step-state row of each selected position (row-major order)."""
+    row; row: [M] long, the step-state row of each of the M positions (row-major order); selected:
+    [M] bool, which of them are in K_t (None: all, as ``step_logits`` gives them; ``block_step_logits``
+    gives every position of the current block)."""
 
     student: torch.Tensor
     teacher: torch.Tensor
     positions: torch.Tensor
     row: torch.Tensor
+    selected: torch.Tensor | None = None
 
 
 def confident_positions(logits: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor,
                         by: Literal["probability", "max_logit"] = "probability") -> torch.Tensor:
     """The ``k[r]`` candidates of each row where the model is most confident.
 
-    logits: [C, V] at the True entries of candidates [n, G] (row-major); k: [n]. ``by``: the
-    probability of the argmax token (softmax in float32), or the raw maximum logit (the official
-    code; not a confidence: a flat row of large logits outranks a peaked one). Returns [n, G] bool.
+    logits: [C, V] at the True entries of candidates [n, G] (row-major), or [n * G, V] at every entry
+    (a fixed shape: no data-dependent indexing; when every entry is a candidate the two agree); k: [n].
+    ``by``: the probability of the argmax token (softmax in float32), or the raw maximum logit (the
+    official code; not a confidence: a flat row of large logits outranks a peaked one). Returns [n, G] bool.
     """
     logits = logits.detach().float()
     conf = torch.softmax(logits, dim=-1).amax(dim=-1) if by == "probability" else logits.amax(dim=-1)
-    scores = torch.full(candidates.shape, float("-inf"), device=candidates.device)
-    scores[candidates] = conf
+    if conf.numel() == candidates.numel():
+        scores = torch.where(candidates, conf.view(candidates.shape), float("-inf"))
+    else:
+        scores = torch.full(candidates.shape, float("-inf"), device=candidates.device)
+        scores[candidates] = conf
     return topk_mask(scores, torch.minimum(k, candidates.sum(1))) & candidates
 
 
@@ -339,6 +337,52 @@ def step_logits(student: LogitsFn, teacher: LogitsFn, steps: StepStates, prompts
     else:
         raise ValueError(f"unknown position selection {select!r}; choose teacher, student or committed")
     return StepLogits(s_logits, t_logits.detach(), chosen, chosen.nonzero(as_tuple=True)[0])
+
+
+PromptInputs = tuple[torch.Tensor, torch.Tensor]  # (ids [n, P], attention mask [n, P]), left-padded
+
+
+def block_step_logits(student: LogitsFn, teacher: LogitsFn, steps: StepStates, blocks: torch.Tensor,
+                      prompts: PromptInputs, teacher_prompts: PromptInputs, *, block_length: int,
+                      select: Literal["teacher", "student", "committed"] = "teacher",
+                      confidence: Literal["probability", "max_logit"] = "probability") -> StepLogits:
+    """``step_logits`` with fixed shapes (``training.static_shapes``): both LM heads run at every position of
+    each row's current block, where K_t lies, and the loss weighs the positions off K_t by 0. Nothing has a
+    data-dependent shape, so no device-to-host read happens; the heads see ``block_length`` positions per
+    row instead of K_t and the candidates.
+
+    blocks: [n] the block each step state decodes; prompts / teacher_prompts: each row's prompt, left-padded
+    to a common width. Returns ``StepLogits`` over the n * block_length block positions (row-major), with
+    ``selected`` marking K_t.
+    """
+    n, length = blocks.shape[0], block_length
+    cols = blocks[:, None] * length + torch.arange(length, device=blocks.device)[None, :]  # [n, L] response columns
+
+    def inputs(prompt: PromptInputs, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = prompt
+        return (torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response, dtype=mask.dtype)], 1),
+                cols + ids.shape[1])
+
+    s_ids, s_attn, s_pos = inputs(prompts, steps.states)
+    t_ids, t_attn, t_pos = inputs(teacher_prompts, steps.teacher)
+    cand = steps.candidates.gather(1, cols)
+    if select == "teacher":
+        t_logits = teacher(t_ids, t_attn, t_pos)
+        chosen = confident_positions(t_logits, cand, steps.k, confidence)
+        s_logits = student(s_ids, s_attn, s_pos)
+    elif select == "student":
+        s_logits = student(s_ids, s_attn, s_pos)
+        chosen = confident_positions(s_logits, cand, steps.k, confidence)
+        t_logits = teacher(t_ids, t_attn, t_pos)
+    elif select == "committed":
+        chosen = steps.committed.gather(1, cols) & cand
+        t_logits = teacher(t_ids, t_attn, t_pos)
+        s_logits = student(s_ids, s_attn, s_pos)
+    else:
+        raise ValueError(f"unknown position selection {select!r}; choose teacher, student or committed")
+    positions = torch.zeros_like(steps.candidates).scatter(1, cols, chosen)
+    row = torch.arange(n, device=blocks.device).repeat_interleave(length)
+    return StepLogits(s_logits, t_logits.detach(), positions, row, chosen.reshape(-1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,20 +524,38 @@ class DOPSDTrainer(OnPolicyTrainer):
     def teacher_logits_fn(self) -> LogitsFn:
         return self.initial_policy_logits if self.method.teacher == "fixed" else self.current_policy_logits
 
-    def micro_batch_loss(self, steps: StepStates, roll: Rollout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_batch_loss(self, steps: StepStates, roll: Rollout, scale: float,
+                         prompts: tuple[PromptInputs, PromptInputs] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, sums)``: the scaled loss of a micro-batch (``loss_weights``) and the detached sums, weighted
-        by ``weights``, of (divergence, clip fraction, top-K overlap) for the logs."""
+        by ``weights``, of (divergence, clip fraction, top-K overlap) for the logs. With ``prompts`` (the
+        rollout batch's left-padded student and teacher prompts) the heads run on fixed shapes
+        (``block_step_logits``); without, at the selected positions only (``step_logits``)."""
         m = self.method
-        rows = steps.rows.tolist()
-        out = step_logits(self.policy_logits, self.teacher_logits_fn(), steps, [roll.prompts[r] for r in rows],
-                          [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions,
-                          confidence=m.confidence)
+        if prompts is None:
+            rows = steps.rows.tolist()
+            out = step_logits(self.policy_logits, self.teacher_logits_fn(), steps, [roll.prompts[r] for r in rows],
+                              [roll.teacher_prompts[r] for r in rows], pad_id=self.pad_id, select=m.positions,
+                              confidence=m.confidence)
+        else:
+            (ids, mask), (t_ids, t_mask) = prompts
+            out = block_step_logits(self.policy_logits, self.teacher_logits_fn(), steps,
+                                    roll.trajectory.block[steps.step], (ids[steps.rows], mask[steps.rows]),
+                                    (t_ids[steps.rows], t_mask[steps.rows]),
+                                    block_length=m.rollout.block_length or m.rollout.gen_length,
+                                    select=m.positions, confidence=m.confidence)
         div = distillation_divergence(student_logits=out.student, teacher_logits=out.teacher, kind=m.divergence,
                                       beta=m.jsd_beta, top_k=m.vocab_top_k, clip=m.clip, clip_mode=m.clip_mode)
-        w = steps.weights[out.row]
         overlap = topk_overlap(student_logits=out.student.detach(), teacher_logits=out.teacher, k=m.overlap_k)
-        sums = torch.stack([(w * div.divergence.detach()).sum(), (w * div.clipped).sum(), (w * overlap).sum()])
-        return (steps.loss_weights[out.row] * div.divergence).sum() * scale, sums.double()
+        w, lw = steps.weights[out.row], steps.loss_weights[out.row]
+        terms = (div.divergence.detach(), div.clipped, overlap)
+        loss_terms = lw * div.divergence
+        if out.selected is not None:  # positions off K_t count 0 (where, not a product: no NaN leaks in)
+            terms = tuple(torch.where(out.selected, w * x, 0.0) for x in terms)
+            loss_terms = torch.where(out.selected, loss_terms, 0.0)
+        else:
+            terms = tuple(w * x for x in terms)
+        sums = torch.stack([x.sum() for x in terms])
+        return loss_terms.sum() * scale, sums.double()
 
     # ------------------------------------------------------------------ one rollout batch
     def training_step(self, batch: list[dict[str, Any]]) -> tuple[bool, dict[str, float]]:
@@ -531,8 +593,9 @@ class DOPSDTrainer(OnPolicyTrainer):
             self.rollout_counts["skipped"] += 1
             return self._skip(metrics, "no informative step in any accepted trajectory")
         self._consecutive_skips = 0
-        sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
-        grad_norms, stepped = [], False
+        # the update plan, fixed here (the rollout phase's host reads): per chunk, its rows, micro-batches and
+        # trajectory count; under static_shapes, the prompts left-padded once for the whole rollout batch
+        plan = []
         for c in range(d):
             # the mean over the trajectories this optimizer step trains (zero_weight: over every prompt, the
             # rejected ones adding 0, as the official code's loss * 0 does under DDP's gradient average)
@@ -541,36 +604,51 @@ class DOPSDTrainer(OnPolicyTrainer):
                 continue  # no trajectory has a step in this chunk anywhere: no optimizer step
             part_rows = (steps.chunk == c).nonzero(as_tuple=True)[0] if len(steps) else torch.zeros(0, dtype=torch.long)
             parts = micro_batches(len(part_rows), m.micro_batch_size)
-            n_parts = self.global_max(len(parts))
-            scale = loss_scale(self.accelerator.num_processes, n_chunk)
-            chunk_sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
-            with self.student_mode():
-                for i in range(n_parts):
-                    last = i == n_parts - 1
-                    with nullcontext() if last else self.accelerator.no_sync(self.model):
-                        part = steps.part(part_rows[parts[i]]) if i < len(parts) else self.padding_steps(roll)
-                        loss, part_sums = self.micro_batch_loss(part, roll, scale)
-                        self.backward(loss)
-                    chunk_sums += part_sums
-            chunk_sums = self.global_sum(chunk_sums)
-            if not self.check_finite(chunk_sums[0]):
-                self.optimizer.zero_grad(set_to_none=True)
+            plan.append((part_rows, parts, self.global_max(len(parts)), n_chunk))
+        prompts = None
+        if self.config.static_shapes:
+            device = self.unwrapped.device
+            prompts = (left_pad(roll.prompts, self.pad_id, device), left_pad(roll.teacher_prompts, self.pad_id, device))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+        grad_norms, stepped = [], False
+        for part_rows, parts, n_parts, n_chunk in plan:
+            with torch.profiler.record_function("dopsd.update"):  # one optimizer step (profiles, tests)
+                chunk_sums, grad_norm = self._update(steps, roll, part_rows, parts, n_parts, n_chunk, prompts)
+            stepped = stepped or not self.last_update_skipped
+            if self.last_loss_nonfinite:  # the update was dropped (on_nonfinite_loss: skip): no later chunk
                 return stepped, metrics
             sums += chunk_sums
-            if n_parts == 0:  # zero_weight and nothing trained anywhere: a zero gradient still steps AdamW
-                for p in self.model.parameters():
-                    if p.requires_grad and p.grad is None:
-                        p.grad = torch.zeros_like(p)
-            grad_norm = self.optimizer_step()
-            stepped = stepped or not self.last_update_skipped
             if grad_norm is not None:
                 grad_norms.append(grad_norm)
         n_metric = max(n_train, 1.0)
-        metrics.update(loss=float(sums[0]) / n_metric, clip_ratio=float(sums[1]) / n_metric,
-                       topk_overlap=float(sums[2]) / n_metric, trained_trajectories=n_train, skipped=0.0)
+        metrics.update(loss=sums[0] / n_metric, clip_ratio=sums[1] / n_metric, topk_overlap=sums[2] / n_metric,
+                       trained_trajectories=n_train, skipped=0.0)
         if grad_norms:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stepped, metrics
+
+    def _update(self, steps: StepStates, roll: Rollout, part_rows: torch.Tensor, parts: list[slice], n_parts: int,
+                n_chunk: float, prompts: tuple[PromptInputs, PromptInputs] | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over the rows ``part_rows`` of ``steps`` (``n_parts`` micro-batches on every rank,
+        zero-weight padding where this rank has fewer): ``(the summed log terms over all ranks, the gradient
+        norm)``. With ``prompts`` (fixed shapes) its only host read is the update's finiteness check."""
+        scale = loss_scale(self.accelerator.num_processes, n_chunk)
+        chunk_sums = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+        with self.student_mode():
+            for i in range(n_parts):
+                with nullcontext() if i == n_parts - 1 else self.accelerator.no_sync(self.model):
+                    part = steps.part(part_rows[parts[i]]) if i < len(parts) else self.padding_steps(roll)
+                    loss, part_sums = self.micro_batch_loss(part, roll, scale, prompts)
+                    self.backward(loss)
+                chunk_sums += part_sums
+        chunk_sums = self.global_sum(chunk_sums)
+        self.note_loss(chunk_sums[0])  # read with the gradient norm, once, in optimizer_step
+        if n_parts == 0:  # zero_weight and nothing trained anywhere: a zero gradient still steps AdamW
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        return chunk_sums, self.optimizer_step()
 
     def optimizer_steps_per_batch(self) -> int:
         return self.method.batch_divide
@@ -613,7 +691,8 @@ def run(cfg: Any) -> dict[str, float]:
     return finish(trainer, trainer.train())
 
 
-__all__ = ["COLLAPSE_LR", "NothingToTrainError", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "Rollout", "StepLogits", "StepStates",
-           "chunked", "collapse_warnings", "confident_positions", "current_block_mask", "flatten_trajectories",
+__all__ = ["COLLAPSE_LR", "NothingToTrainError", "DOPSDConfig", "DOPSDRunConfig", "DOPSDTrainer", "PromptInputs",
+           "Rollout", "StepLogits", "StepStates", "block_step_logits", "chunked", "collapse_warnings",
+           "confident_positions", "current_block_mask", "flatten_trajectories",
            "informative_steps", "loss_scale", "official_steps", "reweighted", "run", "self_future_teacher_states",
            "step_logits"]
