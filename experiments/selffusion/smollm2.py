@@ -2,6 +2,7 @@
 that writes sentences: SmolLM2-135M-Instruct adapted to a masked-diffusion LM.
 
     python experiments/selffusion/smollm2.py --scale gpu      # the whole comparison, one GPU, bf16
+    python experiments/selffusion/smollm2.py --scale gpu-8min # the same stages in about 5 minutes of one GPU
     python experiments/selffusion/smollm2.py --scale cpu      # the CPU go/no-go: adaptation only
     python experiments/selffusion/smollm2.py --scale smoke --out /tmp/x   # a tiny random model (test suite)
 
@@ -64,6 +65,16 @@ SCALES: dict[str, dict[str, Any]] = {
                 adapt_epochs=3, adapt_lr=5e-5, adapt_eval_items=100, adapt_eval_every=200, cfg_prob=0.1,
                 epochs=3, lr=2e-5, seeds=[3407, 1, 2], eval_seeds=[10, 20, 30], eval_steps=[8, 16],
                 gen_length=128, eval_batch=64, cache="none", cfg_scale=1.0, students=True),
+    # the whole pipeline with real weights in one call of an offline GPU machine (under 8 minutes; see
+    # docs/benchmarks.md): 200 adaptation steps, 60 optimizer steps per student (SFT x2: 120), one seed,
+    # 20 items per set. 8,192 tokens per step, as in gpu_check's SFT row (0.49 s per step on an H200), so
+    # about 440 steps x 0.5 s of training, 15 small evaluations and the conversion: about 5 minutes.
+    # A plumbing check of the real model on a GPU, not the comparison: its ROUGE-L carries no claim.
+    "gpu-8min": dict(max_chars=1000, eval_chars=400, eval_items=20, max_length=256, batch=32, accumulation=1,
+                     mixed_precision="bf16", threads=None, gradient_checkpointing=False,
+                     adapt_max_steps=200, adapt_lr=5e-5, adapt_eval_items=20, adapt_eval_every=100, cfg_prob=0.1,
+                     student_steps=60, lr=2e-5, seeds=[3407], eval_seeds=[10], eval_steps=[8, 16],
+                     gen_length=64, eval_batch=64, cache="none", cfg_scale=1.0, students=True),
     # the CPU go/no-go (2 cores, fp32): adaptation only, a short run, 20 short Dolly items at 16 steps
     "cpu": dict(max_chars=400, eval_chars=200, eval_items=20, max_length=128, batch=2, accumulation=1,
                 mixed_precision="no", threads=2, gradient_checkpointing=False,
@@ -81,20 +92,20 @@ SCALES: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------------ data
-def prepare_data(root: Path, s: dict[str, Any]) -> dict[str, Path]:
+def prepare_data(root: Path, s: dict[str, Any], shared: Path = SHARED) -> dict[str, Path]:
     data = root / "data"
     files = {"train": data / "train.jsonl", "adapt_eval": data / "adapt_eval_dolly.jsonl",
              **{name: data / f"eval_{name}.jsonl" for name in EVAL_SETS}}
     if all(f.exists() for f in files.values()):
         return files
     data.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(SHARED / "dolly" / "train_minillm_decoded.jsonl")
+    rows = read_jsonl(shared / "dolly" / "train_minillm_decoded.jsonl")
     if s["max_chars"]:
         rows = [r for r in rows if sum(len(r.get(f) or "") for f in DOLLY_FIELDS) <= s["max_chars"]]
     random.Random(0).shuffle(rows)
     write_jsonl(files["train"], rows[: s.get("train_limit")])
     for name in EVAL_SETS:
-        recs = read_jsonl(SHARED / "minillm_eval" / name / "valid.jsonl")
+        recs = read_jsonl(shared / "minillm_eval" / name / "valid.jsonl")
         size = lambda r: len(r.get("instruction", "")) + len(r.get("input") or "")  # noqa: E731
         fit = [r for r in recs if not s["eval_chars"] or size(r) <= s["eval_chars"]]
         random.Random(0).shuffle(fit)
@@ -209,13 +220,20 @@ def _first_rouge(report: dict[str, Any]) -> float:
 STUDENTS = {"sft": ("sft", 1), "sft_2x": ("sft", 2), "selffusion": ("selffusion", 1)}
 
 
+def student_length(s: dict[str, Any], multiple: int) -> dict[str, Any]:
+    """How long a student trains: ``student_steps`` x ``multiple`` optimizer steps where the scale sets
+    them, else ``epochs`` x ``multiple`` epochs."""
+    if "student_steps" in s:
+        return {"max_steps": s["student_steps"] * multiple}
+    return {"epochs": s["epochs"] * multiple}
+
+
 def students(root: Path, s: dict[str, Any], files: dict[str, Path], on_result: Any) -> None:
     base = str(root / "adapt" / "final")
     for seed in s["seeds"]:
         for name, (method, mult) in STUDENTS.items():
             run = train_once(method, config(root / f"{name}_seed{seed}", s, base=base, files=files, lr=s["lr"],
-                                            seed=seed, epochs=s["epochs"] * mult,
-                                            method={}))
+                                            seed=seed, method={}, **student_length(s, mult)))
             for es in EVAL_SETS:
                 evaluate_once(run, "instruct", steps=s["eval_steps"], seeds=s["eval_seeds"], generation=generation(s),
                               source=str(files[es]), name=f"rouge_{es}")
@@ -258,10 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gguf-dir", default=str(GGUF_DIR), help=f"folder holding {GGUF_FILE}")
     ap.add_argument("--cache", choices=["none", "prefix", "dual"], default=None,
                     help="key/value caching for every evaluation (Fast-dLLM, approximate; default: the scale's)")
+    ap.add_argument("--data-dir", default=str(SHARED), help="folder holding dolly/ and minillm_eval/ (default: "
+                    "the shared data beside the checkout)")
     a = ap.parse_args(argv)
     setup_logging()
-    if not SHARED.exists():
-        sys.exit(f"the shared data folder is missing: {SHARED}")
+    shared = Path(a.data_dir)
+    if not (shared / "dolly" / "train_minillm_decoded.jsonl").exists():
+        sys.exit(f"the data folder {shared} lacks dolly/train_minillm_decoded.jsonl (the shared data: see its README)")
     s = SCALES[a.scale] if a.cache is None else {**SCALES[a.scale], "cache": a.cache}
     if s["threads"]:
         import torch
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(s["threads"])
     root = Path(a.out or f"runs/exp_selffusion_smollm2_{a.scale}")
     root.mkdir(parents=True, exist_ok=True)
-    files = stage("data", lambda: prepare_data(root, s))
+    files = stage("data", lambda: prepare_data(root, s, shared))
     base = stage("base", lambda: build_base(root, s, files, Path(a.gguf_dir)))
     stage("adapt", lambda: adapt(root, s, files, base))
     write_results(root, a.scale, s)

