@@ -56,7 +56,8 @@ def test_cache_refreshed_every_step_equals_uncached(tokenizer, kind, cache, extr
 @pytest.mark.parametrize("kind", ["llama", "qwen2_shifted"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("prompts", [PROMPTS, [[7, 8, 9, 10], [11, 12, 13, 14]]], ids=["padded", "unpadded"])
-def test_one_layer_model_cached_steps_are_exact(tokenizer, kind, cache, prompts):
+@pytest.mark.parametrize("static", [False, True], ids=["", "static_shapes"])
+def test_one_layer_model_cached_steps_are_exact(tokenizer, kind, cache, prompts, static):
     """With one layer a position's key and value depend on its own token only, so keys cached at a
     block's start stay exact while the block is decoded: the cached sampler (one refresh per block,
     every other step run on the window alone) must reach the uncached states at every step. This
@@ -65,7 +66,7 @@ def test_one_layer_model_cached_steps_are_exact(tokenizer, kind, cache, prompts)
     every key (not causally)."""
     model = backbone(kind, tokenizer, layers=1)
     ref = generate(model, prompts, GenerationConfig(**BASE), return_trajectory=True)
-    out = generate(model, prompts, GenerationConfig(**BASE, cache=cache), return_trajectory=True)
+    out = generate(model, prompts, GenerationConfig(**BASE, cache=cache, static_shapes=static), return_trajectory=True)
     for s in range(ref.trajectory.num_steps):
         assert torch.equal(out.trajectory.states[s], ref.trajectory.states[s]), f"step {s}"
     assert torch.equal(out.sequences, ref.sequences)
@@ -126,9 +127,10 @@ def test_above_threshold_rule_hand_computed():
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.6])
-def test_threshold_commits_follow_fast_dllm_rule(tokenizer, threshold):
+@pytest.mark.parametrize("static", [False, True], ids=["", "static_shapes"])
+def test_threshold_commits_follow_fast_dllm_rule(tokenizer, threshold, static):
     model = backbone("llama", tokenizer, layers=2)
-    cfg = GenerationConfig(**BASE, threshold=threshold)
+    cfg = GenerationConfig(**BASE, threshold=threshold, static_shapes=static)
     out = generate(model, PROMPTS, cfg, return_trajectory=True)
     t = out.trajectory
     assert t.num_steps == cfg.gen_length == cfg.trajectory_steps

@@ -197,7 +197,9 @@ class SharedUniforms:
 
 
 def _trajectories(model, forward, prompt, cfg, seed=0):
-    """(LLaDA's states before each step + final [S + 1, B, G], ours the same way)."""
+    """(LLaDA's states before each step + final [S + 1, B, G], ours the same way). Under
+    ``cfg.static_shapes`` ours draws noise for the whole block; the shared numbers at the candidates
+    are LLaDA's, so the states must still be LLaDA's."""
     g, p = cfg.gen_length, prompt.shape[1]
     vocab = forward(prompt[:1]).shape[-1]
     ref_noise = SharedUniforms(prompt.shape[0], g, vocab, cfg.steps, model.mask_id, seed)
@@ -253,3 +255,48 @@ def test_padding_leaves_every_step_unchanged(sharp_model, temperature, cfg_scale
                          return_trajectory=True)
         assert torch.equal(alone.trajectory.states[:, 0], batched.trajectory.states[:, i])
         assert torch.equal(alone.responses[0], batched.responses[i])
+
+
+@pytest.mark.parametrize("block_length,steps", [(None, 8), (8, 8), (4, 16), (8, 4)])
+@pytest.mark.parametrize("temperature,cfg_scale", [(0.0, 0.0), (0.7, 0.0), (0.7, 1.0)])
+def test_static_shapes_states_equal_llada_reference(sharp_model, block_length, steps, temperature, cfg_scale):
+    """The fixed-shape denoising step (head, draw and choice over the whole current block) reaches
+    LLaDA's state before every step."""
+    model = sharp_model
+    cfg = GenerationConfig(gen_length=32, steps=steps, block_length=block_length, temperature=temperature,
+                           cfg_scale=cfg_scale, static_shapes=True)
+    ref, ours = _trajectories(model, MaskHeavy(model), _prompts(3, 5), cfg)
+    assert (ref[-1] != model.mask_id).all()
+    for s in range(len(ref)):
+        assert torch.equal(ours[s], ref[s]), f"state before step {s} differs from LLaDA's"
+
+
+@pytest.mark.parametrize("remasking", ["random", "low_confidence"])
+def test_static_shapes_states_equal_llada_reference_plain_model(model_and_tok, remasking):
+    model, _ = model_and_tok
+    cfg = GenerationConfig(gen_length=16, steps=8, block_length=8, temperature=1.0, remasking=remasking,
+                           static_shapes=True)
+    ref, ours = _trajectories(model, model, _prompts(2, 4), cfg, seed=1)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("extra", [{}, {"temperature": 0.7, "cfg_scale": 1.0}, {"cache": "prefix"},
+                                   {"cache": "dual"}, {"remasking": "random", "temperature": 1.0}])
+def test_static_shapes_step_reads_nothing_back(model_and_tok, extra):
+    """Under static_shapes a denoising step makes no device-to-host read (no ``.item()``, no boolean
+    indexing), counted by the profiler over a whole padded-batch generation; the default path reads at
+    every step; the model's attention-mask setting is restored afterwards."""
+    from tests.training.test_host_syncs import READS, reads_in
+
+    model, _ = model_and_tok
+    prompts = [[7, 8, 9, 10, 11], [12, 13]]
+    counts = {}
+    for static in (False, True):
+        cfg = GenerationConfig(gen_length=16, steps=8, block_length=8, static_shapes=static, **extra)
+
+        def run():
+            with torch.profiler.record_function("GENERATE"):
+                generate(model, prompts, cfg, generator=torch.Generator().manual_seed(0))
+        counts[static] = sum(reads_in("GENERATE", run)[1].get(op, 0) for op in READS)
+    assert counts[True] == 0 and counts[False] >= cfg.steps
+    assert model.static_attention_mask is False

@@ -189,7 +189,7 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         raise ValueError("threshold decoding runs a data-dependent number of forwards, which a wrapped (FSDP) "
                          "`forward` cannot run in lockstep across processes; use threshold: null there")
     device = model.device
-    was_training = model.training
+    was_training, was_static = model.training, getattr(model, "static_attention_mask", False)
     model.eval()
     try:
         if isinstance(prompt_ids, torch.Tensor):
@@ -214,6 +214,9 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         spb = config.steps_per_block
         slots = config.trajectory_steps_per_block
         uniform = uniforms or generator_uniforms(generator, device)
+        static = config.static_shapes
+        if static:  # SDPA gets a ready 4-D mask (no read of the padding mask), restored in `finally`
+            model.static_attention_mask = True
         states, committed_steps, blocks = [], [], []
         for blk in range(config.num_blocks):
             lo, hi = p + blk * block_len, p + (blk + 1) * block_len
@@ -222,34 +225,44 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
             k_sched = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(dim=1), spb)
             in_block = torch.zeros_like(x, dtype=torch.bool)
             in_block[:, lo:hi] = True
+            cols = torch.arange(lo, hi, device=device)[None, :].expand(b, -1)  # [B, block] (static_shapes)
             net.start_block(lo, hi)
             for step in range(slots):
                 candidates = (x == mask_id) & in_block
                 if return_trajectory:
                     states.append(x[:, p:].clone())
                     blocks.append(blk)
-                if not bool(candidates.any()):
+                # a host read: skip a step with nothing left to decode (static_shapes: its commit is empty)
+                if (not static or config.threshold is not None) and not bool(candidates.any()):
                     if return_trajectory:
                         committed_steps.append(torch.zeros((b, g), dtype=torch.bool, device=device))
                         continue
                     if config.threshold is not None:
                         break
                     continue
-                # logits, draw and confidence only at the candidates: [N, V] -> [N]
-                logits = net(x, candidates)
-                noise = uniform(candidates, tuple(logits.shape)) if config.temperature > 0 else None
+                # logits, draw and confidence at the candidates, [N, V] -> [N], or at the whole block
+                at = in_block if static else candidates
+                logits = net(x, cols if static else candidates)
+                noise = uniform(at, tuple(logits.shape)) if config.temperature > 0 else None
                 tokens = draw_tokens(logits, config.temperature, noise, exclude=mask_id)
                 if config.remasking == "low_confidence":
                     conf = token_confidence(logits, tokens)
                 else:
-                    conf = uniform(candidates, (tokens.shape[0],))
+                    conf = uniform(at, (tokens.shape[0],))
+                choice = candidates[:, lo:hi] if static else candidates
                 if config.threshold is None:
-                    commit = _most_confident(conf, candidates, k_sched[:, step])
+                    commit = _most_confident(conf, choice, k_sched[:, step])
                 else:
-                    commit = _above_threshold(conf, candidates, config.threshold)
-                proposal = torch.full_like(x, mask_id)
-                proposal[candidates] = tokens
-                x = torch.where(commit, proposal, x)
+                    commit = _above_threshold(conf, choice, config.threshold)
+                if static:
+                    block = torch.where(commit, tokens.view(b, -1), x[:, lo:hi])
+                    x = torch.cat([x[:, :lo], block, x[:, hi:]], dim=1)
+                    commit = torch.cat([torch.zeros_like(x[:, :lo], dtype=torch.bool), commit,
+                                        torch.zeros_like(x[:, hi:], dtype=torch.bool)], dim=1)
+                else:
+                    proposal = torch.full_like(x, mask_id)
+                    proposal[candidates] = tokens
+                    x = torch.where(commit, proposal, x)
                 if return_trajectory:
                     committed_steps.append(commit[:, p:].clone())
         traj = None
@@ -261,24 +274,32 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
                                 forwards=forwards)
     finally:
         model.train(was_training)
+        if config.static_shapes:
+            model.static_attention_mask = was_static
+
+
+def _scores(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``conf`` laid out as ``candidates`` [B, L], -inf off them: ``conf`` holds a value per candidate
+    (row-major), or one per entry of ``candidates`` (a fixed shape: no boolean indexing)."""
+    if conf.numel() == candidates.numel():
+        return torch.where(candidates, conf.view(candidates.shape), float("-inf"))
+    score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
+    score[candidates] = conf
+    return score
 
 
 def _most_confident(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k[b]`` candidates of each row with the highest ``conf`` ([N], at the True entries of
-    ``candidates`` [B, L] in row-major order) -> [B, L] bool."""
-    score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
-    score[candidates] = conf
-    return topk_mask(score, torch.minimum(k, candidates.sum(dim=1))) & candidates
+    """The ``k[b]`` candidates of each row with the highest ``conf`` ([N] at the True entries of
+    ``candidates`` [B, L] in row-major order, or [B * L] at every entry) -> [B, L] bool."""
+    return topk_mask(_scores(conf, candidates), torch.minimum(k, candidates.sum(dim=1))) & candidates
 
 
 def _above_threshold(conf: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
     """Fast-dLLM's parallel commit: the candidates of each row whose ``conf`` is at least ``threshold``,
     and always the row's most confident one (rows without candidates commit nothing) -> [B, L] bool."""
-    score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
-    score[candidates] = conf
     best = _most_confident(conf, candidates, torch.ones(candidates.shape[0], dtype=torch.long,
                                                         device=candidates.device))
-    return (best | (score >= threshold)) & candidates
+    return (best | (_scores(conf, candidates) >= threshold)) & candidates
 
 
 class _Network:
@@ -341,7 +362,8 @@ class _Network:
             return self._combine(self._refresh(ids, pos))
         self.since_refresh += 1
         lo, hi = self.window
-        logits = self.fn(ids[:, lo:hi], self.kv_mask, positions=pos[:, lo:hi], cache=self.cache,
+        at = pos[:, lo:hi] if pos.dtype == torch.bool else pos - lo  # a mask of the window, or its columns
+        logits = self.fn(ids[:, lo:hi], self.kv_mask, positions=at, cache=self.cache,
                          position_ids=self.position_ids[:, lo:hi])
         self.cache.crop(-(hi - lo))
         return self._combine(logits)

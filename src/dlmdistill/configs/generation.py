@@ -30,6 +30,13 @@ class GenerationConfig:
         None, help="parallel decoding (Fast-dLLM): at each step commit every masked position of the current block "
                    "whose confidence is at least this, and at least the most confident one; a block ends when it "
                    "has no masks, so `steps` is not used. Needs remasking=low_confidence; null = the fixed schedule")
+    static_shapes: bool = field(
+        False, help="no data-dependent shapes in a denoising step, so that it reads nothing back from the device "
+                    "(a step CUDA graphs could capture): the LM head runs at every position of the current block "
+                    "and the commit is chosen there, and SDPA gets a ready 4-D mask. The same distribution; at "
+                    "temperature > 0 or with random remasking other draws than the default path's (it draws "
+                    "noise for the whole block). Threshold decoding still reads once per step (a block ends "
+                    "when no mask is left)")
 
     def validate(self) -> None:
         for name in ("gen_length", "steps", "batch_size"):

@@ -157,8 +157,9 @@ class DiffusionModel(nn.Module):
         return self.hf_model.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
     def _padding_mask(self, attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-        """``attention_mask`` [B, L], or under ``static_attention_mask`` with SDPA the same mask as
-        transformers builds it for a bidirectional model: [B, 1, L, L] bool, True where a key is real."""
+        """``attention_mask`` [B, K] over the keys, or under ``static_attention_mask`` with SDPA the same mask
+        as transformers builds it for a bidirectional model: [B, 1, length, K] bool for ``length`` queries,
+        True where a key is real (with a cache, K counts the cached keys too)."""
         if not self.static_attention_mask or getattr(self.hf_model.config, "_attn_implementation", None) != "sdpa":
             return attention_mask
         return attention_mask.bool()[:, None, None, :].expand(-1, 1, length, -1)
@@ -183,8 +184,8 @@ class DiffusionModel(nn.Module):
                                         dtype=torch.long, device=input_ids.device)
         body = self.hf_model.model
         name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                   **{name: cache})
+        out = body(input_ids=input_ids, attention_mask=self._padding_mask(attention_mask, input_ids.shape[1]),
+                   position_ids=position_ids, use_cache=True, **{name: cache})
         return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
