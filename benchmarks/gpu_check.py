@@ -21,7 +21,8 @@ Items, each timed and isolated (a failure is reported in its row, the others sti
 - ``sample``      the sampler at generation length 256, blocks of 32, batch 32, bf16 weights: 256 and 64
                   steps uncached, then prefix and dual key/value caching and threshold (0.9) decoding at
                   256 steps, and the uncached and dual-cache steps with ``static_shapes`` (no host read per
-                  step), each with its throughput ratio to the uncached 256-step row.
+                  step), and the uncached one also through ``torch.compile`` (``compile``: CUDA graphs on a
+                  GPU; compiled before the timing), each with its throughput ratio to the uncached 256-step row.
 - ``fsdp``        SFT under ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` with one process.
 
 Reported per item: time per step after ``--warmup`` steps, throughput, model FLOPs utilisation (model
@@ -248,22 +249,27 @@ def sample_item(model_dir: str, args, device: str) -> list[dict]:
     questions = task.load(args.data, split="train", limit=s["sample_batch"])
     ids = [tok(e.prompt, add_special_tokens=False).input_ids for e in questions]
     rows = []
-    settings = [(steps, "none", None, False) for steps in s["sample_steps"]]
-    settings += [(s["sample_steps"][0], cache, None, False) for cache in ("prefix", "dual")]
-    settings += [(s["sample_steps"][0], cache, 0.9, False) for cache in ("none", "dual")]
-    settings += [(s["sample_steps"][0], cache, None, True) for cache in ("none", "dual")]  # no host read per step
+    first = s["sample_steps"][0]
+    settings = [(steps, "none", None, False, False) for steps in s["sample_steps"]]
+    settings += [(first, cache, None, False, False) for cache in ("prefix", "dual")]
+    settings += [(first, cache, 0.9, False, False) for cache in ("none", "dual")]
+    settings += [(first, cache, None, True, False) for cache in ("none", "dual")]  # no host read per step
+    settings += [(first, "none", None, True, True)]  # torch.compile (CUDA graphs on a GPU)
     base_tps = None
-    for steps, cache, threshold, static in settings:
+    for steps, cache, threshold, static, compile_ in settings:
         cfg = GenerationConfig(gen_length=s["sample_gen"], steps=steps, block_length=s["sample_block"],
-                               batch_size=len(ids), cache=cache, threshold=threshold, static_shapes=static)
+                               batch_size=len(ids), cache=cache, threshold=threshold, static_shapes=static,
+                               compile=compile_)
         gen = torch.Generator(device=device).manual_seed(0)
         name = (f"sample (cache {cache}{f', threshold {threshold}' if threshold else ''}"
-                f"{', static shapes' if static else ''}, {steps} steps)")
+                f"{', static shapes' if static else ''}{', compiled' if compile_ else ''}, {steps} steps)")
         row: dict = {"item": name}
         meter = FlopMeter(int(model.vocab_size))
         warm = GenerationConfig(gen_length=s["sample_block"], steps=2, block_length=s["sample_block"],
-                                batch_size=len(ids), cache=cache, static_shapes=static)
-        generate(model, ids, warm, generator=gen)
+                                batch_size=len(ids), cache=cache, static_shapes=static, compile=compile_)
+        generate(model, ids, warm, generator=gen)  # compiles, when asked, outside the timed call
+        if compile_:  # the timed call's own shape (the warm-up's is shorter)
+            generate(model, ids, cfg, generator=gen)
         with peak_memory(device, row), meter:
             device_sync(device)
             t = time.perf_counter()

@@ -300,3 +300,30 @@ def test_static_shapes_step_reads_nothing_back(model_and_tok, extra):
         counts[static] = sum(reads_in("GENERATE", run)[1].get(op, 0) for op in READS)
     assert counts[True] == 0 and counts[False] >= cfg.steps
     assert model.static_attention_mask is False
+
+
+@pytest.mark.slow  # compiles (tens of seconds on a CPU)
+def test_compiled_static_step_gives_the_eager_samples(model_and_tok):
+    """``compile`` runs the fixed-shape step through torch.compile: the same states as eager, greedy and
+    sampled, and the compiled module is made once and reused."""
+    from dlmdistill.sampling import _COMPILED
+
+    model, _ = model_and_tok
+    prompts = [[7, 8, 9, 10, 11], [12, 13]]
+    for extra in ({}, {"temperature": 0.8, "cfg_scale": 1.0}):
+        outs = []
+        for compile_ in (False, True):
+            cfg = GenerationConfig(gen_length=16, steps=8, block_length=8, static_shapes=True, compile=compile_,
+                                   **extra)
+            outs.append(generate(model, prompts, cfg, generator=torch.Generator().manual_seed(3),
+                                 return_trajectory=True))
+        assert torch.equal(outs[1].trajectory.states, outs[0].trajectory.states)
+        assert torch.equal(outs[1].sequences, outs[0].sequences)
+    assert len(_COMPILED) == 1
+
+
+def test_compile_needs_static_shapes_without_cache():
+    with pytest.raises(ValueError, match="compile needs static_shapes"):
+        GenerationConfig(gen_length=16, steps=8, compile=True).validate()
+    with pytest.raises(ValueError, match="compile needs static_shapes"):
+        GenerationConfig(gen_length=16, steps=8, compile=True, static_shapes=True, cache="dual").validate()

@@ -51,6 +51,7 @@ leave every step as above):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
@@ -208,7 +209,8 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         uncond = None
         if config.cfg_scale > 0:
             uncond = torch.where(pmask.bool(), torch.full_like(prompt, mask_id), prompt)
-        net = _Network(forward or model, model, config, attn, uncond, p)
+        fn = model if forward is None else forward
+        net = _Network(compiled(fn) if config.compile else fn, model, config, attn, uncond, p)
 
         block_len = config.block_length or g
         spb = config.steps_per_block
@@ -276,6 +278,18 @@ def generate(model: DiffusionModel, prompt_ids: Sequence[Sequence[int]] | torch.
         model.train(was_training)
         if config.static_shapes:
             model.static_attention_mask = was_static
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its compiled forward
+
+
+def compiled(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``module`` through ``torch.compile`` (``dynamic=False``; mode ``reduce-overhead``, CUDA graphs, when its
+    parameters are on a GPU), made once per module and reused by later ``generate`` calls."""
+    if module not in _COMPILED:
+        cuda = next(module.parameters()).is_cuda
+        _COMPILED[module] = torch.compile(module, dynamic=False, mode="reduce-overhead" if cuda else None)
+    return _COMPILED[module]
 
 
 def _scores(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

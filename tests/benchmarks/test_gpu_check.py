@@ -46,7 +46,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
                  "sample (cache none, 16 steps)",
                  "sample (cache prefix, 16 steps)", "sample (cache dual, 16 steps)",
                  "sample (cache dual, threshold 0.9, 16 steps)", "sample (cache none, static shapes, 16 steps)",
-                 "sample (cache dual, static shapes, 16 steps)"):
+                 "sample (cache dual, static shapes, 16 steps)", "sample (cache none, static shapes, compiled, 16 steps)"):
         assert rows[item]["status"] == "ok", rows[item]
     assert rows["sample (cache none, 16 steps)"]["forwards_per_sample"] == 16
     for item in ("sft", "selffusion", "dopsd", "diffu_grpo"):

@@ -37,6 +37,10 @@ class GenerationConfig:
                     "temperature > 0 or with random remasking other draws than the default path's (it draws "
                     "noise for the whole block). Threshold decoding still reads once per step (a block ends "
                     "when no mask is left)")
+    compile: bool = field(
+        False, help="run the model through torch.compile (dynamic=False; on CUDA mode reduce-overhead, which "
+                    "captures CUDA graphs). Needs static_shapes and cache none: every step then has the same "
+                    "shapes and the model compiles once per batch shape. The first batch pays the compilation")
 
     def validate(self) -> None:
         for name in ("gen_length", "steps", "batch_size"):
@@ -58,6 +62,8 @@ class GenerationConfig:
             raise ValueError(f"cache must be none, prefix or dual, not {self.cache!r}")
         if self.cache_refresh_every is not None and self.cache_refresh_every < 1:
             raise ValueError(f"cache_refresh_every must be >= 1 or null, not {self.cache_refresh_every}")
+        if self.compile and (not self.static_shapes or self.cache != "none"):
+            raise ValueError("compile needs static_shapes: true and cache: none (a fixed-shape step, compiled once)")
         if self.threshold is not None:
             if not 0.0 <= self.threshold <= 1.0:
                 raise ValueError(f"threshold must be in [0, 1] (a probability) or null, not {self.threshold}")
