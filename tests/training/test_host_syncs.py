@@ -257,3 +257,13 @@ def test_dopsd_updates_read_the_device_once(tokenizer, tmp_path, batch_divide):
                                                                                        for i in range(4)])))
     assert out["step"][0] and blocks == batch_divide
     assert counts.get("aten::_local_scalar_dense", 0) <= blocks and counts.get("aten::nonzero", 0) == 0
+    # and its rollouts run the sampler's fixed-shape step: no read at all while sampling
+    inner = t.rollout
+
+    def rollout(*args, **kwargs):
+        with record_function("ROLLOUT"):
+            return inner(*args, **kwargs)
+
+    t.rollout = rollout
+    calls, counts = reads_in("ROLLOUT", lambda: t.training_step([t.train_dataset[i] for i in range(4)]))
+    assert calls >= 1 and sum(counts.values()) == 0, counts

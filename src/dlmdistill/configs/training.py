@@ -73,8 +73,8 @@ class TrainingConfig:
         False, help="no data-dependent shapes in a training update, so that it reads the device once (the finiteness "
         "check): SFT, SelfFusion and logit KD apply the LM head at every response position (unmasked ones weighted 0, "
         "about twice the head's rows); d-OPSD at every position of the current block (K_t weighted 1, the rest 0) "
-        "with prompts padded once per rollout batch; every forward of the run (rollouts included) gives SDPA "
-        "a ready 4-D attention mask (see docs/benchmarks.md)")
+        "with prompts padded once per rollout batch; on-policy rollouts use the sampler's fixed-shape step "
+        "(generation.static_shapes); every forward gives SDPA a ready 4-D attention mask (see docs/benchmarks.md)")
     use_cpu: bool = field(False, help="train on the CPU even when an accelerator is present (multi-process CPU "
                           "runs under torchrun/accelerate launch use gloo automatically when no GPU exists)")
     on_nonfinite_loss: Literal["error", "skip"] = field("error", help="NaN/inf loss: stop with an error, or skip the batch")

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -226,9 +227,12 @@ class OnPolicyTrainer(Trainer):
         """Sample responses for ``prompts`` in chunks of ``gen.batch_size``: ``(responses [n, G], trajectory)``.
 
         Every rank runs as many ``generate`` calls as the busiest rank; a rank with fewer prompts
-        decodes ``filler`` (one of its prompts) and drops the result. ``n`` may be 0.
+        decodes ``filler`` (one of its prompts) and drops the result. ``n`` may be 0. Under
+        ``training.static_shapes`` the sampler's steps are fixed-shape too (``gen.static_shapes``).
         """
         model = self.unwrapped
+        if self.config.static_shapes and not gen.static_shapes:
+            gen = replace(gen, static_shapes=True)
         chunks = [list(prompts[i:i + gen.batch_size]) for i in range(0, len(prompts), gen.batch_size)]
         n_calls = self.global_max(len(chunks))
         responses, states, committed, blocks = [], [], [], None
