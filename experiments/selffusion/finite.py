@@ -19,8 +19,8 @@ Stages (each run skipped when it has finished):
    training, then the final model on the 500 test puzzles (the task's held-out set).
 3. ``teacher``: the external DLM teacher of the logit-KD row, a wider model trained with SFT on the same
    puzzles for the same epochs at SFT's learning rate, and the logit-KD student from it.
-4. ``size``: SelfFusion at the teacher's width (seed 0); with the teacher (SFT at that width, seed 0) it makes
-   the size row: whether the gap between the methods moves with the model's size.
+4. ``size``: SelfFusion with and without its KD term at the teacher's width (seed 0); with the teacher (SFT at
+   that width, seed 0) they make the size row: whether the gap between the methods moves with the model's size.
 5. ``overfit``: SFT, SelfFusion and SelfFusion without its KD term at ``overfit_multiple`` times the epochs
    (seed 0): whether training longer on the same puzzles makes the validation accuracy fall (the regime
    where a regulariser could pay) and whether the KD term delays the fall.
@@ -189,8 +189,11 @@ def main() -> None:
         stage("teacher", teacher_runs)
 
     if "size" in a.stages and "selffusion" in lrs:
-        stage("size", lambda: train("selffusion", run_config(root / "sf_wide_seed0", s, seed=0, lr=lrs["selffusion"],
-                                                             model={"preset_overrides": s["teacher"]}, method={})))
+        def size_runs() -> None:
+            for name, section in (("sf_wide_seed0", {}), ("sf_wide_nokd_seed0", {"kd_weight": 0.0})):
+                train("selffusion", run_config(root / name, s, seed=0, lr=lrs["selffusion"],
+                                               model={"preset_overrides": s["teacher"]}, method=section))
+        stage("size", size_runs)
     if "overfit" in a.stages and set(lrs) == {"sft", "selffusion"}:
         def long_runs() -> None:
             for name, (_, method, section) in LONG_RUNS.items():
@@ -205,6 +208,7 @@ def main() -> None:
     width = ", ".join(f"{k} {v}" for k, v in s["teacher"].items())
     rows[f"SFT, wider model ({width}; the KD teacher)"] = [r for r in [root / "teacher_dlm"] if done(r)]
     rows[f"SelfFusion, wider model ({width})"] = [r for r in [root / "sf_wide_seed0"] if done(r)]
+    rows["SelfFusion without the KD term, wider model"] = [r for r in [root / "sf_wide_nokd_seed0"] if done(r)]
     rows = {k: v for k, v in rows.items() if v}
     cmd = f"python experiments/selffusion/finite.py --scale {a.scale}"
     parts = [f"# SelfFusion in the finite-data regime (Countdown, scale {a.scale})", "",

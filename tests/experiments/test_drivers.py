@@ -139,3 +139,6 @@ def test_selffusion_finite_driver_smoke(tmp_path):
         assert (tmp_path / name / "final").exists()
     cfg = yaml.safe_load((tmp_path / "sf_wide_seed0" / "config.yaml").read_text())
     assert cfg["model"]["preset_overrides"]["hidden_size"] == 64  # the teacher's width
+    cfg = yaml.safe_load((tmp_path / "sf_wide_nokd_seed0" / "config.yaml").read_text())
+    assert cfg["model"]["preset_overrides"]["hidden_size"] == 64 and cfg["method"]["kd_weight"] == 0.0
+    assert "| SelfFusion without the KD term, wider model |" in text
