@@ -68,9 +68,10 @@ case $what in
     mkdir -p "$out"
     start=$(date +%s)
     status=0
-    $py experiments/selffusion/smollm2.py --scale gpu-8min --data-dir .gpu/data --out /tmp/smollm2 \
+    scale=${SCALE:-gpu-8min}  # SCALE=smoke: the same commands on a tiny random model (a CPU check of this script)
+    $py experiments/selffusion/smollm2.py --scale "$scale" --data-dir .gpu/data --out /tmp/smollm2 \
       2>&1 | tee "$out/smollm2.log" || status=$?
-    echo "smollm2 gpu-8min: $(( $(date +%s) - start )) s, exit $status" | tee -a "$out/smollm2.log"
+    echo "smollm2 $scale: $(( $(date +%s) - start )) s, exit $status" | tee -a "$out/smollm2.log"
     cp /tmp/smollm2/results.md /tmp/smollm2/results.json "$out/" 2>/dev/null || true
     for run in /tmp/smollm2/*/; do
       [ -f "$run/logs.jsonl" ] && mkdir -p "$out/$(basename "$run")" && cp "$run/logs.jsonl" "$out/$(basename "$run")/"
