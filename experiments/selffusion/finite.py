@@ -245,9 +245,17 @@ def main() -> None:
         parts += ["## The comparison (mean ± std over seeds)", "",
                   markdown_table(["row", "validation, best (%)", "validation, final (%)", "test, final model (%)",
                                   "seeds"], table), "", "![validation accuracy against epochs](validation_curves.png)", ""]
-        plot_curves({label: [validation_curve(r, s) for r in runs] for label, runs in rows.items()},
+        wide = {label for label in rows if "wider model" in label}
+        plot_curves({label: [validation_curve(r, s) for r in runs] for label, runs in rows.items() if label not in wide},
                     root / "validation_curves.png", xlabel="epoch", ylabel="validation accuracy (%)",
                     title=f"Countdown, {s['train_examples']} puzzles, {s['epochs']} epochs")
+        if wide:  # the size row beside the tiny model's SFT and SelfFusion
+            tiny = [label for label in rows if label == "SFT" or label.startswith("SelfFusion, D = both")]
+            plot_curves({(label.split(" (")[0] if label in wide else f"{label.split(',')[0]}, tiny"):
+                         [validation_curve(r, s) for r in rows[label]] for label in [*tiny, *sorted(wide)]},
+                        root / "size.png", xlabel="epoch", ylabel="validation accuracy (%)",
+                        title=f"Countdown, {s['train_examples']} puzzles: the tiny model and a wider one")
+            parts += ["![the wider model against the tiny one](size.png)", ""]
         results["rows"] = res
     long_curves = {name: validation_curve(root / name, s) for name in LONG_RUNS
                    if (root / name / "logs.jsonl").exists()}
