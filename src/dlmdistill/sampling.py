@@ -292,9 +292,10 @@ def compiled(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
     return _COMPILED[module]
 
 
-def _scores(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_scores(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """``conf`` laid out as ``candidates`` [B, L], -inf off them: ``conf`` holds a value per candidate
-    (row-major), or one per entry of ``candidates`` (a fixed shape: no boolean indexing)."""
+    (row-major), or one per entry of ``candidates`` (a fixed shape: no boolean indexing; when every entry
+    is a candidate the two readings agree)."""
     if conf.numel() == candidates.numel():
         return torch.where(candidates, conf.view(candidates.shape), float("-inf"))
     score = torch.full(candidates.shape, float("-inf"), dtype=conf.dtype, device=conf.device)
@@ -305,7 +306,7 @@ def _scores(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 def _most_confident(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The ``k[b]`` candidates of each row with the highest ``conf`` ([N] at the True entries of
     ``candidates`` [B, L] in row-major order, or [B * L] at every entry) -> [B, L] bool."""
-    return topk_mask(_scores(conf, candidates), torch.minimum(k, candidates.sum(dim=1))) & candidates
+    return topk_mask(candidate_scores(conf, candidates), torch.minimum(k, candidates.sum(dim=1))) & candidates
 
 
 def _above_threshold(conf: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -313,7 +314,7 @@ def _above_threshold(conf: torch.Tensor, candidates: torch.Tensor, threshold: fl
     and always the row's most confident one (rows without candidates commit nothing) -> [B, L] bool."""
     best = _most_confident(conf, candidates, torch.ones(candidates.shape[0], dtype=torch.long,
                                                         device=candidates.device))
-    return (best | (_scores(conf, candidates) >= threshold)) & candidates
+    return (best | (candidate_scores(conf, candidates) >= threshold)) & candidates
 
 
 class _Network:

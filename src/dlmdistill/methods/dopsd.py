@@ -48,7 +48,7 @@ from ..configs.methods import ClipModeSetting, DOPSDConfig, DOPSDRunConfig  # no
 from ..errors import UserError
 from ..losses.divergences import distillation_divergence, topk_overlap
 from ..models.backbone import DiffusionModel, left_pad
-from ..sampling import Trajectory, topk_mask
+from ..sampling import Trajectory, candidate_scores, topk_mask
 from ..training.trainer import TrainingConfig
 from .common import finish, prepare, write_run_metadata
 from .onpolicy import (LogitsFn, OnPolicyTrainer, dropout_disabled, micro_batches, prompt_and_response_inputs,
@@ -300,12 +300,7 @@ def confident_positions(logits: torch.Tensor, candidates: torch.Tensor, k: torch
     """
     logits = logits.detach().float()
     conf = torch.softmax(logits, dim=-1).amax(dim=-1) if by == "probability" else logits.amax(dim=-1)
-    if conf.numel() == candidates.numel():
-        scores = torch.where(candidates, conf.view(candidates.shape), float("-inf"))
-    else:
-        scores = torch.full(candidates.shape, float("-inf"), device=candidates.device)
-        scores[candidates] = conf
-    return topk_mask(scores, torch.minimum(k, candidates.sum(1))) & candidates
+    return topk_mask(candidate_scores(conf, candidates), torch.minimum(k, candidates.sum(1))) & candidates
 
 
 def step_logits(student: LogitsFn, teacher: LogitsFn, steps: StepStates, prompts: Sequence[Sequence[int]],
