@@ -681,3 +681,30 @@ def test_static_shapes_give_the_same_loss_and_gradients(tokenizer, tmp_path, sel
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_nonfinite_loss_drops_the_update_or_stops(tokenizer, tmp_path, policy):
+    """A NaN d-OPSD loss is found by the update's one read (with the gradient norm): ``skip`` drops that
+    update and the rollout batch's later ones, leaving the weights as they were; ``error`` stops the run."""
+    from dlmdistill.training import NonFiniteLossError
+
+    t = make_trainer(tokenizer, tmp_path, lambda i, c: 1.0, on_nonfinite_loss=policy,
+                     method=DOPSDConfig(rollout=GEN, micro_batch_size=16, batch_divide=2))
+    orig = t.micro_batch_loss
+
+    def nan_loss(*args):
+        loss, sums = orig(*args)
+        return loss * float("nan"), sums * float("nan")
+
+    t.micro_batch_loss = nan_loss
+    before = params(t)
+    batch = [t.train_dataset[i] for i in range(4)]
+    if policy == "error":
+        with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+            t.training_step(batch)
+        return
+    stepped, _ = t.training_step(batch)
+    assert not stepped and t.state.optimizer_steps == 0
+    after = params(t)
+    assert all(torch.equal(before[k], after[k]) for k in before)

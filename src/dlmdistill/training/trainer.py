@@ -248,14 +248,6 @@ class Trainer(CheckpointMixin):
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def check_finite(self, loss: torch.Tensor) -> bool:
-        """False (skip) or raise when ``loss`` is not finite, per ``on_nonfinite_loss``. Reads the loss back
-        to the host (a device synchronisation): the on-policy recipes call it once per update; the offline
-        loop (``training_step``) folds the check into the one read of ``optimizer_step`` instead."""
-        if bool(torch.isfinite(loss.detach()).all()):
-            return True
-        return self._nonfinite_loss(loss.detach())
-
     def _nonfinite_loss(self, loss: torch.Tensor | None) -> bool:
         shown = f" ({loss.item()})" if loss is not None and loss.numel() == 1 and not torch.isfinite(loss) else ""
         msg = (f"non-finite loss{shown} at optimizer step {self.state.global_step + 1} "
