@@ -227,7 +227,7 @@ def test_dopsd_step_on_cached_threshold_rollouts(tokenizer, tmp_path, rollout):
     orig = t.step_states
     t.step_states = lambda roll, rows: seen.append(orig(roll, rows)) or seen[-1]
     stepped, m = t.training_step([t.train_dataset[i] for i in range(4)])
-    assert stepped and torch.isfinite(torch.tensor(m["loss"])) and m["trained_trajectories"] == 4.0
+    assert stepped and torch.isfinite(torch.as_tensor(m["loss"])) and m["trained_trajectories"] == 4.0
     steps = seen[0]
     # every answer position is trained exactly once over its trajectory's steps
     per_traj = torch.zeros(4, dtype=torch.long).index_add_(0, steps.rows, steps.committed.sum(1))
