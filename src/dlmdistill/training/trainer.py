@@ -219,9 +219,9 @@ class Trainer(CheckpointMixin):
 
     @property
     def unwrapped(self) -> DiffusionModel:
-        if self.config.compile:  # the plain model (keeping the compiled wrapper would re-point it past DDP)
-            return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return self.accelerator.unwrap_model(self.model)
+        # under training.compile, what torch.compile wrapped (unwrapping the compiled module itself would need an
+        # Accelerate that knows keep_torch_compile, and keeping it would re-point it past DDP)
+        return self.accelerator.unwrap_model(self.model._orig_mod if self.config.compile else self.model)
 
     @property
     def sampling_forward(self) -> torch.nn.Module | None:
