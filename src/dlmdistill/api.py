@@ -109,20 +109,25 @@ def train(method: str, config: str | Path | dict | Any | None = None, **override
     return run(cfg)
 
 
-def _load(model: Any, **model_kwargs: Any):
+def _load(model: Any, device: str | None = None, **model_kwargs: Any):
+    """``model`` as a (model, tokenizer) pair: a pair is returned as it is (it stays where its owner put
+    it); a path or hub id is loaded onto ``device`` (default: cuda if available)."""
     from .evaluation import resolve_model_path
-    from .models.loading import ModelConfig, build_model
+    from .models.loading import ModelConfig, build_model, resolve_device
 
     if isinstance(model, tuple):
         return model
-    return build_model(ModelConfig(name_or_path=resolve_model_path(str(model)), **model_kwargs))
+    where = resolve_device(device)
+    m, tok = build_model(ModelConfig(name_or_path=resolve_model_path(str(model)), **model_kwargs))
+    return m.to(where), tok
 
 
 def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, prompt_format: str | None = None,
-             **generation: Any) -> list[str]:
-    """Completions for ``prompts``; ``model`` is a path/id or a ``(DiffusionModel, tokenizer)`` pair. As
-    ``dlmdistill generate`` does, a run folder (or its ``final/``) starts from the run's own decoding
-    (``eval.generation``) and prompt format, under what is given here."""
+             device: str | None = None, **generation: Any) -> list[str]:
+    """Completions for ``prompts``; ``model`` is a path/id (loaded onto ``device``, default cuda if
+    available) or a ``(DiffusionModel, tokenizer)`` pair (used where it is). As ``dlmdistill generate``
+    does, a run folder (or its ``final/``) starts from the run's own decoding (``eval.generation``) and
+    prompt format, under what is given here."""
     from .data import format_prompt
     from .evaluation import check_prompt_fits, context_limit, run_eval_defaults
     from .sampling import GenerationConfig, generate_texts
@@ -130,7 +135,7 @@ def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, prompt_format
     run = {} if isinstance(model, tuple) else run_eval_defaults(str(model))
     gen = from_dict(GenerationConfig, {**run.get("generation", {}), **generation}, where="generate")
     fmt = prompt_format or run.get("data", {}).get("prompt_format", "plain")
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     texts = [format_prompt(tok, p, fmt) for p in prompts]
     for i, p in enumerate(texts):
         check_prompt_fits(len(tok(p, add_special_tokens=False).input_ids), gen.gen_length, context_limit(m),
@@ -141,21 +146,25 @@ def generate(model: Any, prompts: Sequence[str], *, seed: int = 0, prompt_format
 def evaluate(model: Any, task: str | None = None, *, steps: Sequence[int] | None = None,
              seeds: Sequence[int] = (10, 20, 30), source: str | None = None, split: str | None = None,
              limit: int | None = None, output_dir: str | None = None, task_kwargs: dict | None = None,
-             prompt_format: str | None = None, progress: bool = False, **generation: Any) -> dict[str, Any]:
+             prompt_format: str | None = None, progress: bool = False, device: str | None = None,
+             **generation: Any) -> dict[str, Any]:
     """Evaluate ``model`` at several step counts and seeds; returns the metrics report.
 
     As ``dlmdistill evaluate`` does: a run folder (or its ``final/``) starts from the run's own evaluation
     settings (its task and task options, prompt format, evaluation data, ``eval.generation`` and step
     count), under what is given here; another ``task`` drops the run's task options and data. ``model``
-    may also be a model folder or hub id (then ``task`` is needed), or a ``(model, tokenizer)`` pair."""
+    may also be a model folder or hub id (then ``task`` is needed), or a ``(model, tokenizer)`` pair. A
+    model given by path runs on ``device`` (default: cuda if available); a pair runs where it is."""
     from .configs import EvalRunConfig
     from .evaluation import for_task, run_evaluation, run_eval_defaults
+    from .models.loading import resolve_device
 
     if limit is not None and limit < 1:
         raise UserError(f"limit must be >= 1 (or None for every item), got {limit}")
     if source == "":
         raise UserError("source is an empty string; give a file, folder or dataset id, or None for the task's own")
     loaded = model if isinstance(model, tuple) else None
+    where = None if loaded is not None else resolve_device(device)
     name = "" if loaded is not None else str(model)
     data = {k: v for k, v in (("task", task), ("task_kwargs", task_kwargs), ("eval_source", source),
                               ("eval_split", split), ("eval_limit", limit), ("prompt_format", prompt_format))
@@ -170,7 +179,7 @@ def evaluate(model: Any, task: str | None = None, *, steps: Sequence[int] | None
     cfg = from_dict(EvalRunConfig, EvalRunConfig.prepare(deep_merge(from_run, given)), where="evaluate")
     if cfg.data.task is None and loaded is not None:
         raise UserError("task: give the task to evaluate a model passed as (model, tokenizer)")
-    return run_evaluation(cfg, loaded=loaded)[0]
+    return run_evaluation(cfg, loaded=loaded, device=where)[0]
 
 
 def score_generations(path: str | Path, task: str, out: str | Path | None = None) -> dict[str, Any]:

@@ -116,17 +116,9 @@ def cmd_train(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ generate
 def _device(name: str | None):
     """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
-    import torch
+    from .models.loading import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"device {name!r}: {e}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return resolve_device(name)
 
 
 def _read_prompts(path: str) -> list[tuple[str, str]]:

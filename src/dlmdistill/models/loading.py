@@ -262,6 +262,20 @@ def _finish(model, tokenizer, cfg: ModelConfig, *, mask_id: int, shift: bool, lo
     return dm, tokenizer
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """The torch device ``name`` ("cuda", "cuda:1", "cpu", ...; None: cuda if available, else cpu). A device
+    this machine lacks, or a malformed name, is a ``UserError`` that says which."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_model(name_or_path: str, **overrides: Any) -> tuple[DiffusionModel, Any]:
     """Python API: ``model, tok = load_model("runs/sft/final")`` or ``load_model("HuggingFaceTB/SmolLM2-135M")``."""
     return build_model(ModelConfig(name_or_path=name_or_path, **overrides))
