@@ -26,9 +26,9 @@ from tests.methods.test_sft import reverse_items
 READS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
-def reads_in(scope: str, run) -> tuple[int, dict[str, int]]:
+def reads_in(scope: str, run, excluding: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
     """Run ``run()`` under the profiler: (number of ``scope`` blocks, the reads inside them by op, those of
-    ``Optimizer.step`` left out)."""
+    ``Optimizer.step`` and of the scopes ``excluding`` left out)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     blocks, counts = 0, collections.Counter()
@@ -41,7 +41,7 @@ def reads_in(scope: str, run) -> tuple[int, dict[str, int]]:
         while p is not None:
             chain.append(p.name)
             p = p.cpu_parent
-        if scope in chain and not any(n.startswith("Optimizer.step") for n in chain):
+        if scope in chain and not any(n.startswith("Optimizer.step") or n in excluding for n in chain):
             counts[e.name] += 1
     return blocks, dict(counts)
 
@@ -267,3 +267,38 @@ def test_dopsd_updates_read_the_device_once(tokenizer, tmp_path, batch_divide):
     t.rollout = rollout
     calls, counts = reads_in("ROLLOUT", lambda: t.training_step([t.train_dataset[i] for i in range(4)]))
     assert calls >= 1 and sum(counts.values()) == 0, counts
+
+
+@pytest.mark.parametrize("pass_k_mode", ["first_accepted", "best_of_k"])
+def test_dopsd_preparation_reads_nothing_back(tokenizer, tmp_path, pass_k_mode):
+    """Between the sampling and the updates (pass@k accept/reject, the step states and their teacher, the
+    official trained steps, the counts and the update plan): no host read, and 3 ``nonzero`` per rollout
+    batch (the accepted rows, the steps with a commit, the official steps), whatever the rewards."""
+    from dlmdistill.methods.dopsd import DOPSDConfig, DOPSDTrainer
+    from dlmdistill.sampling import GenerationConfig
+    from tests.methods.stubs import StubTask, items_for, stub_examples, training_config
+
+    model, tok = tiny_model(tokenizer)
+    examples = stub_examples(4)
+    gen = GenerationConfig(gen_length=16, steps=8, block_length=4, temperature=1.0)
+    t = DOPSDTrainer(model.train(), tok, items_for(examples, tok, gen.gen_length),
+                     training_config(tmp_path, static_shapes=True), task=StubTask(lambda i, c: float(len(c) % 2)),
+                     examples=examples,
+                     method=DOPSDConfig(rollout=gen, micro_batch_size=8, batch_divide=2, rho=0.5, pass_k=3,
+                                        pass_k_mode=pass_k_mode, train_steps="official", rejected="zero_weight"))
+    inner_rollout, inner_step = t.rollout, t.training_step
+
+    def rollout(*args, **kwargs):
+        with record_function("ROLLOUT"):
+            return inner_rollout(*args, **kwargs)
+
+    def step(batch):
+        with record_function("STEP"):
+            return inner_step(batch)
+
+    t.rollout = rollout
+    out = {}
+    steps, counts = reads_in("STEP", lambda: out.update(step=step([t.train_dataset[i] for i in range(4)])),
+                             excluding=("ROLLOUT", "dopsd.update"))
+    assert steps == 1 and out["step"][0]
+    assert counts.get("aten::_local_scalar_dense", 0) == 0 and counts.get("aten::nonzero", 0) <= 3, counts

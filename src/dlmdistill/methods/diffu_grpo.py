@@ -137,15 +137,14 @@ class DiffuGRPOTrainer(OnPolicyTrainer):
         positions = with_prompt_columns(scored, p)
 
         groups = rewards.view(-1, group)
-        totals = self.global_sum([len(prompts), float(rewards.sum()), float(self.correct(rewards).sum()),
-                                  float(lengths.sum()), float(scored.sum()), groups.shape[0],
-                                  float((groups.std(1) < 1e-6).sum()) if group > 1 else float(groups.shape[0]),
-                                  float(groups.std(1).sum()) if group > 1 else 0.0])
-        n, n_tokens, n_groups = float(totals[0]), float(totals[4]), float(totals[5])
-        metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n,
-                   "completion_length": float(totals[3]) / n, "zero_std_ratio": float(totals[6]) / n_groups,
-                   "reward_std": float(totals[7]) / n_groups}
-        self.count_rollouts(n, float(totals[2]), idle=float(totals[6]) == n_groups,
+        totals = self.global_totals([len(prompts), rewards.sum(), self.correct(rewards).sum(), lengths.sum(),
+                                     scored.sum(), groups.shape[0],
+                                     (groups.std(1) < 1e-6).sum() if group > 1 else groups.shape[0],
+                                     groups.std(1).sum() if group > 1 else 0.0])
+        n, n_tokens, n_groups = totals[0], totals[4], totals[5]
+        metrics = {"reward": totals[1] / n, "accuracy": totals[2] / n, "completion_length": totals[3] / n,
+                   "zero_std_ratio": totals[6] / n_groups, "reward_std": totals[7] / n_groups}
+        self.count_rollouts(n, totals[2], idle=totals[6] == n_groups,
                             why="the same reward for every completion of each prompt (zero advantages: no "
                             "learning signal; each batch still takes an optimizer step, moved only by the KL term)",
                             advice="Start from a model that sometimes solves the task (e.g. after SFT), or raise "

@@ -36,6 +36,7 @@ then the trainer that uses them), as one recipe per method; the options are ``co
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -172,6 +173,9 @@ class StepStates:
         return self.rows.shape[0]
 
     def part(self, index: slice | torch.Tensor) -> "StepStates":
+        """The rows ``index`` selects (a slice, indices, or a [R] bool mask, turned into indices once)."""
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            index = index.nonzero(as_tuple=True)[0]
         return StepStates(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
@@ -255,12 +259,13 @@ def chunked(steps: StepStates, batch_divide: int, kt_reduction: Literal["mean", 
         return steps
     _, counts = torch.unique_consecutive(steps.rows, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    total = counts.repeat_interleave(counts)
-    rank = torch.arange(len(steps), device=steps.rows.device) - starts.repeat_interleave(counts)
+    n = len(steps)  # the size of every repeat below, given so that none reads its sum back
+    total = counts.repeat_interleave(counts, output_size=n)
+    rank = torch.arange(n, device=steps.rows.device) - starts.repeat_interleave(counts, output_size=n)
     chunk = torch.div(rank * batch_divide, total, rounding_mode="floor")
     key = steps.rows * batch_divide + chunk  # (trajectory, chunk), consecutive like the rows
     _, per_chunk = torch.unique_consecutive(key, return_counts=True)
-    size = per_chunk.repeat_interleave(per_chunk).float()
+    size = per_chunk.repeat_interleave(per_chunk, output_size=n).float()
     k = steps.k.clamp(min=1).float()
     loss_weights = 1.0 / (size * k) if kt_reduction == "mean" else 1.0 / size
     return replace(steps, chunk=chunk, loss_weights=loss_weights)
@@ -448,14 +453,12 @@ class DOPSDTrainer(OnPolicyTrainer):
         states = torch.full((s, b, g), self.unwrapped.mask_id, dtype=torch.long, device=device)
         committed = torch.zeros((s, b, g), dtype=torch.bool, device=device)
         finals = torch.zeros((b, g), dtype=torch.long, device=device)
-        scores = torch.full((b,), float("-inf"))
-        accepted = torch.zeros(b, dtype=torch.bool)
-        attempts = torch.zeros(b, dtype=torch.long)
+        scores, accepted, attempts = [float("-inf")] * b, [False] * b, [0] * b  # host lists: no read per prompt
         first = None
         generator = self.generator("rollout")
         pending = list(range(b))
         for attempt in range(1, m.pass_k + 1):
-            if self.global_sum([len(pending)])[0] == 0:
+            if self.global_totals([len(pending)])[0] == 0:
                 break
             responses, traj = self.rollout([prompts[i] for i in pending], gen, generator, filler=prompts[0],
                                            trajectory=True)
@@ -463,18 +466,18 @@ class DOPSDTrainer(OnPolicyTrainer):
             ok = self.correct(sc, m.accept_threshold)
             if first is None:
                 first = (sc, self.correct(sc), response_lengths(responses, self.unwrapped.eos_id).cpu())
-            for p, i in enumerate(pending):
+            for p, (i, score, correct) in enumerate(zip(pending, sc.tolist(), ok.tolist())):
                 attempts[i] = attempt
-                keep = sc[p] >= scores[i] if best_of_k else bool(ok[p]) or keep_last or sc[p] > scores[i]
+                keep = score >= scores[i] if best_of_k else correct or keep_last or score > scores[i]
                 if keep:
                     states[:, i], committed[:, i] = traj.states[:, p], traj.committed[:, p]
-                    finals[i], scores[i] = responses[p], sc[p]
-                    accepted[i] = ok[p]
+                    finals[i], scores[i], accepted[i] = responses[p], score, correct
             if not best_of_k:
                 pending = [i for i in pending if not accepted[i]]
         blocks = torch.arange(s, device=device) // gen.trajectory_steps_per_block
-        return Rollout(indices, prompts, teacher_prompts, Trajectory(states, committed, blocks), finals, scores,
-                       accepted, attempts, *first)
+        return Rollout(indices, prompts, teacher_prompts, Trajectory(states, committed, blocks), finals,
+                       torch.tensor(scores, dtype=torch.float32), torch.tensor(accepted, dtype=torch.bool),
+                       torch.tensor(attempts, dtype=torch.long), *first)
 
     def step_states(self, roll: Rollout, rows: Sequence[int]) -> StepStates:
         """The step states of the trained trajectories, with the teacher's states filled in; with
@@ -559,14 +562,13 @@ class DOPSDTrainer(OnPolicyTrainer):
         roll = self.sample(batch)
         trained = roll.accepted if m.correct_only else torch.ones_like(roll.accepted)
         rows = trained.nonzero(as_tuple=True)[0].tolist()
-        totals = self.global_sum([float(x) for x in (len(batch), roll.first_scores.sum(), roll.first_correct.sum(),
-                                                     roll.accepted.sum(), roll.attempts.sum(),
-                                                     roll.first_lengths.sum(), len(rows))])
-        n, n_train = float(totals[0]), float(totals[6])
-        metrics = {"reward": float(totals[1]) / n, "accuracy": float(totals[2]) / n, "accepted": float(totals[3]) / n,
-                   "attempts": float(totals[4]) / n, "completion_length": float(totals[5]) / n}
+        totals = self.global_totals([len(batch), roll.first_scores.sum(), roll.first_correct.sum(), roll.accepted.sum(),
+                                     roll.attempts.sum(), roll.first_lengths.sum(), len(rows)])
+        n, n_train = totals[0], totals[6]
+        metrics = {"reward": totals[1] / n, "accuracy": totals[2] / n, "accepted": totals[3] / n,
+                   "attempts": totals[4] / n, "completion_length": totals[5] / n}
         nothing = n_train == 0
-        self.count_rollouts(float(totals[4]), float(totals[3]), idle=nothing, skipped=nothing and not zero_weight,
+        self.count_rollouts(totals[4], totals[3], idle=nothing, skipped=nothing and not zero_weight,
                             why=f"no accepted trajectory (up to pass_k={m.pass_k} attempts per prompt), so "
                             + ("only zero-weight optimizer steps" if zero_weight else "no optimizer step"),
                             advice=f"The model does not solve these prompts yet: start from a model that sometimes "
@@ -576,14 +578,18 @@ class DOPSDTrainer(OnPolicyTrainer):
         if nothing and not zero_weight:
             return self._skip(metrics, "no accepted trajectory")
         steps = self.step_states(roll, rows)
-        recorded = int(roll.trajectory.committed[:, rows].any(-1).sum()) if rows else 0  # steps with k_t > 0
         d = m.batch_divide
-        chunk_traj = [float(len(steps.rows[steps.chunk == c].unique())) for c in range(d)] if len(steps) else [0.0] * d
-        counts = self.global_sum([float(steps.rows.unique().numel()) if len(steps) else 0.0, float(len(steps)),
-                                  float(recorded), *chunk_traj])
-        n_train = float(counts[0])  # trajectories with at least one trained step
-        metrics.update(trained_steps=float(counts[1]) / max(n_train, 1.0),
-                       trained_step_fraction=float(counts[1]) / max(float(counts[2]), 1.0))
+        # the counts for the logs, the skip rule and the update plan, kept on the device and read once: which
+        # (chunk, trajectory) pairs have a trained step, and this rank's step states per chunk
+        device = steps.rows.device
+        has = torch.zeros(d, len(batch), dtype=torch.bool, device=device)
+        has[steps.chunk, steps.rows] = True
+        per_chunk = torch.zeros(d, dtype=torch.long, device=device).index_add_(0, steps.chunk,
+                                                                                torch.ones_like(steps.chunk))
+        recorded = roll.trajectory.committed[:, rows].any(-1).sum() if rows else 0  # steps with k_t > 0
+        counts = self.global_totals([has.any(0).sum(), len(steps), recorded, *has.sum(1)], local=per_chunk)
+        n_train = counts[0]  # trajectories with at least one trained step
+        metrics.update(trained_steps=counts[1] / max(n_train, 1.0), trained_step_fraction=counts[1] / max(counts[2], 1.0))
         if n_train == 0 and not zero_weight:
             self.rollout_counts["skipped"] += 1
             return self._skip(metrics, "no informative step in any accepted trajectory")
@@ -591,13 +597,15 @@ class DOPSDTrainer(OnPolicyTrainer):
         # the update plan, fixed here (the rollout phase's host reads): per chunk, its rows, micro-batches and
         # trajectory count; under static_shapes, the prompts left-padded once for the whole rollout batch
         plan = []
+        by_chunk = torch.argsort(steps.chunk, stable=True)  # the rows of chunk 0, then 1, ..., each in row order
+        ends = [int(x) for x in itertools.accumulate(counts[3 + d:])]
         for c in range(d):
             # the mean over the trajectories this optimizer step trains (zero_weight: over every prompt, the
             # rejected ones adding 0, as the official code's loss * 0 does under DDP's gradient average)
-            n_chunk = n if zero_weight else float(counts[3 + c])
+            n_chunk = n if zero_weight else counts[3 + c]
             if n_chunk == 0:
                 continue  # no trajectory has a step in this chunk anywhere: no optimizer step
-            part_rows = (steps.chunk == c).nonzero(as_tuple=True)[0] if len(steps) else torch.zeros(0, dtype=torch.long)
+            part_rows = by_chunk[(ends[c - 1] if c else 0):ends[c]]
             parts = micro_batches(len(part_rows), m.micro_batch_size)
             plan.append((part_rows, parts, self.global_max(len(parts)), n_chunk))
         prompts = None

@@ -214,6 +214,21 @@ class OnPolicyTrainer(Trainer):
         t = torch.as_tensor(values, dtype=torch.float64).to(self.accelerator.device)
         return self.accelerator.reduce(t.clone(), reduction="sum") if self.accelerator.num_processes > 1 else t
 
+    def global_totals(self, values: Sequence[float | torch.Tensor], local: Sequence[float | torch.Tensor] = ()
+                      ) -> list[float]:
+        """``values`` (numbers or one-element tensors, on any device) summed over ranks, then ``local`` as this
+        rank has them, as host floats, with one device-to-host read for them all; on one process, numbers and
+        CPU tensors read no device."""
+        one = self.accelerator.num_processes == 1
+        values, local = list(values), list(local)
+        on_cpu = one and all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values + local)
+        device = torch.device("cpu") if on_cpu else self.accelerator.device
+        flat = [torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values + local]
+        summed = torch.stack(flat[:len(values)])
+        if not one:
+            summed = self.accelerator.reduce(summed, reduction="sum")
+        return torch.cat([summed, torch.stack(flat[len(values):]) if local else summed[:0]]).tolist()
+
     def global_max(self, value: int) -> int:
         """The largest ``value`` over ranks."""
         if self.accelerator.num_processes == 1:
@@ -266,7 +281,7 @@ class OnPolicyTrainer(Trainer):
 
     def correct(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """[n] bool: ``task.is_correct`` of each score (the task's own threshold when None)."""
-        return torch.tensor([self.task.is_correct(float(s), threshold) for s in scores], dtype=torch.bool)
+        return torch.tensor([self.task.is_correct(s, threshold) for s in scores.tolist()], dtype=torch.bool)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:
