@@ -59,7 +59,7 @@ SCALES: dict[str, dict[str, Any]] = {
                      compare=True, eval_batch=200),
     # the CPU go/no-go (2 cores, fp32): does the pretrained model learn the trace layout, and does the
     # premise hold for it (the gate)? No post-training: d-OPSD's rollouts of a 135M model take hours here
-    # (an SFT step of 16 puzzles takes about 5 s, decoding 100 puzzles about 4 minutes).
+    # (measured with nothing else running: an SFT step of 16 puzzles 4.3 s, decoding 100 puzzles 3.2 minutes).
     "cpu": dict(base_steps=400, base_batch=16, base_lr=1e-4, base_eval_every=200, train_examples=50000,
                 eval_items=100, gate_items=100, mixed_precision="no", threads=2, require_gate=True,
                 compare=False, eval_batch=100),
