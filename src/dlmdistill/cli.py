@@ -114,13 +114,6 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------ generate
-def _device(name: str | None):
-    """The torch device ``name`` (default: cuda if available); a bad or absent device is a ``UserError``."""
-    from .models.loading import resolve_device
-
-    return resolve_device(name)
-
-
 def _read_prompts(path: str) -> list[tuple[str, str]]:
     """``(prompt, source)`` pairs from a JSONL/JSON file (field ``prompt``) or a text file (one per line)."""
     from .tasks.io import read_records, read_text, require
@@ -152,6 +145,7 @@ def cmd_generate(argv: list[str]) -> int:
     from .data import encode_prompt
     from .evaluation import check_prompt_fits, context_limit, resolve_model_path, run_config_name, run_eval_defaults
     from .models.autoregressive import CausalLM, load_for_inference
+    from .models.loading import resolve_device
     from .sampling import decode_responses, generate_batches
 
     # a training run's own decoding and prompt format, under what the config file and the command line give
@@ -165,7 +159,7 @@ def cmd_generate(argv: list[str]) -> int:
     if not sourced:
         raise ConfigError("give at least one --prompt or a --prompts_file")
     prompts = [p for p, _ in sourced]
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
     model, tok = load_for_inference(cfg.model)
     all_ids = [encode_prompt(tok, p, cfg.prompt_format) for p in prompts]
@@ -223,6 +217,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         return 0
     from .data import resolve_task
     from .evaluation import for_task, format_table, run_config_name, run_eval_defaults, run_evaluation
+    from .models.loading import resolve_device
 
     # a training run's own evaluation settings, under what the config file and the command line give
     given = _given(EvalRunConfig, config, rest)
@@ -238,7 +233,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         print(f"evaluation settings of the run ({Path(cfg.model.name_or_path)}), where not given: task "
               f"{cfg.data.task} {cfg.data.task_kwargs or ''}, gen_length {cfg.generation.gen_length}, block_length "
               f"{cfg.generation.block_length}, steps {' '.join(map(str, cfg.steps))}", file=sys.stderr)
-    report, out_dir = run_evaluation(cfg, device=_device(cfg.device))
+    report, out_dir = run_evaluation(cfg, device=resolve_device(cfg.device))
     print(format_table(report))
     print(f"\ngenerations: {out_dir}/generations.jsonl\nmetrics:     {out_dir}/metrics.json")
     return 0
@@ -298,7 +293,7 @@ def cmd_toy_check(argv: list[str]) -> int:
     from .configs import DataConfig
     from .data import load_examples
     from .evaluation import resolve_model_path, run_eval_defaults, run_folder_of
-    from .models.loading import load_model
+    from .models.loading import load_model, resolve_device
     from .tasks.registry import get_task
 
     for name in ("limit", "pass_k", "batch_size"):
@@ -325,7 +320,7 @@ def cmd_toy_check(argv: list[str]) -> int:
     sudoku = task.name == "sudoku"
     threshold = a.accept_threshold if a.accept_threshold is not None else (0.25 if sudoku else None)
     model, tok = load_model(resolve_model_path(a.model))
-    model.to(_device(a.device))
+    model.to(resolve_device(a.device))
     report = self_teacher_check(model, tok, task, examples, gen, rhos=tuple(a.rhos), pass_k=a.pass_k,
                                 retry_temperature=a.retry_temperature, accept_threshold=threshold,
                                 pass_k_mode=a.pass_k_mode or ("best_of_k" if sudoku else "first_accepted"),
