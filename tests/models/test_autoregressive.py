@@ -100,3 +100,30 @@ def test_evaluate_model_samples_an_ar_model_once_per_seed(tokenizer, tmp_path):
                             steps=[8, 16], seeds=[1, 2], output_dir=tmp_path, progress=False)
     assert list(report["results"]) == ["ar"] and list(report["results"]["ar"]["seeds"]) == ["1", "2"]
     assert "| ar |" in format_table(report)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_ready_causal_mask_gives_transformers_logits_without_a_read(tokenizer, side):
+    """``static_attention_mask``: the causal mask passed ready ([B, 1, L, L]) gives the logits transformers'
+    own mask gives at every real position, finite ones at padding positions too, and no host read (the
+    2-D mask makes transformers read it back to decide whether SDPA can drop it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_ar(tokenizer)
+    x = torch.randint(5, 30, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    pad = slice(0, 3) if side == "left" else slice(6, 9)
+    mask[1, pad] = 0
+    mask[2, pad.start:pad.start + 1] = 0
+    x[mask == 0] = model.pad_id if model.pad_id is not None else 0
+    every = torch.arange(9)[None].expand(3, -1)
+    with torch.no_grad():
+        model.static_attention_mask = False
+        expected = model(x, mask, positions=every).view(3, 9, -1)
+        model.static_attention_mask = True
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = model(x, mask, positions=every).view(3, 9, -1)
+    assert torch.isfinite(got).all()
+    real = (mask == 1)[:, (torch.arange(9) - 1).clamp(min=0), None]  # row i is computed at position i - 1 (0: at 0)
+    torch.testing.assert_close(torch.where(real, got, 0.0), torch.where(real, expected, 0.0), rtol=1e-5, atol=1e-5)
+    assert not any(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events())

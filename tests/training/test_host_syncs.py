@@ -202,14 +202,20 @@ def test_static_shapes_give_the_kd_loss(tokenizer, tmp_path, kind):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_static_kd_step_reads_the_device_once(tokenizer, tmp_path):
+@pytest.mark.parametrize("kind", ["dlm", "ar"])
+def test_static_kd_step_reads_the_device_once(tokenizer, tmp_path, kind):
+    """Logit KD from a DLM or an AR teacher (whose causal mask goes to SDPA ready, so transformers reads
+    nothing back): one host read per step."""
     from dlmdistill.methods.kd import KDConfig, KDTrainer
+    from tests.models.test_autoregressive import tiny_ar
 
     model, tok = tiny_model(tokenizer, seed=0)
+    teacher = tiny_model(tokenizer, seed=1)[0] if kind == "dlm" else tiny_ar(tokenizer, seed=1)
     cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=16, logging_steps=1000,
                          save_steps=0, progress_bar=False, report_to=["none"], export_final=False, static_shapes=True)
-    trainer = KDTrainer(model.train(), tok, reverse_items(tok, 64), cfg, teacher=tiny_model(tokenizer, seed=1)[0],
-                        method=KDConfig(teacher="(test)"), collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
+    trainer = KDTrainer(model.train(), tok, reverse_items(tok, 64), cfg, teacher=teacher,
+                        method=KDConfig(teacher="(test)", divergence="reverse_kl" if kind == "ar" else "forward_kl"),
+                        collate_fn=DiffusionCollator(tok.pad_token_id, tok.eos_token_id))
     reads = count_reads(trainer, 5)
     assert reads.get(("aten::_local_scalar_dense", "step"), 0) <= 1
     assert reads.get(("aten::nonzero", "step"), 0) == 0

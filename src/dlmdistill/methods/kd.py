@@ -76,8 +76,8 @@ class KDTrainer(Trainer):
 
     def setup_model(self, model: DiffusionModel) -> None:
         self.teacher.to(self.accelerator.device).eval().requires_grad_(False)
-        if isinstance(self.teacher, DiffusionModel):  # its mask as the student's (training.static_shapes)
-            self.teacher.static_attention_mask = self.config.static_shapes
+        # a ready mask, as the student's, under training.static_shapes (an AR teacher: its causal one)
+        self.teacher.static_attention_mask = self.config.static_shapes
         if isinstance(self.teacher, DiffusionModel) and self.teacher.mask_id != model.mask_id:
             raise ValueError(f"the DLM teacher's mask id ({self.teacher.mask_id}) differs from the student's "
                              f"({model.mask_id}): a DLM teacher must read the student's noisy input")

@@ -73,6 +73,10 @@ class CausalLM(nn.Module):
         self.model = model
         self.pad_id = pad_id
         self.eos_id = eos_id
+        #: pass SDPA a ready [B, 1, L, L] causal mask instead of the [B, L] padding mask, so transformers does not
+        #: read the mask back to see whether it can drop it (a device-to-host sync per forward; set by the KD
+        #: trainer under ``training.static_shapes``), as ``DiffusionModel.static_attention_mask`` does
+        self.static_attention_mask = False
         hf = self.hf_model
         self.splittable = getattr(hf.config, "model_type", None) in SPLITTABLE_MODEL_TYPES and \
             hf.get_output_embeddings() is not None and hasattr(hf, "model")
@@ -125,11 +129,24 @@ class CausalLM(nn.Module):
             i = (positions.reshape(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = dict(use_cache=False)
         if attention_mask is not None:
-            kwargs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+            kwargs.update(attention_mask=self._causal_mask(attention_mask),
+                          position_ids=position_ids_from_mask(attention_mask))
         if self.splittable:
             h = self.hf_model.model(input_ids=input_ids, **kwargs).last_hidden_state
             return self.head()(h[b, i])
         return self.model(input_ids=input_ids, **kwargs).logits[b, i]
+
+    def _causal_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``attention_mask`` [B, L], or under ``static_attention_mask`` with SDPA the causal mask, ready:
+        [B, 1, L, L] bool, True where query i may attend key j (j <= i and j a real token). Each query also
+        sees itself, so that a padding query never has every key masked (SDPA would give it NaN); real
+        tokens attend exactly as with transformers' own mask."""
+        if not self.static_attention_mask or getattr(self.config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        n = attention_mask.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()
+        itself = torch.eye(n, dtype=torch.bool, device=attention_mask.device)
+        return ((causal & attention_mask.bool()[:, None, None, :]) | itself)
 
     @torch.no_grad()
     def generate_responses(self, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig) -> torch.Tensor:
