@@ -188,6 +188,9 @@ def report(root: Path, scale: str, s: dict[str, Any], base_acc: float | None, ga
     if gate_text is not None:
         parts += ["", "## Toy verification as a gate (the official toy's choices)", "", gate_text]
         out["gate_passed"] = dopsd_run.gate_passed(root)
+    if s["compare"] and not runs:
+        parts += ["", "The comparison did not run: this scale requires the gate to pass (`--ignore-gate` runs it anyway, "
+                  "not as a result)."]
     if runs:
         rows, out["rows"] = [], {}
         for label, run in runs.items():

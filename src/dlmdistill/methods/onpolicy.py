@@ -223,11 +223,10 @@ class OnPolicyTrainer(Trainer):
         values, local = list(values), list(local)
         on_cpu = one and all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values + local)
         device = torch.device("cpu") if on_cpu else self.accelerator.device
-        flat = [torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values + local]
-        summed = torch.stack(flat[:len(values)])
+        out = torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values + local])
         if not one:
-            summed = self.accelerator.reduce(summed, reduction="sum")
-        return torch.cat([summed, torch.stack(flat[len(values):]) if local else summed[:0]]).tolist()
+            out = torch.cat([self.accelerator.reduce(out[:len(values)], reduction="sum"), out[len(values):]])
+        return out.tolist()
 
     def global_max(self, value: int) -> int:
         """The largest ``value`` over ranks."""
